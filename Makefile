@@ -1,0 +1,53 @@
+# The README's commands. Each target creates .venv and installs what it needs when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# the embedded PostgreSQL wants a private runtime dir; pytest's tmp dirs live under TMPDIR
+export XDG_RUNTIME_DIR ?= $(CURDIR)/.run
+# keep __pycache__ out of shared/ so `sam build` sees an unchanged layer source
+export PYTHONPYCACHEPREFIX ?= $(CURDIR)/.pycache
+
+.DEFAULT_GOAL := help
+.PHONY: help demo test test-fast lint typecheck bench clean
+
+help:
+	@echo "make demo   bill one hour for synthetic customers on an embedded local stack"
+	@echo "make test   the whole test suite (unit, handlers, integration, e2e, template)"
+	@echo "make lint / make typecheck / make bench / make check-template / make sam-build"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/billing demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy shared/billing local/billing_local functions
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .venv-sam .aws-sam .run .pycache *.egg-info
+
+include mk/sam.mk
+
+# check-template runs the project tests too: it needs the installed venv, not just the interpreter
+check-template sam-build: $(STAMP)

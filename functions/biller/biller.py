@@ -1,0 +1,32 @@
+"""Biller Lambda: one SQS record (BatchSize 1) is one customer-hour billed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch import EventType
+from aws_lambda_powertools.utilities.batch.decorators import async_process_partial_response
+
+from billing.bootstrap import Runtime
+from billing.config import load_settings
+from billing.entrypoints.biller import bill_body
+from billing.entrypoints.loop import LoopBatchProcessor
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+logger = Logger()
+runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
+processor = LoopBatchProcessor(event_type=EventType.SQS)
+
+
+async def record_handler(record: SQSRecord) -> dict[str, Any]:
+    outcome = await bill_body(runtime, record.body, record.message_id)
+    return {"customer_id": outcome.customer_id, "already_billed": outcome.already_billed}
+
+
+@logger.inject_lambda_context(clear_state=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return dict(async_process_partial_response(event, record_handler, processor, context))

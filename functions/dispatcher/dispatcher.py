@@ -1,0 +1,24 @@
+"""Dispatcher Lambda: the scheduled rule (or an operator's backfill) dispatches one hour."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aws_lambda_powertools import Logger
+
+from billing.bootstrap import Runtime
+from billing.config import load_settings
+from billing.entrypoints.loop import LOOP
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+logger = Logger()
+runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
+
+
+@logger.inject_lambda_context(clear_state=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    result = LOOP.run_until_complete(runtime.dispatch(event))
+    logger.info("dispatched", extra=result.as_dict())
+    return result.as_dict()

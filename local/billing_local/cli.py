@@ -1,0 +1,251 @@
+"""The `billing` command line: demo, run, seed, db migrate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from billing.domain.model import Period
+    from billing.services.dispatch import DispatchResult
+    from billing_local.report import PeriodReport
+    from billing_local.runner import RunnerStats
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hourly marketplace usage billing.")
+db_app = typer.Typer(no_args_is_help=True, help="Database commands.")
+app.add_typer(db_app, name="db")
+console = Console(stderr=True)
+out = Console()
+
+
+def main() -> None:
+    app()
+
+
+def _period(text: str) -> Period:
+    from billing.domain.model import Period
+
+    try:
+        return Period.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _dsn() -> str:
+    from billing.bootstrap import database_dsn
+    from billing.config import load_settings
+
+    return database_dsn(load_settings())
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply the SQL migrations to DATABASE_URL (safe to run twice)."""
+    from billing_local.migrate import migrate
+
+    applied = asyncio.run(migrate(_dsn()))
+    out.print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
+
+
+@app.command("seed")
+def seed_command(
+    customers: Annotated[int, typer.Option(min=1, help="How many customers.")] = 300,
+    hours: Annotated[int, typer.Option(min=1, help="Hours of usage, ending at --end.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same data.")] = 42,
+    marketplaces: Annotated[str, typer.Option(help="Comma-separated: aws,gcp,azure.")] = "aws,gcp,azure",
+    end: Annotated[str | None, typer.Option(help="Last hour of usage (default: the last complete hour).")] = None,
+) -> None:
+    """Write deterministic synthetic customers, rate card and usage to DATABASE_URL."""
+    chosen = _marketplaces(marketplaces)
+    last = _period(end) if end else _last_complete_hour()
+    summary = asyncio.run(_seed(_dsn(), customers, hours, seed, last, chosen))
+    out.print(f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s)")
+
+
+def _marketplaces(text: str) -> tuple[str, ...]:
+    chosen = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in chosen if m not in ("aws", "gcp", "azure")]
+    if bad or not chosen:
+        raise typer.BadParameter(f"marketplaces must be among aws, gcp, azure; got {text!r}")
+    return chosen
+
+
+def _last_complete_hour() -> Period:
+    from datetime import timedelta
+
+    from billing.domain.model import Period
+
+    return Period.last_complete_before(datetime.now(UTC), timedelta(0))
+
+
+async def _seed(dsn: str, customers: int, hours: int, seed: int, last: Period, mps: tuple[str, ...]) -> Any:
+    import asyncpg
+
+    from billing_local.progress import progress_bar
+    from billing_local.seed import seed as seed_data
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        with progress_bar("seeding customers", total=customers) as advance:
+            return await seed_data(pool, customers, hours, seed, last, mps, progress=advance)
+    finally:
+        await pool.close()
+
+
+@dataclass
+class HourResult:
+    dispatch: DispatchResult
+    stats: RunnerStats
+    report: PeriodReport
+
+
+async def run_hour(event: dict[str, Any], concurrency: int, retry_delay_s: int = 1) -> HourResult:
+    """Dispatch an hour exactly as the scheduled rule would, then drain the queue with the runner."""
+    from billing.bootstrap import Runtime
+    from billing.config import load_settings
+    from billing.entrypoints.biller import bill_body
+    from billing_local.progress import progress_bar
+    from billing_local.report import period_report
+    from billing_local.runner import drain
+
+    # one process runs `concurrency` consumers: give them a connection each, as Lambda would
+    settings = load_settings().model_copy(update={"db_pool_max": concurrency})
+    runtime = Runtime(settings)
+    try:
+        dispatched = await runtime.dispatch(event)
+        sqs = await runtime.aws_client("sqs", max_pool_connections=concurrency + 10)
+        assert settings.queue_url is not None
+        with progress_bar("billing customers", total=dispatched.dispatched) as advance:
+            stats = await drain(
+                sqs, settings.queue_url, lambda d: bill_body(runtime, d.body, d.message_id), concurrency,
+                retry_delay_s=retry_delay_s, progress=lambda s: advance(1),
+            )
+        report = await period_report(await runtime.pool(), dispatched.period)
+        return HourResult(dispatched, stats, report)
+    finally:
+        await runtime.close()
+
+
+@app.command("run")
+def run_command(
+    period: Annotated[str, typer.Option(help="The hour to bill, e.g. 2026-11-26T13:00:00Z.")],
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Consumers (default: the template's cap).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
+) -> None:
+    """Dispatch an hour and drain the queue against the configured backends."""
+    from billing_local.stack import QueueSettings
+
+    hour = _period(period)
+    cap = concurrency or QueueSettings.from_template().max_concurrency
+    began = time.perf_counter()
+    result = asyncio.run(run_hour({"period": hour.isoformat()}, cap))
+    _print_summary(result, time.perf_counter() - began)
+    if report:
+        _write_report(report, result)
+    if result.report.unbilled:
+        console.print(f"[red]{len(result.report.unbilled)} customer(s) left unbilled[/red]: "
+                      + ", ".join(result.report.unbilled[:10]))
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo_command(
+    customers: Annotated[int, typer.Option(min=1, help="Synthetic customers to bill.")] = 300,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Consumers (default: the template's cap).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the synthetic data.")] = 42,
+    report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show every customer's JSON log line.")] = False,
+) -> None:
+    """Bill one hour for synthetic customers on an embedded local stack (no AWS, no Docker)."""
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    from billing_local.stack import environment, local_stack
+
+    now = datetime.now(UTC)
+    with console.status("starting embedded PostgreSQL, moto and the marketplace emulators"), \
+            _stack_for_demo() as stack, environment(stack.env):
+        from billing.domain.model import Period
+        from billing_local.migrate import migrate
+        from billing_local.seed import AWS_PRODUCT_CODE, customer_id
+
+        asyncio.run(migrate(stack.database_url))
+        marketplaces = ("aws",)
+        hour = Period.last_complete_before(now, __import__("datetime").timedelta(minutes=15))
+        asyncio.run(_seed(stack.database_url, customers, 1, seed, hour, marketplaces))
+        # every AWS customer subscribed but one in fifty, to show a rejected record
+        for i in range(customers):
+            if i % 50 != 49:
+                stack.metering.subscribe(AWS_PRODUCT_CODE, f"aws-{customer_id(i)}")
+        cap = concurrency or stack.queue.max_concurrency
+        console.print(f"billing {customers} customers for {hour} with {cap} consumers")
+        began = time.perf_counter()
+        result = asyncio.run(run_hour({"time": now.isoformat()}, cap))
+        wall = time.perf_counter() - began
+        _print_summary(result, wall)
+        again = asyncio.run(run_hour({"time": now.isoformat()}, cap))
+        out.print(f"same hour again: {again.dispatch.dispatched} dispatched, "
+                  f"{sum(o.marketplace_calls for o in again.stats.outcomes)} marketplace calls "
+                  f"(records held by the marketplace: {len(stack.metering.accepted())})")
+        if report:
+            _write_report(report, result)
+    del local_stack
+
+
+def _stack_for_demo() -> Any:
+    from billing_local.stack import local_stack
+
+    return local_stack(os.environ.get("DATABASE_URL"))
+
+
+def _print_summary(result: HourResult, wall: float) -> None:
+    from billing.domain.model import LedgerState
+
+    r = result.report
+    out.print(f"hour {r.period}  run {result.dispatch.run_id}")
+    out.print(f"customers: {r.customers} billable, {r.billed} billed, {len(r.unbilled)} unbilled; "
+              f"dispatched {result.dispatch.dispatched}")
+    for marketplace in sorted(r.states):
+        counts = ", ".join(
+            f"{s.value} {r.count(s, marketplace)}"
+            for s in (LedgerState.ACCEPTED, LedgerState.DUPLICATE, LedgerState.REJECTED, LedgerState.FAILED,
+                      LedgerState.SKIPPED)
+        )
+        out.print(f"  {marketplace}: records {counts}")
+    out.print(f"invocations {result.stats.invocations} ({result.stats.failed} failed and retried), "
+              f"wall time {wall:.2f} s")
+
+
+def _write_report(path: Path, result: HourResult) -> None:
+    from billing.domain.model import LedgerState
+
+    r = result.report
+    doc = {
+        "period": r.period,
+        "customers": r.customers,
+        "customer_hours": r.customers,
+        "billed": r.billed,
+        "unbilled": r.unbilled,
+        "marketplaces": {
+            mp: {s.value: r.count(s, mp) for s in (LedgerState.ACCEPTED, LedgerState.DUPLICATE,
+                                                 LedgerState.REJECTED, LedgerState.FAILED)}
+            for mp in sorted(r.states)
+        },
+        "invocations": result.stats.invocations,
+        "makespan_s": round(result.stats.makespan, 4),
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

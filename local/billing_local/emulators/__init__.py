@@ -1,0 +1,1 @@
+"""HTTP emulators of the marketplaces' metering APIs, following their documented behaviour."""

@@ -1,0 +1,49 @@
+"""Progress: a rich bar on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``; draws a bar with counts and rate on a TTY, else a line every 10 %."""
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.speed:>7.1f}/s" if False else "{task.fields[rate]}"), TimeElapsedColumn(),
+        )
+        with Progress(*columns, transient=True) as progress:
+            task = progress.add_task(label, total=total or None, rate="")
+            began = time.perf_counter()
+            done = 0
+
+            def advance_tty(n: int) -> None:
+                nonlocal done
+                done += n
+                rate = done / max(time.perf_counter() - began, 1e-9)
+                progress.update(task, advance=n, rate=f"{rate:,.0f}/s")
+
+            yield advance_tty
+        return
+    step = max(total // 10, 1)
+    done = 0
+    began = time.perf_counter()
+
+    def advance_plain(n: int) -> None:
+        nonlocal done
+        before = done
+        done += n
+        if done // step != before // step or done == total:
+            rate = done / max(time.perf_counter() - began, 1e-9)
+            print(f"{label}: {done}/{total} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+
+    yield advance_plain

@@ -1,0 +1,144 @@
+"""The local runner: a fixed pool of consumers draining the billing queue, like Lambda's poller.
+
+A few pollers receive messages (up to 10 a call, never more than there are free consumers) and hand
+them to ``concurrency`` consumers. Each consumer runs the same async code the biller Lambda runs on
+one message at a time (the template's BatchSize 1), deletes it on success and leaves it for
+redelivery on failure, so SQS's redrive policy moves a message that keeps failing to the dead-letter
+queue. Concurrency is a fixed number of consumers, not a semaphore over thousands of waiting tasks:
+a message waits in the queue, not inside its measured work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from billing.domain.model import BillOutcome
+
+SQS_MAX_RECEIVE = 10
+
+
+@dataclass
+class RunnerStats:
+    invocations: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    outcomes: list[BillOutcome] = field(default_factory=list)
+    durations: list[float] = field(default_factory=list)  # seconds of work per invocation
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def makespan(self) -> float:
+        return self.finished - self.started
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One received message, as the consumer sees it."""
+
+    body: str
+    message_id: str
+    receipt_handle: str
+    receive_count: int
+    attributes: dict[str, Any]
+    message_attributes: dict[str, Any]
+
+
+
+
+async def drain(
+    sqs: Any,
+    queue_url: str,
+    handle: Callable[[Delivery], Awaitable[BillOutcome]],
+    concurrency: int,
+    retry_delay_s: int = 1,
+    wait_time_s: int = 1,
+    progress: Callable[[RunnerStats], None] | None = None,
+) -> RunnerStats:
+    """Consume until the queue is empty and nothing is in flight (failed messages included)."""
+    stats = RunnerStats(started=time.perf_counter())
+    slots = asyncio.Semaphore(concurrency)  # free consumers
+    held = 0  # messages received and not yet finished
+    inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
+    stop = asyncio.Event()
+
+    async def queue_empty() -> bool:
+        attrs = await sqs.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
+        )
+        return all(int(v) == 0 for v in attrs["Attributes"].values())
+
+    async def poller() -> None:
+        nonlocal held
+        while not stop.is_set():
+            await slots.acquire()
+            wanted = 1
+            while wanted < SQS_MAX_RECEIVE and not slots.locked():
+                await slots.acquire()
+                wanted += 1
+            response = await sqs.receive_message(
+                QueueUrl=queue_url, MaxNumberOfMessages=wanted, WaitTimeSeconds=wait_time_s,
+                AttributeNames=["All"], MessageAttributeNames=["All"],
+            )
+            messages = response.get("Messages", [])
+            for _ in range(wanted - len(messages)):
+                slots.release()
+            held += len(messages)
+            for m in messages:
+                attributes = m.get("Attributes", {})
+                inbox.put_nowait(
+                    Delivery(m["Body"], m["MessageId"], m["ReceiptHandle"],
+                             int(attributes.get("ApproximateReceiveCount", "1")), attributes,
+                             m.get("MessageAttributes", {}))
+                )
+            if not messages and held == 0 and await queue_empty() and held == 0:
+                stop.set()
+
+    async def consumer() -> None:
+        nonlocal held
+        while (delivery := await inbox.get()) is not None:
+            began = time.perf_counter()
+            try:
+                outcome = await handle(delivery)
+            except Exception:  # the batch boundary: any failure leaves the message for redelivery
+                stats.failed += 1
+                await sqs.change_message_visibility(
+                    QueueUrl=queue_url, ReceiptHandle=delivery.receipt_handle,
+                    VisibilityTimeout=min(retry_delay_s * delivery.receive_count, 30),
+                )
+            else:
+                stats.succeeded += 1
+                stats.outcomes.append(outcome)
+                await sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=delivery.receipt_handle)
+            finally:
+                stats.invocations += 1
+                stats.durations.append(time.perf_counter() - began)
+                held -= 1
+                slots.release()
+                if progress is not None:
+                    progress(stats)
+
+    async with asyncio.TaskGroup() as group:
+        consumers = [group.create_task(consumer()) for _ in range(concurrency)]
+        pollers = [group.create_task(poller()) for _ in range(max(1, min(4, concurrency // SQS_MAX_RECEIVE)))]
+        await stop.wait()
+        for task in pollers:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _ in consumers:
+            inbox.put_nowait(None)
+    stats.finished = time.perf_counter()
+    return stats

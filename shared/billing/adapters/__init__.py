@@ -1,0 +1,1 @@
+"""Adapters: the ports, satisfied by Postgres, SQS, Elasticsearch and the marketplaces."""

@@ -1,0 +1,170 @@
+"""The composition root: builds the real adapters once per execution environment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import TYPE_CHECKING, Any
+
+from billing.config import Settings, UsageSourceKind
+from billing.domain.errors import ConfigurationError
+from billing.domain.model import Marketplace
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from billing.ports import MarketplaceClient, UsageSource
+    from billing.services.bill import Biller
+    from billing.services.dispatch import DispatchResult
+
+
+def _secret(arn: str) -> str:
+    """A secret from Secrets Manager, cached by Powertools (read at cold start, refreshed hourly)."""
+    from aws_lambda_powertools.utilities.parameters import get_secret
+
+    value = get_secret(arn, max_age=3600)
+    return value if isinstance(value, str) else value.decode()
+
+
+def database_dsn(settings: Settings) -> str:
+    """The DSN from DATABASE_URL, or from a secret holding a DSN or RDS's JSON secret format."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    if not settings.database_secret_arn:
+        raise ConfigurationError("set DATABASE_URL or BILLING_DATABASE_SECRET_ARN")
+    raw = _secret(settings.database_secret_arn).strip()
+    if not raw.startswith("{"):
+        return raw
+    doc = json.loads(raw)
+    from urllib.parse import quote
+
+    return (
+        f"postgresql://{quote(doc['username'], safe='')}:{quote(doc['password'], safe='')}"
+        f"@{doc['host']}:{doc.get('port', 5432)}/{doc.get('dbname', 'postgres')}"
+    )
+
+
+class Runtime:
+    """What one execution environment keeps warm: the pool, the clients, the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._pool: asyncpg.Pool | None = None
+        self._session: Any = None
+        self._marketplaces: dict[Marketplace, MarketplaceClient] = {}
+        self._biller: Biller | None = None
+        self._lock = asyncio.Lock()  # builds marketplace adapters
+        self._build_lock = asyncio.Lock()  # builds the pool and the biller: first callers race at cold start
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._build_lock:
+                if self._pool is None:
+                    from billing.adapters.postgres import create_pool
+
+                    pool = await create_pool(database_dsn(self.settings), self.settings.db_pool_max)
+                    self._stack.push_async_callback(pool.close)
+                    self._pool = pool
+        return self._pool
+
+    def _aws_session(self) -> Any:
+        if self._session is None:
+            import aioboto3
+
+            self._session = aioboto3.Session()
+        return self._session
+
+    async def aws_client(self, service: str, **config: Any) -> Any:
+        """An aioboto3 client kept open for the environment's life; endpoints from AWS_ENDPOINT_URL_*."""
+        from botocore.config import Config
+
+        client_config = Config(
+            retries={"mode": "standard", "total_max_attempts": self.settings.marketplace_attempts},
+            connect_timeout=5,
+            read_timeout=15,
+            **config,
+        )
+        return await self._stack.enter_async_context(self._aws_session().client(service, config=client_config))
+
+    async def marketplace(self, marketplace: Marketplace) -> MarketplaceClient:
+        """The marketplace's adapter, built on first use (so unused SDKs are never imported)."""
+        async with self._lock:
+            if marketplace not in self._marketplaces:
+                self._marketplaces[marketplace] = await self._build_marketplace(marketplace)
+        return self._marketplaces[marketplace]
+
+    async def _build_marketplace(self, marketplace: Marketplace) -> MarketplaceClient:
+        if marketplace is Marketplace.AWS:
+            from billing.adapters.aws_metering import AwsMeteringClient
+
+            # as many connections as bills may run at once in this process (one in Lambda)
+            client = await self.aws_client(
+                "meteringmarketplace", max_pool_connections=max(10, self.settings.db_pool_max)
+            )
+            return AwsMeteringClient(client, attempts=self.settings.marketplace_attempts)
+        raise ConfigurationError(f"no adapter for the {marketplace} marketplace")
+
+    async def usage_source(self) -> UsageSource:
+        if self.settings.usage_source is UsageSourceKind.ELASTICSEARCH:
+            from elasticsearch import AsyncElasticsearch
+
+            from billing.adapters.usage_elasticsearch import ElasticsearchUsageSource
+
+            api_key = self.settings.es_api_key.get_secret_value() if self.settings.es_api_key else None
+            if api_key is None and self.settings.es_api_key_secret_arn:
+                api_key = _secret(self.settings.es_api_key_secret_arn)
+            es = AsyncElasticsearch(
+                self.settings.es_url, api_key=api_key, request_timeout=self.settings.es_timeout_seconds
+            )
+            self._stack.push_async_callback(es.close)
+            return ElasticsearchUsageSource(es, self.settings)
+        from billing.adapters.postgres import PostgresUsageSource
+
+        return PostgresUsageSource(await self.pool())
+
+    async def biller(self) -> Biller:
+        if self._biller is None:
+            await self._build_biller()
+        assert self._biller is not None
+        return self._biller
+
+    async def _build_biller(self) -> None:
+        pool = await self.pool()
+        async with self._build_lock:
+            if self._biller is not None:
+                return
+            from billing.adapters.postgres import PostgresBillingRepository
+            from billing.services.bill import Biller, RateCardCache
+
+            repo = PostgresBillingRepository(pool)
+            self._biller = Biller(
+                repo=repo,
+                usage=await self.usage_source(),
+                marketplace=self.marketplace,
+                rate_cards=RateCardCache(repo),
+                lookback_hours=self.settings.lookback_hours,
+                lease_seconds=self.settings.lease_seconds,
+            )
+
+    async def dispatch(self, event: dict[str, Any]) -> DispatchResult:
+        from billing.adapters.postgres import PostgresDispatchRepository
+        from billing.adapters.sqs import SqsQueue
+        from billing.events import period_to_bill
+        from billing.services.dispatch import dispatch
+
+        period = period_to_bill(event, self.settings.settle_delay)
+        if not self.settings.queue_url:
+            raise ConfigurationError("BILLING_QUEUE_URL is not set")
+        if not hasattr(self, "_queue"):
+            sqs = await self.aws_client("sqs")
+            self._queue = SqsQueue(sqs, self.settings.queue_url, in_flight=self.settings.dispatch_in_flight)
+        repo = PostgresDispatchRepository(await self.pool())
+        return await dispatch(period, repo, self._queue, self.settings.dispatch_page_size)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._pool = None
+        self._biller = None
+        self._marketplaces.clear()

@@ -1,0 +1,77 @@
+"""Configuration: one model, read once from the environment and validated at cold start."""
+
+from __future__ import annotations
+
+import enum
+from datetime import timedelta
+from typing import Self
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from billing.domain.errors import ConfigurationError
+
+
+class UsageSourceKind(enum.StrEnum):
+    POSTGRES = "postgres"
+    ELASTICSEARCH = "elasticsearch"
+
+
+class Settings(BaseSettings):
+    """Every setting of both functions. Secrets are SecretStr and never logged."""
+
+    model_config = SettingsConfigDict(env_prefix="BILLING_", extra="ignore", frozen=True)
+
+    # database: a full DSN (the embedded server listens on a Unix socket), or a Secrets Manager ARN
+    database_url: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "BILLING_DATABASE_URL")
+    )
+    database_secret_arn: str | None = None
+    db_pool_max: int = Field(default=2, ge=1, le=100)
+
+    queue_url: str | None = None
+
+    usage_source: UsageSourceKind = UsageSourceKind.POSTGRES
+    es_url: str | None = None
+    es_api_key: SecretStr | None = None
+    es_api_key_secret_arn: str | None = None
+    es_index: str = "usage-*"
+    es_field_timestamp: str = "@timestamp"
+    es_field_customer: str = "customer_id"
+    es_field_metric: str = "metric"
+    es_field_quantity: str = "quantity"
+    es_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    settle_delay_minutes: int = Field(default=15, ge=0, le=59)
+    lookback_hours: int = Field(default=24, ge=1, le=24 * 7)
+    lease_seconds: int = Field(default=120, ge=10)
+    dispatch_page_size: int = Field(default=1000, ge=10, le=10_000)
+    dispatch_in_flight: int = Field(default=8, ge=1, le=64)
+    marketplace_attempts: int = Field(default=4, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _usage_source_complete(self) -> Self:
+        if self.usage_source is UsageSourceKind.ELASTICSEARCH and not self.es_url:
+            raise ValueError("BILLING_ES_URL is required when BILLING_USAGE_SOURCE=elasticsearch")
+        return self
+
+    @property
+    def settle_delay(self) -> timedelta:
+        return timedelta(minutes=self.settle_delay_minutes)
+
+    @property
+    def lookback(self) -> timedelta:
+        return timedelta(hours=self.lookback_hours)
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.lease_seconds)
+
+
+def load_settings() -> Settings:
+    """Read the settings, turning a validation error into a ConfigurationError that names the fields."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigurationError(f"invalid configuration: {fields}") from None

@@ -1,0 +1,205 @@
+"""Value types of the billing domain."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+HOUR = timedelta(hours=1)
+
+
+class Marketplace(enum.StrEnum):
+    AWS = "aws"
+    GCP = "gcp"
+    AZURE = "azure"
+
+
+class CustomerStatus(enum.StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    CANCELLED = "cancelled"
+
+
+class LedgerState(enum.StrEnum):
+    """Where one (customer, dimension, hour) record stands."""
+
+    PENDING = "pending"  # decided, not yet handed to the marketplace
+    SUBMITTED = "submitted"  # an attempt to submit began; the answer is not recorded yet
+    ACCEPTED = "accepted"  # the marketplace accepted it (record id kept)
+    DUPLICATE = "duplicate"  # the marketplace already held a record for this key
+    REJECTED = "rejected"  # permanently refused (reason kept); not retried
+    FAILED = "failed"  # transient failure; the message will be redelivered
+    SKIPPED = "skipped"  # nothing to send (zero quantity where the marketplace wants none)
+    EXPIRED = "expired"  # outside the marketplace's window; quantity carried to a later hour
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+    @property
+    def billed(self) -> bool:
+        """The marketplace holds this record (it counts as charged)."""
+        return self in (LedgerState.ACCEPTED, LedgerState.DUPLICATE)
+
+
+FINAL_STATES = frozenset(
+    {
+        LedgerState.ACCEPTED,
+        LedgerState.DUPLICATE,
+        LedgerState.REJECTED,
+        LedgerState.SKIPPED,
+        LedgerState.EXPIRED,
+    }
+)
+
+
+def hour_floor(moment: datetime) -> datetime:
+    """The start of the UTC hour that contains ``moment``."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: billing hours are UTC and must carry a timezone")
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True, order=True)
+class Period:
+    """One billing hour, [start, start + 1h), always UTC and aligned."""
+
+    start: datetime
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is None:
+            raise ValueError("a billing period must be timezone-aware")
+        if hour_floor(self.start) != self.start:
+            raise ValueError(f"a billing period starts on the hour, got {self.start.isoformat()}")
+        object.__setattr__(self, "start", self.start.astimezone(UTC))
+
+    @property
+    def end(self) -> datetime:
+        return self.start + HOUR
+
+    @classmethod
+    def parse(cls, text: str) -> Period:
+        """Parse an ISO-8601 hour such as ``2026-11-26T13:00:00Z``."""
+        return cls(datetime.fromisoformat(text.replace("Z", "+00:00")))
+
+    @classmethod
+    def last_complete_before(cls, moment: datetime, settle: timedelta) -> Period:
+        """The last hour that had ended ``settle`` before ``moment`` (late usage gets that long)."""
+        return cls(hour_floor(moment - settle) - HOUR)
+
+    def shifted(self, hours: int) -> Period:
+        return Period(self.start + hours * HOUR)
+
+    def isoformat(self) -> str:
+        return self.start.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def __str__(self) -> str:
+        return self.isoformat()
+
+
+@dataclass(frozen=True)
+class Customer:
+    """A customer to bill, with the identifiers its marketplace needs."""
+
+    id: str
+    marketplace: Marketplace
+    status: CustomerStatus
+    active_from: datetime
+    active_until: datetime | None
+    # AWS
+    aws_customer_identifier: str | None = None
+    aws_account_id: str | None = None
+    aws_product_code: str | None = None
+    # GCP
+    gcp_usage_reporting_id: str | None = None
+    gcp_service_name: str | None = None
+    # Azure
+    azure_resource_id: str | None = None
+    azure_resource_uri: str | None = None
+    azure_plan_id: str | None = None
+
+    def billable_in(self, period: Period) -> bool:
+        """Whether the customer was subscribed during any part of the hour."""
+        if self.active_from >= period.end:
+            return False
+        return self.active_until is None or self.active_until > period.start
+
+
+@dataclass(frozen=True)
+class Rate:
+    """How one usage metric becomes a quantity of a marketplace dimension."""
+
+    marketplace: Marketplace
+    metric: str
+    dimension: str
+    factor: Decimal  # dimension units per metric unit
+
+
+@dataclass(frozen=True)
+class RateCard:
+    rates: tuple[Rate, ...]
+
+    def for_marketplace(self, marketplace: Marketplace) -> tuple[Rate, ...]:
+        return tuple(r for r in self.rates if r.marketplace is marketplace)
+
+    def dimensions(self, marketplace: Marketplace) -> tuple[str, ...]:
+        """Every dimension the marketplace is billed in, in a stable order."""
+        return tuple(sorted({r.dimension for r in self.for_marketplace(marketplace)}))
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    """Summed usage of one metric in one hour for one customer."""
+
+    hour: datetime
+    metric: str
+    quantity: Decimal
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One (customer, dimension, hour) record of the ledger."""
+
+    customer_id: str
+    dimension: str
+    period: Period
+    quantity: int
+    state: LedgerState
+    attempts: int = 0
+    record_id: str | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """The marketplace's answer for one ledger entry.
+
+    ``state`` is FAILED when the marketplace certainly did not take the record (throttled, 503,
+    unprocessed) and SUBMITTED when nobody knows (a timeout after sending): both are retried.
+    """
+
+    dimension: str
+    state: LedgerState
+    record_id: str | None = None
+    reason: str | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.state in (LedgerState.FAILED, LedgerState.SUBMITTED)
+
+
+@dataclass
+class BillOutcome:
+    """What billing one customer-hour did."""
+
+    customer_id: str
+    period: Period
+    marketplace: Marketplace
+    entries: list[LedgerEntry] = field(default_factory=list)
+    marketplace_calls: int = 0
+    already_billed: bool = False
+
+    def count(self, state: LedgerState) -> int:
+        return sum(1 for e in self.entries if e.state is state)

@@ -1,0 +1,116 @@
+"""Ports: what the services need from the outside world. Adapters satisfy them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import uuid
+    from collections.abc import AsyncIterator, Mapping, Sequence
+
+    from billing.domain.messages import BillMessageV1
+    from billing.domain.model import (
+        Customer,
+        LedgerEntry,
+        Marketplace,
+        Period,
+        RateCard,
+        SubmitResult,
+        UsageTotal,
+    )
+    from billing.domain.rating import Decision
+
+
+@dataclass(frozen=True)
+class MarketplaceRules:
+    """A marketplace's documented limits, kept as data of its adapter."""
+
+    batch_limit: int  # records per API call
+    window: timedelta  # how far back an hour may still be reported
+    sends_zero: bool  # whether a zero quantity is reported (AWS: yes; Azure: rejected)
+    idempotency_key: str  # what the marketplace deduplicates on, for humans
+
+
+class MarketplaceClient(Protocol):
+    """Submits one customer's records for one hour to its marketplace."""
+
+    marketplace: Marketplace
+    rules: MarketplaceRules
+
+    async def submit(
+        self, customer: Customer, period: Period, entries: Sequence[LedgerEntry]
+    ) -> list[SubmitResult]:
+        """One result per entry; transient failures that outlived the retries come back as FAILED."""
+        ...
+
+
+class UsageSource(Protocol):
+    async def hourly_usage(self, customer_id: str, start: datetime, end: datetime) -> list[UsageTotal]:
+        """Usage summed per (hour, metric) in [start, end), in one query."""
+        ...
+
+
+@dataclass(frozen=True)
+class Run:
+    id: uuid.UUID
+    period: Period
+    dispatched: int
+    completed: bool
+
+
+@dataclass(frozen=True)
+class CustomerHourState:
+    """Everything the biller reads about a customer before it decides, in one round trip."""
+
+    customer: Customer
+    version: int  # optimistic-concurrency counter of the customer's billing decisions
+    entries: tuple[LedgerEntry, ...]  # this hour's ledger rows, if already decided
+    carries: Mapping[str, Decimal]
+    observed: Mapping[tuple[str, datetime], Decimal]
+
+
+class BillingRepository(Protocol):
+    async def load(self, customer_id: str, period: Period, window_start: datetime) -> CustomerHourState | None: ...
+
+    async def record_decision(
+        self,
+        state: CustomerHourState,
+        message: BillMessageV1,
+        decision: Decision,
+        entry_states: Mapping[str, tuple[str, int]],
+        owner: str,
+        lease: timedelta,
+    ) -> bool:
+        """Write the decision and claim it for submission; False if the customer's balances moved."""
+        ...
+
+    async def claim(self, customer_id: str, period: Period, owner: str, lease: timedelta) -> tuple[LedgerEntry, ...] | None:
+        """Claim the hour's unfinished rows for submission; None if another delivery holds them."""
+        ...
+
+    async def record_results(
+        self, customer_id: str, period: Period, owner: str, results: Sequence[SubmitResult]
+    ) -> None: ...
+
+    async def expire(self, customer_id: str, period: Period, owner: str, window: str) -> int:
+        """Settle an hour outside the marketplace's window: unsent quantities go back to the carry."""
+        ...
+
+    async def rate_card(self) -> RateCard: ...
+
+
+class DispatchRepository(Protocol):
+    async def start_run(self, period: Period) -> Run: ...
+
+    def customers_to_bill(self, period: Period, page_size: int) -> AsyncIterator[list[str]]: ...
+
+    async def finish_run(self, run_id: uuid.UUID, dispatched: int) -> None: ...
+
+
+class MessageQueue(Protocol):
+    async def send(self, messages: Sequence[BillMessageV1]) -> int:
+        """Send every message (10 a call, several calls in flight); return how many were sent."""
+        ...

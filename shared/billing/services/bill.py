@@ -1,0 +1,209 @@
+"""Bill one customer for one hour: decide, record, then submit, then record the answer."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import stamina
+
+from billing.domain.errors import (
+    BadMessageError,
+    ClaimHeldError,
+    ConcurrentDecisionError,
+    MarketplaceUnavailableError,
+    TransientError,
+    WindowExpiredError,
+)
+from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, RateCard, SubmitResult
+from billing.domain.rating import Decision, DimensionDecision, decide, rate_usage
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from billing.domain.messages import BillMessageV1
+    from billing.domain.model import Marketplace, Period
+    from billing.ports import BillingRepository, CustomerHourState, MarketplaceClient, UsageSource
+
+logger = logging.getLogger(__name__)
+
+
+class RateCardCache:
+    """The rate card, read once and then again every ``ttl_seconds``."""
+
+    def __init__(self, repo: BillingRepository, ttl_seconds: float = 300.0) -> None:
+        self._repo = repo
+        self._ttl = ttl_seconds
+        self._card: RateCard | None = None
+        self._read_at = 0.0
+
+    async def get(self) -> RateCard:
+        if self._card is None or time.monotonic() - self._read_at > self._ttl:
+            self._card = await self._repo.rate_card()
+            self._read_at = time.monotonic()
+        return self._card
+
+
+@dataclass
+class Biller:
+    """Everything billing one customer-hour needs, built once per execution environment."""
+
+    repo: BillingRepository
+    usage: UsageSource
+    marketplace: Callable[[Marketplace], Awaitable[MarketplaceClient]]
+    rate_cards: RateCardCache
+    lookback_hours: int
+    lease_seconds: int
+    attempts: int = 3
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+    async def bill(self, message: BillMessageV1) -> BillOutcome:
+        """Bill the message's customer-hour; idempotent, so any delivery may run it again."""
+        owner = f"{message.run_id}:{uuid.uuid4().hex[:12]}"
+
+        def retryable(exc: Exception) -> bool:
+            # the marketplace adapter has already retried its own calls
+            return isinstance(exc, TransientError) and not isinstance(exc, MarketplaceUnavailableError)
+
+        async for attempt in stamina.retry_context(
+            on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
+        ):
+            with attempt:
+                return await self._bill_once(message, owner)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _bill_once(self, message: BillMessageV1, owner: str) -> BillOutcome:
+        period = message.billing_period
+        window_start = period.shifted(-self.lookback_hours).start
+        lease = timedelta(seconds=self.lease_seconds)
+        state = await self.repo.load(message.customer_id, period, window_start)
+        if state is None:
+            raise BadMessageError(f"unknown customer {message.customer_id!r}")
+        customer = state.customer
+        outcome = BillOutcome(customer.id, period, customer.marketplace)
+        if state.entries and all(e.state.final for e in state.entries):
+            outcome.entries = list(state.entries)
+            outcome.already_billed = True
+            return outcome
+
+        client = await self.marketplace(customer.marketplace)
+        expired = self.clock() - period.start > client.rules.window
+        if state.entries:
+            to_send = await self._resume(state, period, owner, lease, client, expired)
+        else:
+            to_send = await self._decide(state, message, window_start, owner, lease, client, expired)
+        if to_send is None:  # settled without a call (expired hour)
+            reloaded = await self.repo.load(customer.id, period, window_start)
+            outcome.entries = list(reloaded.entries) if reloaded else []
+            return outcome
+        settled = [e for e in to_send if e.state.final]
+        sending = [e for e in to_send if not e.state.final]
+        results: list[SubmitResult] = []
+        if sending:
+            try:
+                results = await client.submit(customer, period, sending)
+            except WindowExpiredError as exc:
+                # window closed between the check and the call: settle it like an expired hour
+                await self.repo.record_results(customer.id, period, owner, _failed(sending, str(exc)))
+                await self.repo.expire(customer.id, period, owner, _window_text(client))
+                reloaded = await self.repo.load(customer.id, period, window_start)
+                outcome.entries = list(reloaded.entries) if reloaded else []
+                return outcome
+            outcome.marketplace_calls = -(-len(sending) // client.rules.batch_limit)
+            await self.repo.record_results(customer.id, period, owner, results)
+        by_dim = {r.dimension: r for r in results}
+        outcome.entries = settled + [
+            replace(e, state=by_dim[e.dimension].state, record_id=by_dim[e.dimension].record_id,
+                    last_error=by_dim[e.dimension].reason)
+            for e in sending
+        ]
+        failed = [r for r in results if r.retryable]
+        if failed:
+            reasons = "; ".join(sorted({f"{r.dimension}: {r.reason}" for r in failed}))
+            raise MarketplaceUnavailableError(
+                f"{len(failed)} of {len(results)} records not confirmed by {customer.marketplace}: {reasons}"
+            )
+        return outcome
+
+    async def _decide(
+        self,
+        state: CustomerHourState,
+        message: BillMessageV1,
+        window_start: datetime,
+        owner: str,
+        lease: timedelta,
+        client: MarketplaceClient,
+        expired: bool,
+    ) -> list[LedgerEntry] | None:
+        customer = state.customer
+        period = message.billing_period
+        card = await self.rate_cards.get()
+        rates = card.for_marketplace(customer.marketplace)
+        usage = await self.usage.hourly_usage(customer.id, window_start, period.end)
+        decision = decide(card.dimensions(customer.marketplace), rate_usage(usage, rates), state.observed, state.carries)
+        if expired:
+            decision = _carry_everything(decision)
+        entry_states: dict[str, tuple[str, int]] = {}
+        for d in decision.dimensions:
+            if expired:
+                entry_states[d.dimension] = (LedgerState.EXPIRED.value, 0)
+            elif d.quantity == 0 and not client.rules.sends_zero:
+                entry_states[d.dimension] = (LedgerState.SKIPPED.value, 0)
+            else:
+                entry_states[d.dimension] = (LedgerState.SUBMITTED.value, 1)
+        decided = await self.repo.record_decision(
+            state, message, decision, entry_states, owner, lease
+        )
+        if not decided:
+            raise ConcurrentDecisionError(f"balances of {customer.id} moved while deciding {period}")
+        if expired:
+            return None
+        return [
+            LedgerEntry(customer.id, d.dimension, period, d.quantity, LedgerState(entry_states[d.dimension][0]),
+                        attempts=entry_states[d.dimension][1])
+            for d in decision.dimensions
+        ]
+
+    async def _resume(
+        self,
+        state: CustomerHourState,
+        period: Period,
+        owner: str,
+        lease: timedelta,
+        client: MarketplaceClient,
+        expired: bool,
+    ) -> list[LedgerEntry] | None:
+        """The hour was decided before: resubmit exactly what was recorded, never a recomputation."""
+        customer = state.customer
+        if expired:
+            settled = await self.repo.expire(customer.id, period, owner, _window_text(client))
+            if settled == 0:
+                raise ClaimHeldError(f"{customer.id} {period} is being settled by another delivery")
+            return None
+        claimed = await self.repo.claim(customer.id, period, owner, lease)
+        if claimed is None:
+            raise ClaimHeldError(f"{customer.id} {period} is being submitted by another delivery")
+        return [e for e in state.entries if e.state.final] + list(claimed)
+
+
+def _carry_everything(decision: Decision) -> Decision:
+    """An hour the marketplace no longer accepts: bill nothing now, carry the whole balance."""
+    return Decision(
+        dimensions=tuple(
+            DimensionDecision(d.dimension, d.rated, d.carry_in, 0, d.carry_in + d.rated) for d in decision.dimensions
+        ),
+        observations=decision.observations,
+    )
+
+
+def _window_text(client: MarketplaceClient) -> str:
+    hours = client.rules.window.total_seconds() / 3600
+    return f"{hours:g}-hour"
+
+
+def _failed(entries: Sequence[LedgerEntry], reason: str) -> list[SubmitResult]:
+    return [SubmitResult(e.dimension, LedgerState.FAILED, reason=reason) for e in entries]

@@ -1,0 +1,46 @@
+"""Dispatch one hour: one queue message per customer whose bill for the hour is not finished."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from billing.domain.messages import BillMessageV1
+
+if TYPE_CHECKING:
+    import uuid
+
+    from billing.domain.model import Period
+    from billing.ports import DispatchRepository, MessageQueue
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    run_id: uuid.UUID
+    period: Period
+    dispatched: int
+    already_dispatched: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "run_id": str(self.run_id),
+            "period": self.period.isoformat(),
+            "dispatched": self.dispatched,
+            "already_dispatched": self.already_dispatched,
+        }
+
+
+async def dispatch(
+    period: Period, repo: DispatchRepository, queue: MessageQueue, page_size: int = 1000
+) -> DispatchResult:
+    """Idempotent: a finished run sends nothing; an interrupted one sends what may be unbilled."""
+    run = await repo.start_run(period)
+    if run.completed:
+        return DispatchResult(run.id, period, run.dispatched, already_dispatched=True)
+    sent = 0
+    async for page in repo.customers_to_bill(period, page_size):
+        sent += await queue.send(
+            [BillMessageV1(customer_id=c, period=period.start, run_id=run.id) for c in page]
+        )
+    await repo.finish_run(run.id, sent)
+    return DispatchResult(run.id, period, sent, already_dispatched=False)

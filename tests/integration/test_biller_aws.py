@@ -1,0 +1,258 @@
+"""The biller against a real PostgreSQL and the AWS Marketplace Metering emulator.
+
+The emulator (billing_local.emulators.aws_metering) is an HTTP double of BatchMeterUsage that
+follows AWS's documented behaviour (SigV4 required, 25 records, 6-hour window, idempotent identical
+records, DuplicateRecord for another quantity, CustomerNotSubscribed, throttling, UnprocessedRecords);
+the real aioboto3 client talks to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from billing.bootstrap import Runtime
+from billing.config import load_settings
+from billing.domain.errors import BadMessageError, ClaimHeldError, MarketplaceUnavailableError
+from billing.domain.model import LedgerState
+from billing.services.bill import Biller
+from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, ledger, message, within_window
+
+
+@pytest.fixture
+async def runtime(stack: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtime]:
+    monkeypatch.setenv("BILLING_MARKETPLACE_ATTEMPTS", "2")
+    stack.metering.clock = within_window
+    rt = Runtime(load_settings())
+    yield rt
+    await rt.close()
+
+
+@pytest.fixture
+async def biller(runtime: Runtime, pool: Any, stack: Any) -> Biller:
+    await add_rates(pool)
+    stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb"})
+    b = await runtime.biller()
+    b.clock = within_window
+    return b
+
+
+async def test_customer_hour_is_billed_and_the_answer_recorded(biller: Biller, pool: Any, stack: Any) -> None:
+    # Given a subscribed customer with 2.5 GB-hours and 3 GB of transfer (rated 0.5 unit per GB)
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start + timedelta(minutes=5), "capacity_gb_hours", "1.25", cluster="a")
+    await add_usage(pool, "c1", HOUR.start + timedelta(minutes=35), "capacity_gb_hours", "1.25", cluster="b")
+    await add_usage(pool, "c1", HOUR.start + timedelta(minutes=10), "data_transfer_gb", "3")
+    # When the hour is billed
+    outcome = await biller.bill(message("c1"))
+    # Then AWS holds 2 CapacityGbHours and 1 DataTransferGb, and the ledger has their record ids
+    held = {r.dimension: r for r in stack.metering.accepted()}
+    assert {d: r.quantity for d, r in held.items()} == {"CapacityGbHours": 2, "DataTransferGb": 1}
+    rows = await ledger(pool, "c1")
+    assert {d: (r["state"], r["quantity"], r["record_id"]) for d, r in rows.items()} == {
+        d: ("accepted", held[d].quantity, held[d].record_id) for d in held
+    }
+    # and the fractions carry: 0.5 of each
+    assert {d: str(r["carry_out"]) for d, r in rows.items()} == {"CapacityGbHours": "0.50", "DataTransferGb": "0.5"}
+    assert outcome.marketplace_calls == 1
+
+
+async def test_an_idle_aws_customer_gets_quantity_zero_records(biller: Biller, pool: Any, stack: Any) -> None:
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "idle"))
+    await biller.bill(message("idle"))
+    assert sorted((r.dimension, r.quantity) for r in stack.metering.accepted()) == [
+        ("CapacityGbHours", 0), ("DataTransferGb", 0)
+    ]
+
+
+async def test_redelivered_message_makes_no_marketplace_call(biller: Biller, pool: Any, stack: Any) -> None:
+    # Given a customer-hour already billed
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "7")
+    msg = message("c1")
+    await biller.bill(msg)
+    calls = stack.metering.calls
+    # When the same message is delivered again, and another run's message for the same hour arrives
+    again = await biller.bill(msg)
+    other_run = await biller.bill(message("c1"))
+    # Then neither calls the marketplace
+    assert again.already_billed and other_run.already_billed
+    assert stack.metering.calls == calls
+
+
+async def test_crash_between_submit_and_record_resubmits_the_recorded_decision(
+    biller: Biller, pool: Any, stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a biller that dies after AWS accepted the records but before the ledger recorded the answer
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "5")
+
+    async def crash(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(biller.repo, "record_results", crash)
+    with pytest.raises(SystemExit):
+        await biller.bill(message("c1"))
+    monkeypatch.undo()
+    first_ids = {r.dimension: r.record_id for r in stack.metering.accepted()}
+    assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"submitted"}
+    # and late usage arrives meanwhile (it must not change the recorded decision)
+    await add_usage(pool, "c1", HOUR.start + timedelta(minutes=50), "capacity_gb_hours", "3")
+    # When the message is redelivered after the dead invocation's lease ran out
+    await pool.execute("UPDATE ledger SET lease_until = now() - interval '1 second'")
+    await biller.bill(message("c1"))
+    # Then the same records were resubmitted, AWS answered with the original ids, and nothing was added
+    rows = await ledger(pool, "c1")
+    assert {d: (r["state"], r["quantity"], r["record_id"]) for d, r in rows.items()} == {
+        "CapacityGbHours": ("accepted", 5, first_ids["CapacityGbHours"]),
+        "DataTransferGb": ("accepted", 0, first_ids["DataTransferGb"]),
+    }
+    assert len(stack.metering.accepted()) == 2
+
+
+async def test_two_deliveries_at_the_same_moment_bill_once(biller: Biller, pool: Any, stack: Any) -> None:
+    # Given one message delivered twice at the same moment
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "4")
+    msg = message("c1")
+    # When both deliveries run concurrently
+    results = await asyncio.gather(biller.bill(msg), biller.bill(msg), return_exceptions=True)
+    # Then exactly one marketplace call was made; the other delivery found it done or in progress
+    assert stack.metering.calls == 1
+    assert sum(1 for r in results if isinstance(r, ClaimHeldError) or getattr(r, "already_billed", False)) <= 1
+    assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, ClaimHeldError)]
+    assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"accepted"}
+
+
+async def test_unsubscribed_customer_is_rejected_and_not_retried(biller: Biller, pool: Any, stack: Any) -> None:
+    await add_aws_customer(pool, "gone")
+    outcome = await biller.bill(message("gone"))
+    assert outcome.count(LedgerState.REJECTED) == 2
+    rows = await ledger(pool, "gone")
+    assert {(r["state"], r["last_error"]) for r in rows.values()} == {("rejected", "CustomerNotSubscribed")}
+    calls = stack.metering.calls
+    assert (await biller.bill(message("gone"))).already_billed
+    assert stack.metering.calls == calls
+
+
+async def test_a_throttled_call_is_retried_within_the_invocation(biller: Biller, pool: Any, stack: Any) -> None:
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    stack.metering.faults.extend(["throttle"])
+    outcome = await biller.bill(message("c1"))
+    assert outcome.count(LedgerState.ACCEPTED) == 2
+    assert stack.metering.calls == 2
+
+
+async def test_persistent_throttling_fails_the_item_and_a_redelivery_bills_it_once(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given AWS throttles every call of this invocation
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "3")
+    stack.metering.faults.extend(["throttle"] * 2)
+    # When the message is billed, the item fails (SQS will redeliver it) and the ledger says why
+    with pytest.raises(MarketplaceUnavailableError, match="ThrottlingException"):
+        await biller.bill(message("c1"))
+    assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"failed"}
+    # Then the redelivery bills it, once
+    await biller.bill(message("c1"))
+    assert sorted((r.dimension, r.quantity) for r in stack.metering.accepted()) == [
+        ("CapacityGbHours", 3), ("DataTransferGb", 0)
+    ]
+
+
+async def test_an_internal_error_leaves_the_submission_unconfirmed_until_resubmitted(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    stack.metering.faults.extend(["internal"] * 2)
+    with pytest.raises(MarketplaceUnavailableError):
+        await biller.bill(message("c1"))
+    # an InternalServiceError may have been recorded by AWS: the row stays "submitted", not "failed"
+    assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"submitted"}
+    await biller.bill(message("c1"))
+    assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"accepted"}
+
+
+async def test_unprocessed_records_are_sent_again(biller: Biller, pool: Any, stack: Any) -> None:
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    stack.metering.faults.append("unprocessed")
+    outcome = await biller.bill(message("c1"))
+    assert outcome.count(LedgerState.ACCEPTED) == 2
+    assert stack.metering.calls == 2
+
+
+async def test_another_quantity_already_metered_is_recorded_as_duplicate(biller: Biller, pool: Any, stack: Any) -> None:
+    # Given AWS already holds a record for the hour with another quantity (e.g. sent by an older system)
+    identifier = await add_aws_customer(pool, "c1")
+    stack.metering.subscribe(PRODUCT, identifier)
+    from billing_local.emulators.aws_metering import Record
+
+    key = (PRODUCT, identifier, "CapacityGbHours", HOUR.start)
+    stack.metering.records[key] = Record(PRODUCT, identifier, "CapacityGbHours", HOUR.start, 99, "older")
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "3")
+    # When the hour is billed
+    await biller.bill(message("c1"))
+    # Then the ledger says duplicate, with AWS's reason
+    row = (await ledger(pool, "c1"))["CapacityGbHours"]
+    assert (row["state"], row["quantity"]) == ("duplicate", 3)
+    assert "DuplicateRecord" in row["last_error"]
+
+
+async def test_unknown_customer_is_a_bad_message(biller: Biller) -> None:
+    with pytest.raises(BadMessageError, match="unknown customer"):
+        await biller.bill(message("nobody"))
+
+
+async def test_an_hour_past_the_window_carries_its_usage_to_the_next_hour(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given an hour whose message is processed 7 hours later (AWS accepts 6)
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "4.5")
+    late = HOUR.start + timedelta(hours=7)
+    biller.clock = lambda: late
+    stack.metering.clock = lambda: late
+    outcome = await biller.bill(message("c1"))
+    # Then nothing is sent for it and its quantity is carried
+    assert stack.metering.calls == 0
+    assert outcome.count(LedgerState.EXPIRED) == 2
+    # When the current hour is billed
+    now_hour = HOUR.shifted(6)
+    await add_usage(pool, "c1", now_hour.start, "capacity_gb_hours", "1")
+    biller.lookback_hours = 24
+    await biller.bill(message("c1", now_hour))
+    # Then it carries the 4.5 + 1 units: 5 billed, 0.5 carried
+    assert [(r.dimension, r.quantity) for r in stack.metering.accepted() if r.dimension == "CapacityGbHours"] == [
+        ("CapacityGbHours", 5)
+    ]
+
+
+async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given an hour decided and throttled, whose redelivery comes after the window closed
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
+    stack.metering.faults.extend(["throttle"] * 2)
+    with pytest.raises(MarketplaceUnavailableError):
+        await biller.bill(message("c1"))
+    late = HOUR.start + timedelta(hours=7)
+    biller.clock = lambda: late
+    stack.metering.clock = lambda: late
+    await biller.bill(message("c1"))
+    rows = await ledger(pool, "c1")
+    assert rows["CapacityGbHours"]["state"] == "expired"
+    carry = await pool.fetchval("SELECT carry FROM balances WHERE customer_id = 'c1' AND dimension = 'CapacityGbHours'")
+    assert carry == 6
+    # When the next hour is billed, the 6 units go with it
+    await biller.bill(message("c1", HOUR.shifted(6)))
+    assert [r.quantity for r in stack.metering.accepted() if r.dimension == "CapacityGbHours"] == [6]
+
+
+def test_run_ids_do_not_affect_idempotency() -> None:
+    assert message("c", run_id=uuid.UUID(int=1)).billing_period == message("c", run_id=uuid.UUID(int=2)).billing_period

@@ -1,0 +1,63 @@
+"""Helpers the tests share: explicit customers, rates and usage, and billing messages."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+from billing.domain.messages import BillMessageV1
+from billing.domain.model import Period
+
+PRODUCT = "prod-test-0001"
+HOUR = Period(datetime(2026, 11, 26, 13, tzinfo=UTC))
+RATES = (
+    ("aws", "capacity_gb_hours", "CapacityGbHours", Decimal(1)),
+    ("aws", "data_transfer_gb", "DataTransferGb", Decimal("0.5")),
+)
+
+
+async def add_rates(pool: asyncpg.Pool, rates: tuple[tuple[str, str, str, Decimal], ...] = RATES) -> None:
+    await pool.executemany(
+        "INSERT INTO rate_card (marketplace, metric, dimension, factor) VALUES ($1, $2, $3, $4)", rates
+    )
+
+
+async def add_aws_customer(
+    pool: asyncpg.Pool, customer_id: str, active_from: datetime | None = None, active_until: datetime | None = None,
+    status: str = "active",
+) -> str:
+    """An AWS customer; returns its CustomerIdentifier."""
+    identifier = f"aws-{customer_id}"
+    await pool.execute(
+        """INSERT INTO customers (id, marketplace, status, active_from, active_until, aws_customer_identifier,
+                                  aws_product_code) VALUES ($1, 'aws', $2, $3, $4, $5, $6)""",
+        customer_id, status, active_from or datetime(2026, 1, 1, tzinfo=UTC), active_until, identifier, PRODUCT,
+    )
+    return identifier
+
+
+async def add_usage(
+    pool: asyncpg.Pool, customer_id: str, at: datetime, metric: str, quantity: str, cluster: str = "c1"
+) -> None:
+    await pool.execute(
+        "INSERT INTO usage (ts, customer_id, cluster_id, metric, quantity) VALUES ($1, $2, $3, $4, $5)",
+        at, customer_id, cluster, metric, Decimal(quantity),
+    )
+
+
+def message(customer_id: str, period: Period = HOUR, run_id: uuid.UUID | None = None) -> BillMessageV1:
+    return BillMessageV1(customer_id=customer_id, period=period.start, run_id=run_id or uuid.uuid4())
+
+
+def within_window(period: Period = HOUR) -> datetime:
+    """A moment when the marketplaces still accept the hour (20 minutes after it ended)."""
+    return period.end + timedelta(minutes=20)
+
+
+async def ledger(pool: asyncpg.Pool, customer_id: str, period: Period = HOUR) -> dict[str, asyncpg.Record]:
+    rows = await pool.fetch(
+        "SELECT * FROM ledger WHERE customer_id = $1 AND period = $2 ORDER BY dimension", customer_id, period.start
+    )
+    return {r["dimension"]: r for r in rows}

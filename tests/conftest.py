@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import stamina
+
 from billing_local.emulators.aws_metering import MeteringState, create_app
 from billing_local.emulators.server import BackgroundServer
 from billing_local.migrate import migrate
@@ -89,7 +90,9 @@ def database_url(postgres_server: str, migrated_template: str) -> Iterator[str]:
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10, server_settings={"timezone": "UTC"})
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=10, server_settings={"timezone": "UTC"}
+    )
     yield pool
     await pool.close()
 
@@ -134,7 +137,10 @@ class Stack:
 
 @pytest.fixture
 def stack(
-    database_url: str, queues: Queues, metering: tuple[MeteringState, str], moto_url: str,
+    database_url: str,
+    queues: Queues,
+    metering: tuple[MeteringState, str],
+    moto_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Stack:
     """Everything a biller or dispatcher needs, wired through the environment like in Lambda."""

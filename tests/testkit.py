@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+
 from billing.domain.messages import BillMessageV1
 from billing.domain.model import Period
 
@@ -25,7 +26,10 @@ async def add_rates(pool: asyncpg.Pool, rates: tuple[tuple[str, str, str, Decima
 
 
 async def add_aws_customer(
-    pool: asyncpg.Pool, customer_id: str, active_from: datetime | None = None, active_until: datetime | None = None,
+    pool: asyncpg.Pool,
+    customer_id: str,
+    active_from: datetime | None = None,
+    active_until: datetime | None = None,
     status: str = "active",
 ) -> str:
     """An AWS customer; returns its CustomerIdentifier."""
@@ -33,7 +37,12 @@ async def add_aws_customer(
     await pool.execute(
         """INSERT INTO customers (id, marketplace, status, active_from, active_until, aws_customer_identifier,
                                   aws_product_code) VALUES ($1, 'aws', $2, $3, $4, $5, $6)""",
-        customer_id, status, active_from or datetime(2026, 1, 1, tzinfo=UTC), active_until, identifier, PRODUCT,
+        customer_id,
+        status,
+        active_from or datetime(2026, 1, 1, tzinfo=UTC),
+        active_until,
+        identifier,
+        PRODUCT,
     )
     return identifier
 
@@ -43,7 +52,11 @@ async def add_usage(
 ) -> None:
     await pool.execute(
         "INSERT INTO usage (ts, customer_id, cluster_id, metric, quantity) VALUES ($1, $2, $3, $4, $5)",
-        at, customer_id, cluster, metric, Decimal(quantity),
+        at,
+        customer_id,
+        cluster,
+        metric,
+        Decimal(quantity),
     )
 
 
@@ -58,6 +71,8 @@ def within_window(period: Period = HOUR) -> datetime:
 
 async def ledger(pool: asyncpg.Pool, customer_id: str, period: Period = HOUR) -> dict[str, asyncpg.Record]:
     rows = await pool.fetch(
-        "SELECT * FROM ledger WHERE customer_id = $1 AND period = $2 ORDER BY dimension", customer_id, period.start
+        "SELECT * FROM ledger WHERE customer_id = $1 AND period = $2 ORDER BY dimension",
+        customer_id,
+        period.start,
     )
     return {r["dimension"]: r for r in rows}

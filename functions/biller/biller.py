@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
-processor = LoopBatchProcessor(event_type=EventType.SQS)
+# a failed record is always reported as a batchItemFailure, even when it is the whole batch (BatchSize 1)
+processor = LoopBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 async def record_handler(record: SQSRecord) -> dict[str, Any]:

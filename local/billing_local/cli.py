@@ -5,23 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
+from billing.services.dispatch import DispatchResult
+from billing_local.report import PeriodReport
+from billing_local.runner import RunnerStats
+
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from pathlib import Path
 
     from billing.domain.model import Period
-    from billing.services.dispatch import DispatchResult
-    from billing_local.report import PeriodReport
-    from billing_local.runner import RunnerStats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hourly marketplace usage billing.")
 db_app = typer.Typer(no_args_is_help=True, help="Database commands.")
@@ -65,7 +64,9 @@ def seed_command(
     hours: Annotated[int, typer.Option(min=1, help="Hours of usage, ending at --end.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same data.")] = 42,
     marketplaces: Annotated[str, typer.Option(help="Comma-separated: aws,gcp,azure.")] = "aws,gcp,azure",
-    end: Annotated[str | None, typer.Option(help="Last hour of usage (default: the last complete hour).")] = None,
+    end: Annotated[
+        str | None, typer.Option(help="Last hour of usage (default: the last complete hour).")
+    ] = None,
 ) -> None:
     """Write deterministic synthetic customers, rate card and usage to DATABASE_URL."""
     chosen = _marketplaces(marketplaces)
@@ -129,8 +130,12 @@ async def run_hour(event: dict[str, Any], concurrency: int, retry_delay_s: int =
         assert settings.queue_url is not None
         with progress_bar("billing customers", total=dispatched.dispatched) as advance:
             stats = await drain(
-                sqs, settings.queue_url, lambda d: bill_body(runtime, d.body, d.message_id), concurrency,
-                retry_delay_s=retry_delay_s, progress=lambda s: advance(1),
+                sqs,
+                settings.queue_url,
+                lambda d: bill_body(runtime, d.body, d.message_id),
+                concurrency,
+                retry_delay_s=retry_delay_s,
+                progress=lambda s: advance(1),
             )
         report = await period_report(await runtime.pool(), dispatched.period)
         return HourResult(dispatched, stats, report)
@@ -141,7 +146,9 @@ async def run_hour(event: dict[str, Any], concurrency: int, retry_delay_s: int =
 @app.command("run")
 def run_command(
     period: Annotated[str, typer.Option(help="The hour to bill, e.g. 2026-11-26T13:00:00Z.")],
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Consumers (default: the template's cap).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Consumers (default: the template's cap).")
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
 ) -> None:
     """Dispatch an hour and drain the queue against the configured backends."""
@@ -155,51 +162,95 @@ def run_command(
     if report:
         _write_report(report, result)
     if result.report.unbilled:
-        console.print(f"[red]{len(result.report.unbilled)} customer(s) left unbilled[/red]: "
-                      + ", ".join(result.report.unbilled[:10]))
+        console.print(
+            f"[red]{len(result.report.unbilled)} customer(s) left unbilled[/red]: "
+            + ", ".join(result.report.unbilled[:10])
+        )
         raise typer.Exit(1)
 
 
 @app.command("demo")
 def demo_command(
     customers: Annotated[int, typer.Option(min=1, help="Synthetic customers to bill.")] = 300,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Consumers (default: the template's cap).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Consumers (default: the template's cap).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the synthetic data.")] = 42,
+    marketplaces: Annotated[str, typer.Option(help="Comma-separated: aws,gcp,azure.")] = "aws,gcp,azure",
     report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
     verbose: Annotated[bool, typer.Option(help="Show every customer's JSON log line.")] = False,
 ) -> None:
     """Bill one hour for synthetic customers on an embedded local stack (no AWS, no Docker)."""
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if verbose else "WARNING")
-    from billing_local.stack import environment, local_stack
-
+    chosen = _marketplaces(marketplaces)
     now = datetime.now(UTC)
-    with console.status("starting embedded PostgreSQL, moto and the marketplace emulators"), \
-            _stack_for_demo() as stack, environment(stack.env):
-        from billing.domain.model import Period
-        from billing_local.migrate import migrate
-        from billing_local.seed import AWS_PRODUCT_CODE, customer_id
+    with console.status("starting embedded PostgreSQL, moto and the marketplace emulators"):
+        stack_cm = _stack_for_demo()
+        stack = stack_cm.__enter__()
+    try:
+        from billing_local.stack import environment
 
-        asyncio.run(migrate(stack.database_url))
-        marketplaces = ("aws",)
-        hour = Period.last_complete_before(now, __import__("datetime").timedelta(minutes=15))
-        asyncio.run(_seed(stack.database_url, customers, 1, seed, hour, marketplaces))
-        # every AWS customer subscribed but one in fifty, to show a rejected record
-        for i in range(customers):
-            if i % 50 != 49:
-                stack.metering.subscribe(AWS_PRODUCT_CODE, f"aws-{customer_id(i)}")
-        cap = concurrency or stack.queue.max_concurrency
-        console.print(f"billing {customers} customers for {hour} with {cap} consumers")
-        began = time.perf_counter()
-        result = asyncio.run(run_hour({"time": now.isoformat()}, cap))
-        wall = time.perf_counter() - began
-        _print_summary(result, wall)
-        again = asyncio.run(run_hour({"time": now.isoformat()}, cap))
-        out.print(f"same hour again: {again.dispatch.dispatched} dispatched, "
-                  f"{sum(o.marketplace_calls for o in again.stats.outcomes)} marketplace calls "
-                  f"(records held by the marketplace: {len(stack.metering.accepted())})")
-        if report:
-            _write_report(report, result)
-    del local_stack
+        with environment(stack.env):
+            _demo(stack, customers, seed, chosen, now, concurrency, report)
+    finally:
+        stack_cm.__exit__(None, None, None)
+
+
+def _demo(
+    stack: Any,
+    customers: int,
+    seed: int,
+    marketplaces: tuple[str, ...],
+    now: datetime,
+    concurrency: int | None,
+    report: Path | None,
+) -> None:
+    from datetime import timedelta
+
+    from billing.domain.model import Period
+    from billing_local.migrate import migrate
+
+    asyncio.run(migrate(stack.database_url))
+    hour = Period.last_complete_before(now, timedelta(minutes=15))
+    asyncio.run(_seed(stack.database_url, customers, 1, seed, hour, marketplaces))
+    asyncio.run(_subscribe_all(stack))
+    cap = concurrency or stack.queue.max_concurrency
+    console.print(
+        f"billing {customers} customers ({', '.join(marketplaces)}) for {hour} with {cap} consumers"
+    )
+    began = time.perf_counter()
+    result = asyncio.run(run_hour({"time": now.isoformat()}, cap))
+    _print_summary(result, time.perf_counter() - began)
+    held = stack.held_records()
+    again = asyncio.run(run_hour({"time": now.isoformat()}, cap))
+    out.print(
+        f"same hour again: {'already dispatched, ' if again.dispatch.already_dispatched else ''}"
+        f"{sum(o.marketplace_calls for o in again.stats.outcomes)} marketplace calls, "
+        f"records held by the marketplaces unchanged: {stack.held_records() == held} ({held})"
+    )
+    if report:
+        _write_report(report, result)
+
+
+async def _subscribe_all(stack: Any) -> None:
+    """Subscribe every seeded customer but one AWS customer in fifty (to show a rejected record)."""
+    import asyncpg
+
+    from billing_local.seed import RATE_CARD
+
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        rows = [dict(r) for r in await conn.fetch("SELECT * FROM customers ORDER BY id")]
+    finally:
+        await conn.close()
+    aws = [r for r in rows if r["marketplace"] == "aws"]
+    unsubscribed = {r["id"] for r in aws[49::50]}
+    dimensions: dict[str, set[str]] = {}
+    for marketplace, _metric, dimension, _factor in RATE_CARD:
+        dimensions.setdefault(marketplace, set()).add(dimension)
+    stack.subscribe([r for r in rows if r["id"] not in unsubscribed], dimensions)
+    for r in aws[49::50]:
+        stack.metering.add_product(r["aws_product_code"], dimensions["aws"])
 
 
 def _stack_for_demo() -> Any:
@@ -213,17 +264,26 @@ def _print_summary(result: HourResult, wall: float) -> None:
 
     r = result.report
     out.print(f"hour {r.period}  run {result.dispatch.run_id}")
-    out.print(f"customers: {r.customers} billable, {r.billed} billed, {len(r.unbilled)} unbilled; "
-              f"dispatched {result.dispatch.dispatched}")
+    out.print(
+        f"customers: {r.customers} billable, {r.billed} billed, {len(r.unbilled)} unbilled; "
+        f"dispatched {result.dispatch.dispatched}"
+    )
     for marketplace in sorted(r.states):
         counts = ", ".join(
             f"{s.value} {r.count(s, marketplace)}"
-            for s in (LedgerState.ACCEPTED, LedgerState.DUPLICATE, LedgerState.REJECTED, LedgerState.FAILED,
-                      LedgerState.SKIPPED)
+            for s in (
+                LedgerState.ACCEPTED,
+                LedgerState.DUPLICATE,
+                LedgerState.REJECTED,
+                LedgerState.FAILED,
+                LedgerState.SKIPPED,
+            )
         )
         out.print(f"  {marketplace}: records {counts}")
-    out.print(f"invocations {result.stats.invocations} ({result.stats.failed} failed and retried), "
-              f"wall time {wall:.2f} s")
+    out.print(
+        f"invocations {result.stats.invocations} ({result.stats.failed} failed and retried), "
+        f"wall time {wall:.2f} s"
+    )
 
 
 def _write_report(path: Path, result: HourResult) -> None:
@@ -237,8 +297,15 @@ def _write_report(path: Path, result: HourResult) -> None:
         "billed": r.billed,
         "unbilled": r.unbilled,
         "marketplaces": {
-            mp: {s.value: r.count(s, mp) for s in (LedgerState.ACCEPTED, LedgerState.DUPLICATE,
-                                                 LedgerState.REJECTED, LedgerState.FAILED)}
+            mp: {
+                s.value: r.count(s, mp)
+                for s in (
+                    LedgerState.ACCEPTED,
+                    LedgerState.DUPLICATE,
+                    LedgerState.REJECTED,
+                    LedgerState.FAILED,
+                )
+            }
             for mp in sorted(r.states)
         },
         "invocations": result.stats.invocations,
@@ -248,4 +315,4 @@ def _write_report(path: Path, result: HourResult) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -18,8 +18,11 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = (
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.speed:>7.1f}/s" if False else "{task.fields[rate]}"), TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.speed:>7.1f}/s" if False else "{task.fields[rate]}"),
+            TimeElapsedColumn(),
         )
         with Progress(*columns, transient=True) as progress:
             task = progress.add_task(label, total=total or None, rate="")

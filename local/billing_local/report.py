@@ -40,7 +40,9 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
          WHERE c.status = 'active' AND c.active_from < $2 AND (c.active_until IS NULL OR c.active_until > $1)
          ORDER BY c.id
         """,
-        period.start, period.end, finals,
+        period.start,
+        period.end,
+        finals,
     )
     rows = await pool.fetch(
         """
@@ -59,7 +61,8 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
            AND last_error IS NOT NULL
          ORDER BY customer_id, dimension LIMIT $2
         """,
-        period.start, failures_limit,
+        period.start,
+        failures_limit,
     )
     return PeriodReport(
         period=period.isoformat(),

@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from billing.domain.model import BillOutcome
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from billing.domain.model import BillOutcome
 
 SQS_MAX_RECEIVE = 10
 
@@ -49,8 +50,6 @@ class Delivery:
     receive_count: int
     attributes: dict[str, Any]
     message_attributes: dict[str, Any]
-
-
 
 
 async def drain(
@@ -89,8 +88,11 @@ async def drain(
                 await slots.acquire()
                 wanted += 1
             response = await sqs.receive_message(
-                QueueUrl=queue_url, MaxNumberOfMessages=wanted, WaitTimeSeconds=wait_time_s,
-                AttributeNames=["All"], MessageAttributeNames=["All"],
+                QueueUrl=queue_url,
+                MaxNumberOfMessages=wanted,
+                WaitTimeSeconds=wait_time_s,
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
             )
             messages = response.get("Messages", [])
             for _ in range(wanted - len(messages)):
@@ -99,9 +101,14 @@ async def drain(
             for m in messages:
                 attributes = m.get("Attributes", {})
                 inbox.put_nowait(
-                    Delivery(m["Body"], m["MessageId"], m["ReceiptHandle"],
-                             int(attributes.get("ApproximateReceiveCount", "1")), attributes,
-                             m.get("MessageAttributes", {}))
+                    Delivery(
+                        m["Body"],
+                        m["MessageId"],
+                        m["ReceiptHandle"],
+                        int(attributes.get("ApproximateReceiveCount", "1")),
+                        attributes,
+                        m.get("MessageAttributes", {}),
+                    )
                 )
             if not messages and held == 0 and await queue_empty() and held == 0:
                 stop.set()
@@ -115,7 +122,8 @@ async def drain(
             except Exception:  # the batch boundary: any failure leaves the message for redelivery
                 stats.failed += 1
                 await sqs.change_message_visibility(
-                    QueueUrl=queue_url, ReceiptHandle=delivery.receipt_handle,
+                    QueueUrl=queue_url,
+                    ReceiptHandle=delivery.receipt_handle,
                     VisibilityTimeout=min(retry_delay_s * delivery.receive_count, 30),
                 )
             else:

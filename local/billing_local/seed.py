@@ -73,7 +73,10 @@ async def seed(
             cid = customer_id(i)
             rows.append(
                 (
-                    cid, mp, "active", first.start - timedelta(days=30),
+                    cid,
+                    mp,
+                    "active",
+                    first.start - timedelta(days=30),
                     f"aws-{cid}" if mp == "aws" else None,
                     AWS_PRODUCT_CODE if mp == "aws" else None,
                     f"project_number:{100000 + i}" if mp == "gcp" else None,
@@ -94,7 +97,9 @@ async def seed(
         # seeding again replaces the range's usage rather than adding to it
         await conn.execute(
             "DELETE FROM usage WHERE customer_id = ANY($1::text[]) AND ts >= $2 AND ts < $3",
-            [customer_id(i) for i in range(customers)], first.start, last_period.end,
+            [customer_id(i) for i in range(customers)],
+            first.start,
+            last_period.end,
         )
         usage = 0
         for i in range(customers):
@@ -111,10 +116,14 @@ async def seed(
                         # a few readings an hour, with fractions so remainders carry
                         for minute in (5, 35):
                             qty = Decimal(rng.randint(0, 40_000)) / 1000
-                            records.append((hour + timedelta(minutes=minute), cid, f"{cid}-c{c}", metric, qty))
+                            records.append(
+                                (hour + timedelta(minutes=minute), cid, f"{cid}-c{c}", metric, qty)
+                            )
             if records:
                 await conn.copy_records_to_table(
-                    "usage", records=records, columns=["ts", "customer_id", "cluster_id", "metric", "quantity"]
+                    "usage",
+                    records=records,
+                    columns=["ts", "customer_id", "cluster_id", "metric", "quantity"],
                 )
                 usage += len(records)
             if progress is not None:

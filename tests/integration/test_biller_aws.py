@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.domain.errors import BadMessageError, ClaimHeldError, MarketplaceUnavailableError
@@ -57,7 +58,10 @@ async def test_customer_hour_is_billed_and_the_answer_recorded(biller: Biller, p
         d: ("accepted", held[d].quantity, held[d].record_id) for d in held
     }
     # and the fractions carry: 0.5 of each
-    assert {d: str(r["carry_out"]) for d, r in rows.items()} == {"CapacityGbHours": "0.50", "DataTransferGb": "0.5"}
+    assert {d: str(r["carry_out"]) for d, r in rows.items()} == {
+        "CapacityGbHours": "0.50",
+        "DataTransferGb": "0.5",
+    }
     assert outcome.marketplace_calls == 1
 
 
@@ -65,7 +69,8 @@ async def test_an_idle_aws_customer_gets_quantity_zero_records(biller: Biller, p
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "idle"))
     await biller.bill(message("idle"))
     assert sorted((r.dimension, r.quantity) for r in stack.metering.accepted()) == [
-        ("CapacityGbHours", 0), ("DataTransferGb", 0)
+        ("CapacityGbHours", 0),
+        ("DataTransferGb", 0),
     ]
 
 
@@ -123,12 +128,16 @@ async def test_two_deliveries_at_the_same_moment_bill_once(biller: Biller, pool:
     results = await asyncio.gather(biller.bill(msg), biller.bill(msg), return_exceptions=True)
     # Then exactly one marketplace call was made; the other delivery found it done or in progress
     assert stack.metering.calls == 1
-    assert sum(1 for r in results if isinstance(r, ClaimHeldError) or getattr(r, "already_billed", False)) <= 1
+    assert (
+        sum(1 for r in results if isinstance(r, ClaimHeldError) or getattr(r, "already_billed", False)) <= 1
+    )
     assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, ClaimHeldError)]
     assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"accepted"}
 
 
-async def test_unsubscribed_customer_is_rejected_and_not_retried(biller: Biller, pool: Any, stack: Any) -> None:
+async def test_unsubscribed_customer_is_rejected_and_not_retried(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
     await add_aws_customer(pool, "gone")
     outcome = await biller.bill(message("gone"))
     assert outcome.count(LedgerState.REJECTED) == 2
@@ -139,7 +148,9 @@ async def test_unsubscribed_customer_is_rejected_and_not_retried(biller: Biller,
     assert stack.metering.calls == calls
 
 
-async def test_a_throttled_call_is_retried_within_the_invocation(biller: Biller, pool: Any, stack: Any) -> None:
+async def test_a_throttled_call_is_retried_within_the_invocation(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     stack.metering.faults.extend(["throttle"])
     outcome = await biller.bill(message("c1"))
@@ -161,7 +172,8 @@ async def test_persistent_throttling_fails_the_item_and_a_redelivery_bills_it_on
     # Then the redelivery bills it, once
     await biller.bill(message("c1"))
     assert sorted((r.dimension, r.quantity) for r in stack.metering.accepted()) == [
-        ("CapacityGbHours", 3), ("DataTransferGb", 0)
+        ("CapacityGbHours", 3),
+        ("DataTransferGb", 0),
     ]
 
 
@@ -186,7 +198,9 @@ async def test_unprocessed_records_are_sent_again(biller: Biller, pool: Any, sta
     assert stack.metering.calls == 2
 
 
-async def test_another_quantity_already_metered_is_recorded_as_duplicate(biller: Biller, pool: Any, stack: Any) -> None:
+async def test_another_quantity_already_metered_is_recorded_as_duplicate(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
     # Given AWS already holds a record for the hour with another quantity (e.g. sent by an older system)
     identifier = await add_aws_customer(pool, "c1")
     stack.metering.subscribe(PRODUCT, identifier)
@@ -227,9 +241,9 @@ async def test_an_hour_past_the_window_carries_its_usage_to_the_next_hour(
     biller.lookback_hours = 24
     await biller.bill(message("c1", now_hour))
     # Then it carries the 4.5 + 1 units: 5 billed, 0.5 carried
-    assert [(r.dimension, r.quantity) for r in stack.metering.accepted() if r.dimension == "CapacityGbHours"] == [
-        ("CapacityGbHours", 5)
-    ]
+    assert [
+        (r.dimension, r.quantity) for r in stack.metering.accepted() if r.dimension == "CapacityGbHours"
+    ] == [("CapacityGbHours", 5)]
 
 
 async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
@@ -247,7 +261,9 @@ async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
     await biller.bill(message("c1"))
     rows = await ledger(pool, "c1")
     assert rows["CapacityGbHours"]["state"] == "expired"
-    carry = await pool.fetchval("SELECT carry FROM balances WHERE customer_id = 'c1' AND dimension = 'CapacityGbHours'")
+    carry = await pool.fetchval(
+        "SELECT carry FROM balances WHERE customer_id = 'c1' AND dimension = 'CapacityGbHours'"
+    )
     assert carry == 6
     # When the next hour is billed, the 6 units go with it
     await biller.bill(message("c1", HOUR.shifted(6)))
@@ -255,4 +271,7 @@ async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
 
 
 def test_run_ids_do_not_affect_idempotency() -> None:
-    assert message("c", run_id=uuid.UUID(int=1)).billing_period == message("c", run_id=uuid.UUID(int=2)).billing_period
+    assert (
+        message("c", run_id=uuid.UUID(int=1)).billing_period
+        == message("c", run_id=uuid.UUID(int=2)).billing_period
+    )

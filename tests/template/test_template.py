@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
 from billing_local.template import (
     BILLER,
     DISPATCHER,

@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+
 from billing_local.timeline import (
     TimelineInputError,
     load_events,

@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from billing_local.screenshot import CHROMIUM, ChromiumNotFoundError, screenshot
 from billing_local.timeline import write_timeline
 

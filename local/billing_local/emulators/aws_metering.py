@@ -73,7 +73,9 @@ class MeteringState:
 
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response(
-        {"__type": code, "message": message}, status=status, headers={"x-amzn-ErrorType": code},
+        {"__type": code, "message": message},
+        status=status,
+        headers={"x-amzn-ErrorType": code},
         content_type="application/x-amz-json-1.1",
     )
 
@@ -128,7 +130,9 @@ def _batch_meter_usage(state: MeteringState, body: dict[str, Any], unprocessed: 
     for index, raw in enumerate(records):
         customer = raw.get("CustomerIdentifier") or raw.get("CustomerAWSAccountId")
         if bool(raw.get("CustomerIdentifier")) == bool(raw.get("CustomerAWSAccountId")):
-            return _error(400, "ValidationException", "exactly one of CustomerIdentifier, CustomerAWSAccountId")
+            return _error(
+                400, "ValidationException", "exactly one of CustomerIdentifier, CustomerAWSAccountId"
+            )
         quantity = raw.get("Quantity", 0)
         if not isinstance(quantity, int) or not 0 <= quantity <= MAX_QUANTITY:
             return _error(400, "ValidationException", f"Quantity must be 0..{MAX_QUANTITY}")
@@ -142,7 +146,11 @@ def _batch_meter_usage(state: MeteringState, body: dict[str, Any], unprocessed: 
         if unprocessed and index % 2 == 1:
             left.append(raw)
             continue
-        echo = {k: raw[k] for k in ("CustomerIdentifier", "CustomerAWSAccountId", "Dimension", "Quantity") if k in raw}
+        echo = {
+            k: raw[k]
+            for k in ("CustomerIdentifier", "CustomerAWSAccountId", "Dimension", "Quantity")
+            if k in raw
+        }
         echo["Timestamp"] = raw["Timestamp"]
         with state.lock:
             if customer not in state.subscriptions[product]:

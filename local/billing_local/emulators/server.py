@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -39,7 +39,7 @@ class BackgroundServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        sockets = cast("Any", site._server).sockets  # aiohttp keeps the bound server private
         port = sockets[0].getsockname()[1]
         return f"http://{self._host}:{port}"
 

@@ -88,7 +88,10 @@ class AwsMeteringClient:
                         raise _Unprocessed
         except _Unprocessed:
             answered.update(
-                {d: SubmitResult(d, LedgerState.FAILED, reason="UnprocessedRecords after retries") for d in pending}
+                {
+                    d: SubmitResult(d, LedgerState.FAILED, reason="UnprocessedRecords after retries")
+                    for d in pending
+                }
             )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "Unknown")
@@ -104,7 +107,9 @@ class AwsMeteringClient:
             answered.update({d: SubmitResult(d, state, reason=f"{code}: {message}") for d in pending})
         except (EndpointConnectionError, ConnectTimeoutError) as exc:
             # the request never reached AWS
-            answered.update({d: SubmitResult(d, LedgerState.FAILED, reason=type(exc).__name__) for d in pending})
+            answered.update(
+                {d: SubmitResult(d, LedgerState.FAILED, reason=type(exc).__name__) for d in pending}
+            )
         except (BotoCoreError, OSError, TimeoutError) as exc:
             # a read timeout or dropped connection after sending: the answer is unknown
             answered.update(
@@ -115,7 +120,11 @@ class AwsMeteringClient:
 
 def _record(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:
     # The timestamp is the hour's start, so a resubmission is the identical request.
-    record: dict[str, Any] = {"Timestamp": period.start, "Dimension": entry.dimension, "Quantity": entry.quantity}
+    record: dict[str, Any] = {
+        "Timestamp": period.start,
+        "Dimension": entry.dimension,
+        "Quantity": entry.quantity,
+    }
     if customer.aws_customer_identifier:
         record["CustomerIdentifier"] = customer.aws_customer_identifier
     else:

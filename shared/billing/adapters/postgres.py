@@ -99,7 +99,8 @@ _LOAD = """
 SELECT c.*,
   (SELECT coalesce(json_agg(json_build_object(
         'customer_id', l.customer_id, 'dimension', l.dimension, 'quantity', l.quantity,
-        'state', l.state, 'attempts', l.attempts, 'record_id', l.record_id, 'last_error', l.last_error)), '[]')
+        'state', l.state, 'attempts', l.attempts, 'record_id', l.record_id,
+        'last_error', l.last_error)), '[]')
      FROM ledger l WHERE l.customer_id = c.id AND l.period = $2) AS entries,
   (SELECT coalesce(json_agg(json_build_array(b.dimension, b.carry::text)), '[]')
      FROM balances b WHERE b.customer_id = c.id) AS carries,
@@ -191,9 +192,7 @@ class PostgresBillingRepository:
             return None
         entries = tuple(_entry(e, period) for e in json.loads(row["entries"]))
         carries = {d: Decimal(c) for d, c in json.loads(row["carries"])}
-        observed = {
-            (d, _parse_ts(h)): Decimal(r) for d, h, r in json.loads(row["observed"])
-        }
+        observed = {(d, _parse_ts(h)): Decimal(r) for d, h, r in json.loads(row["observed"])}
         return CustomerHourState(
             customer=_customer(row),
             version=int(row["billing_version"]),

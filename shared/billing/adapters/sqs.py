@@ -48,9 +48,13 @@ class SqsQueue:
                 await self._send_batch(batch)
                 sent += len(batch)
 
-        async with asyncio.TaskGroup() as group:
-            for _ in range(workers):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(worker())
+        except ExceptionGroup as failed:
+            # the first failure is the story; the others are the same error from the other workers
+            raise failed.exceptions[0] from None
         return sent
 
     async def _send_batch(self, batch: list[BillMessageV1]) -> None:

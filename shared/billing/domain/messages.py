@@ -50,5 +50,7 @@ def parse_message(body: str) -> BillMessageV1:
     try:
         return BillMessageV1.model_validate_json(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
         raise BadMessageError(f"malformed bill message: {problems}") from None

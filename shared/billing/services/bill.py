@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -19,15 +20,16 @@ from billing.domain.errors import (
     TransientError,
     WindowExpiredError,
 )
-from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, RateCard, SubmitResult
+from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, Marketplace, RateCard, SubmitResult
 from billing.domain.rating import Decision, DimensionDecision, decide, rate_usage
+from billing.ports import BillingRepository, MarketplaceClient, UsageSource
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Sequence
 
     from billing.domain.messages import BillMessageV1
-    from billing.domain.model import Marketplace, Period
-    from billing.ports import BillingRepository, CustomerHourState, MarketplaceClient, UsageSource
+    from billing.domain.model import Period
+    from billing.ports import CustomerHourState
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +119,12 @@ class Biller:
             await self.repo.record_results(customer.id, period, owner, results)
         by_dim = {r.dimension: r for r in results}
         outcome.entries = settled + [
-            replace(e, state=by_dim[e.dimension].state, record_id=by_dim[e.dimension].record_id,
-                    last_error=by_dim[e.dimension].reason)
+            replace(
+                e,
+                state=by_dim[e.dimension].state,
+                record_id=by_dim[e.dimension].record_id,
+                last_error=by_dim[e.dimension].reason,
+            )
             for e in sending
         ]
         failed = [r for r in results if r.retryable]
@@ -144,7 +150,9 @@ class Biller:
         card = await self.rate_cards.get()
         rates = card.for_marketplace(customer.marketplace)
         usage = await self.usage.hourly_usage(customer.id, window_start, period.end)
-        decision = decide(card.dimensions(customer.marketplace), rate_usage(usage, rates), state.observed, state.carries)
+        decision = decide(
+            card.dimensions(customer.marketplace), rate_usage(usage, rates), state.observed, state.carries
+        )
         if expired:
             decision = _carry_everything(decision)
         entry_states: dict[str, tuple[str, int]] = {}
@@ -155,16 +163,20 @@ class Biller:
                 entry_states[d.dimension] = (LedgerState.SKIPPED.value, 0)
             else:
                 entry_states[d.dimension] = (LedgerState.SUBMITTED.value, 1)
-        decided = await self.repo.record_decision(
-            state, message, decision, entry_states, owner, lease
-        )
+        decided = await self.repo.record_decision(state, message, decision, entry_states, owner, lease)
         if not decided:
             raise ConcurrentDecisionError(f"balances of {customer.id} moved while deciding {period}")
         if expired:
             return None
         return [
-            LedgerEntry(customer.id, d.dimension, period, d.quantity, LedgerState(entry_states[d.dimension][0]),
-                        attempts=entry_states[d.dimension][1])
+            LedgerEntry(
+                customer.id,
+                d.dimension,
+                period,
+                d.quantity,
+                LedgerState(entry_states[d.dimension][0]),
+                attempts=entry_states[d.dimension][1],
+            )
             for d in decision.dimensions
         ]
 
@@ -194,7 +206,8 @@ def _carry_everything(decision: Decision) -> Decision:
     """An hour the marketplace no longer accepts: bill nothing now, carry the whole balance."""
     return Decision(
         dimensions=tuple(
-            DimensionDecision(d.dimension, d.rated, d.carry_in, 0, d.carry_in + d.rated) for d in decision.dimensions
+            DimensionDecision(d.dimension, d.rated, d.carry_in, 0, d.carry_in + d.rated)
+            for d in decision.dimensions
         ),
         observations=decision.observations,
     )

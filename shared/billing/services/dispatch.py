@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from billing.domain.messages import BillMessageV1
+from billing.domain.model import Period
 
 if TYPE_CHECKING:
-    import uuid
-
-    from billing.domain.model import Period
     from billing.ports import DispatchRepository, MessageQueue
 
 

@@ -1,0 +1,451 @@
+"""Azure Marketplace through the metered billing API: ``POST /api/batchUsageEvent?api-version=2018-08-31``.
+
+The request and response shapes are Microsoft's OpenAPI description (microsoft/commercial-marketplace-openapi,
+Microsoft.Marketplace.Metering/2018-08-31/meteringapi.v1.json, copied in tests/fixtures/specs). The rules
+it leaves out come from Microsoft's documentation, "Marketplace metered billing APIs"
+(learn.microsoft.com/partner-center/marketplace/marketplace-metering-service-apis) and its FAQ
+(…/marketplace-metering-service-apis-faq):
+
+- "Only one usage event can be emitted for each hour of a calendar day per resource and dimension"; a
+  second event for the same hour "will be rejected as a duplicate". The batch answer for it has ``status``
+  ``Duplicate`` and an ``error`` whose ``additionalInfo.acceptedMessage`` is the event Microsoft already
+  holds, with its ``usageEventId``: that original id is the record id (DUPLICATE counts as billed). The
+  single-event API answers the same case with HTTP 409 Conflict and the same body (``_conflict_result``).
+- "Usage events can only be emitted for the past 24 hours"; "The maximum delay allowed is 24 hours, after
+  which usage events aren't accepted": the item answers ``Expired``.
+- ``quantity`` "must be greater than 0"; ``InvalidQuantity`` is "less than or equal to 0". Azure wants no
+  event for an hour without usage ("emit usage every hour for the past hour, only if there's usage").
+- "The maximum number of events in a single batch is 25"; HTTP 400 "The batch contained more than 25 usage
+  events". HTTP 403: "The authorization token isn't provided, is invalid or expired", or the offer was
+  published with another Entra app id; so a 401 or 403 first refreshes the token once.
+- ``resourceId`` is the SaaS subscription id (or the managed app's ``resourceUsageId``); managed apps may
+  send ``resourceUri`` instead, "never both".
+- Tokens: client credentials for the marketplace resource ``20e940b3-4c77-4b0b-9a53-9e16a1b010a7`` (the
+  spec's ApiVersion text); azure-identity uses the v2 endpoint, where it is the scope ``<resource>/.default``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiohttp
+import stamina
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from billing.domain.errors import ConfigurationError, PermanentError, WindowExpiredError
+from billing.domain.model import LedgerState, Marketplace, SubmitResult
+from billing.ports import MarketplaceRules
+
+if TYPE_CHECKING:
+    import contextlib
+    from collections.abc import Callable, Mapping, Sequence
+
+    from azure.core.credentials_async import AsyncTokenCredential
+
+    from billing.domain.model import Customer, LedgerEntry, Period
+
+API_VERSION = "2018-08-31"
+MARKETPLACE_RESOURCE = "20e940b3-4c77-4b0b-9a53-9e16a1b010a7"
+SCOPE = f"{MARKETPLACE_RESOURCE}/.default"
+
+RULES = MarketplaceRules(
+    batch_limit=25,
+    window=timedelta(hours=24),
+    sends_zero=False,  # Azure rejects a zero quantity: an hour without usage sends nothing
+    idempotency_key="resource, dimension, hour of effectiveStartTime (a repeat: Duplicate, original id)",
+)
+
+_EXPIRED = "Expired: effectiveStartTime is more than 24 hours ago"
+_PERMANENT_STATUSES = frozenset(
+    {
+        "ResourceNotFound",
+        "ResourceNotAuthorized",
+        "ResourceNotActive",
+        "InvalidDimension",
+        "InvalidQuantity",
+        "BadArgument",
+    }
+)
+
+
+class AzureSettings(BaseSettings):
+    """Where the metering API is and how to authenticate to it; azure-identity's standard variables."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    metering_url: str = Field(
+        default="https://marketplaceapi.microsoft.com", validation_alias="BILLING_AZURE_METERING_URL"
+    )
+    # local emulators only: a fixed bearer token, no token acquisition
+    access_token: SecretStr | None = Field(default=None, validation_alias="BILLING_AZURE_ACCESS_TOKEN")
+    tenant_id: str | None = Field(default=None, validation_alias="AZURE_TENANT_ID")
+    client_id: str | None = Field(default=None, validation_alias="AZURE_CLIENT_ID")
+    client_secret: SecretStr | None = Field(default=None, validation_alias="AZURE_CLIENT_SECRET")
+    authority_host: str | None = Field(default=None, validation_alias="AZURE_AUTHORITY_HOST")
+    credentials_secret_arn: str | None = Field(
+        default=None, validation_alias="BILLING_AZURE_CREDENTIALS_SECRET_ARN"
+    )
+    timeout_seconds: float = Field(default=15.0, gt=0, validation_alias="BILLING_AZURE_TIMEOUT_SECONDS")
+
+
+class ClientCredentials(BaseModel):
+    """The Entra app's client credentials, as in a Secrets Manager secret (either spelling of the keys)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: str = Field(validation_alias=AliasChoices("tenant_id", "AZURE_TENANT_ID"))
+    client_id: str = Field(validation_alias=AliasChoices("client_id", "AZURE_CLIENT_ID"))
+    client_secret: SecretStr = Field(validation_alias=AliasChoices("client_secret", "AZURE_CLIENT_SECRET"))
+
+
+class TokenSource(Protocol):
+    async def get(self, *, refresh: bool) -> str:
+        """A bearer token; ``refresh`` asks for a new one (the last was refused)."""
+        ...
+
+
+class TokenUnavailableError(Exception):
+    """No access token could be had; nothing was sent."""
+
+
+class FixedToken:
+    """A fixed bearer token (BILLING_AZURE_ACCESS_TOKEN, for the local emulators); refreshing is a no-op."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def get(self, *, refresh: bool) -> str:
+        return self._token
+
+
+class EntraTokens:
+    """Tokens from an azure-identity async credential, which refreshes them before they expire.
+
+    A refused token is replaced by building a new credential: azure-identity would otherwise hand back its
+    cached token until that expires.
+    """
+
+    def __init__(self, factory: Callable[[], AsyncTokenCredential]) -> None:
+        self._factory = factory
+        self._credential = factory()
+        self._lock = asyncio.Lock()
+
+    async def get(self, *, refresh: bool) -> str:
+        from azure.core.exceptions import AzureError
+
+        async with self._lock:
+            if refresh:
+                stale, self._credential = self._credential, self._factory()
+                await stale.close()
+            try:
+                return (await self._credential.get_token(SCOPE)).token
+            except (AzureError, OSError, TimeoutError) as exc:
+                raise TokenUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._credential.close()
+
+
+def client_secret_credential(
+    credentials: ClientCredentials, authority: str | None, **options: Any
+) -> AsyncTokenCredential:
+    """azure-identity's ClientSecretCredential (async), imported only when an Azure customer is billed."""
+    from azure.identity.aio import ClientSecretCredential
+
+    if authority:
+        options["authority"] = authority
+    return ClientSecretCredential(
+        credentials.tenant_id, credentials.client_id, credentials.client_secret.get_secret_value(), **options
+    )
+
+
+class _NotSentError(Exception):
+    """The request certainly did not reach the metering API."""
+
+
+class _MaybeSentError(Exception):
+    """The request may have reached the metering API; its answer is unknown."""
+
+
+class _RetryError(Exception):
+    """Some answers were transient: try those again."""
+
+
+class _AcceptedMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    usageEventId: str | None = None
+    quantity: float | None = None
+
+
+class _AdditionalInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    acceptedMessage: _AcceptedMessage | None = None
+
+
+class _Conflict(BaseModel):
+    """UsageEventConflictResponse: the batch item's ``error`` and the single-event API's 409 body."""
+
+    model_config = ConfigDict(extra="ignore")
+    additionalInfo: _AdditionalInfo | None = None
+    message: str = ""
+    code: str = ""
+
+
+class _BatchItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    usageEventId: str | None = None
+    status: str = ""
+    dimension: str | None = None
+    error: _Conflict | None = None
+
+
+class _BatchResponse(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    result: list[_BatchItem] = Field(default_factory=list)
+
+
+class _BadRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    code: str = ""
+    message: str = ""
+
+
+class AzureMeteringClient:
+    """One batchUsageEvent call per 25 events, each item's status handled on its own."""
+
+    marketplace = Marketplace.AZURE
+    rules = RULES
+
+    def __init__(
+        self, session: aiohttp.ClientSession, tokens: TokenSource, *, endpoint: str, attempts: int
+    ) -> None:
+        self._session = session
+        self._tokens = tokens
+        self._url = f"{endpoint.rstrip('/')}/api/batchUsageEvent?api-version={API_VERSION}"
+        self._attempts = attempts
+
+    async def submit(
+        self, customer: Customer, period: Period, entries: Sequence[LedgerEntry]
+    ) -> list[SubmitResult]:
+        if not customer.azure_plan_id or not (customer.azure_resource_id or customer.azure_resource_uri):
+            raise PermanentError(f"customer {customer.id} has no Azure plan id and resource id or URI")
+        answered = {
+            e.dimension: SubmitResult(
+                e.dimension, LedgerState.SKIPPED, reason="zero quantity: Azure wants no event"
+            )
+            for e in entries
+            if e.quantity <= 0
+        }
+        sending = [e for e in entries if e.quantity > 0]
+        for start in range(0, len(sending), RULES.batch_limit):
+            chunk = {
+                e.dimension: _event(customer, period, e) for e in sending[start : start + RULES.batch_limit]
+            }
+            answered.update(await self._submit_chunk(chunk))
+        if sending and all(answered[e.dimension].reason == _EXPIRED for e in sending):
+            raise WindowExpiredError(f"Azure: every event of {period} is Expired (older than 24 hours)")
+        return [answered[e.dimension] for e in entries]
+
+    async def _submit_chunk(self, events: Mapping[str, dict[str, Any]]) -> dict[str, SubmitResult]:
+        pending = dict(events)
+        answered: dict[str, SubmitResult] = {}
+        try:
+            async for attempt in stamina.retry_context(
+                on=_RetryError, attempts=self._attempts, wait_initial=0.05, wait_max=2.0
+            ):
+                with attempt:
+                    for dimension, result in (await self._submit_once(pending)).items():
+                        answered[dimension] = _sticky(answered.get(dimension), result)
+                        if not result.retryable or result.reason == _EXPIRED:
+                            pending.pop(dimension)
+                    if pending:
+                        raise _RetryError
+        except _RetryError:
+            pass
+        return answered
+
+    async def _submit_once(self, events: Mapping[str, dict[str, Any]]) -> dict[str, SubmitResult]:
+        def every(state: LedgerState, reason: str) -> dict[str, SubmitResult]:
+            return {d: SubmitResult(d, state, reason=reason) for d in events}
+
+        try:
+            status, body = await self._post({"request": list(events.values())})
+        except _NotSentError as exc:
+            return every(LedgerState.FAILED, str(exc))
+        except _MaybeSentError as exc:
+            return every(LedgerState.SUBMITTED, str(exc))
+        if status == 200:
+            try:
+                items = _BatchResponse.model_validate(body).result
+            except ValidationError:
+                return every(LedgerState.SUBMITTED, "batchUsageEvent: unreadable answer")
+            by_dimension = {i.dimension: i for i in items if i.dimension is not None}
+            if len(by_dimension) < len(items) and len(items) == len(events):  # items without a dimension
+                by_dimension = dict(zip(events, items, strict=True))
+            return {
+                d: _item_result(d, by_dimension[d]) if d in by_dimension
+                else SubmitResult(d, LedgerState.SUBMITTED, reason="no result for this event in the answer")
+                for d in events
+            }  # fmt: skip
+        reason = f"batchUsageEvent: {_http_reason(status, body)}"
+        if status in (401, 403):
+            return every(LedgerState.FAILED, reason)  # still refused after a fresh token: nothing was taken
+        if status in (429, 503):
+            return every(LedgerState.FAILED, reason)  # throttled or unavailable: not processed
+        if status >= 500:
+            return every(LedgerState.SUBMITTED, reason)  # it may have been recorded
+        return every(LedgerState.REJECTED, reason)
+
+    async def _post(self, body: Mapping[str, Any]) -> tuple[int, Any]:
+        """POST ``body`` with a bearer token; on 401/403 the token is refreshed once and the call repeated."""
+        refresh = False
+        while True:
+            try:
+                token = await self._tokens.get(refresh=refresh)
+            except TokenUnavailableError as exc:
+                raise _NotSentError(f"no access token: {exc}") from exc
+            try:
+                async with self._session.post(
+                    self._url, json=body, headers={"Authorization": f"Bearer {token}"}
+                ) as response:
+                    raw = await response.read()
+                    status = response.status
+            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+                raise _NotSentError(f"{type(exc).__name__}: {exc}") from exc
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _MaybeSentError(f"{type(exc).__name__} after sending") from exc
+            if status in (401, 403) and not refresh:
+                refresh = True
+                continue
+            return status, _json(raw)
+
+
+def _event(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:
+    # effectiveStartTime is the hour's start, so a resubmission is the same (resource, dimension, hour)
+    event: dict[str, Any] = {
+        "quantity": entry.quantity,
+        "dimension": entry.dimension,
+        "effectiveStartTime": period.start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "planId": customer.azure_plan_id,
+    }
+    if customer.azure_resource_id:
+        event["resourceId"] = customer.azure_resource_id
+    else:
+        event["resourceUri"] = customer.azure_resource_uri
+    return event
+
+
+def _item_result(dimension: str, item: _BatchItem) -> SubmitResult:
+    status = item.status
+    message = item.error.message if item.error else ""
+    if status == "Accepted":
+        return SubmitResult(dimension, LedgerState.ACCEPTED, record_id=item.usageEventId)
+    if status == "Duplicate":
+        return _conflict_result(dimension, item.error)
+    if status == "Expired":
+        # Not taken. Once every event of the hour says so the hour is settled as expired; alone (the window
+        # closing between two calls) it is retried until the biller's own clock sees the window closed.
+        return SubmitResult(dimension, LedgerState.FAILED, reason=_EXPIRED)
+    if status in _PERMANENT_STATUSES:
+        return SubmitResult(dimension, LedgerState.REJECTED, reason=f"{status}: {message}".rstrip(": "))
+    if status == "Error":
+        return SubmitResult(dimension, LedgerState.FAILED, reason=f"Error: {message}".rstrip(": "))
+    return SubmitResult(dimension, LedgerState.SUBMITTED, reason=f"unknown status {status!r}")
+
+
+def _conflict_result(dimension: str, conflict: _Conflict | None) -> SubmitResult:
+    """Azure already holds an event for this hour: billed, under the original event's id."""
+    accepted = conflict.additionalInfo.acceptedMessage if conflict and conflict.additionalInfo else None
+    if accepted is None or not accepted.usageEventId:
+        return SubmitResult(
+            dimension, LedgerState.DUPLICATE, reason="Duplicate: Azure did not name the original usageEventId"
+        )
+    return SubmitResult(
+        dimension,
+        LedgerState.DUPLICATE,
+        record_id=accepted.usageEventId,
+        reason=f"Duplicate: Azure already holds quantity {accepted.quantity:g} for this hour"
+        if accepted.quantity is not None
+        else "Duplicate",
+    )
+
+
+def conflict_result(dimension: str, body: Any) -> SubmitResult:
+    """The single-event API's HTTP 409 Conflict body (UsageEventConflictResponse), read like ``Duplicate``."""
+    try:
+        conflict = _Conflict.model_validate(body)
+    except ValidationError:
+        conflict = None
+    return _conflict_result(dimension, conflict)
+
+
+def _sticky(previous: SubmitResult | None, latest: SubmitResult) -> SubmitResult:
+    """A record that may have reached the marketplace stays SUBMITTED until an answer says otherwise."""
+    if (
+        previous is not None
+        and previous.state is LedgerState.SUBMITTED
+        and latest.state is LedgerState.FAILED
+    ):
+        return SubmitResult(
+            latest.dimension, LedgerState.SUBMITTED, reason=f"{latest.reason}; earlier: {previous.reason}"
+        )
+    return latest
+
+
+def _http_reason(status: int, body: Any) -> str:
+    try:
+        error = _BadRequest.model_validate(body)
+    except ValidationError:
+        return f"HTTP {status}"
+    return f"HTTP {status} {error.code}: {error.message}".rstrip(": ")
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+
+
+async def create(
+    stack: contextlib.AsyncExitStack, secret: Callable[[str], str], attempts: int
+) -> AzureMeteringClient:
+    """Build the adapter from the environment; its HTTP session and credential close with ``stack``."""
+    settings = AzureSettings()
+    tokens: TokenSource
+    if settings.access_token is not None:
+        tokens = FixedToken(settings.access_token.get_secret_value())
+    else:
+        credentials = await _client_credentials(settings, secret)
+        entra = EntraTokens(lambda: client_secret_credential(credentials, settings.authority_host))
+        stack.push_async_callback(entra.close)
+        tokens = entra
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(
+            total=settings.timeout_seconds, sock_connect=min(5.0, settings.timeout_seconds)
+        )
+    )
+    stack.push_async_callback(session.close)
+    return AzureMeteringClient(session, tokens, endpoint=settings.metering_url, attempts=attempts)
+
+
+async def _client_credentials(settings: AzureSettings, secret: Callable[[str], str]) -> ClientCredentials:
+    if settings.tenant_id and settings.client_id and settings.client_secret:
+        return ClientCredentials(
+            tenant_id=settings.tenant_id, client_id=settings.client_id, client_secret=settings.client_secret
+        )
+    if not settings.credentials_secret_arn:
+        raise ConfigurationError(
+            "set AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET, BILLING_AZURE_CREDENTIALS_SECRET_ARN "
+            "or BILLING_AZURE_ACCESS_TOKEN"
+        )
+    raw = await asyncio.to_thread(secret, settings.credentials_secret_arn)
+    try:
+        return ClientCredentials.model_validate_json(raw)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
+        raise ConfigurationError(f"the Azure credentials secret lacks or misstates: {fields}") from None

@@ -1,0 +1,539 @@
+"""Google Cloud Marketplace through Service Control v1 (REST): ``services.check``, then ``services.report``.
+
+The request and response shapes are Google's discovery document ``servicecontrol:v1`` (revision 20261015,
+copied in tests/fixtures/specs). The rules it leaves out come from Google's documentation:
+
+- Report flow (cloud.google.com/marketplace/docs/partners/integrated-saas/configure-usage-reports): "you must
+  first make a services.check API call ... if the checkErrors[] object is empty, make a services.report API
+  call"; ``consumerId`` "is the same as the usageReportingId from the entitlement" (sent verbatim, never
+  rewritten to ``project:<id>``); use "the same operationId for your check and report operations"; the
+  example operation is named "Hourly Usage Report" and runs ``startTime``..``endTime`` over the hour; the
+  startTime of a report "should have the same value as the endTime of the previous report Operation", so
+  every hour is reported, zero included (``sends_zero``). Its example names the metric
+  ``<product>/<metric>``; Google's own reporting agent (GoogleCloudPlatform/ubbagent,
+  endpoint/servicecontrol/servicecontrol.go) and its SaaS codelab use ``<serviceName>/<metric>``, as here.
+- Labels (…/integrated-saas/best-practices-labeling): the reserved userLabels
+  ``cloudmarketplace.googleapis.com/resource_name`` and ``…/container_name`` reach the customer's Cloud
+  Billing cost reports; values follow the resource-label syntax (lowercase letters, digits, ``_``, ``-``,
+  at most 63 characters). We bill per customer account, which is the container; there is no finer resource.
+- Lateness (…/integrated-saas/best-practices-reporting): "Service providers must report usage within one
+  hour of the usage being generated"; usage after a cancellation is reported "with a timestamp that
+  reflects the actual time ... before the entitlement was canceled". Service Control documents no rejection
+  of a late report, so nothing here raises WindowExpiredError: the window is the biller's rule (RULES).
+- services.check (method description): "the client should cache the check results and reuse them for 60
+  seconds. In case of any server errors, the client should rely on the cached results for much longer time".
+- ReportResponse.reportErrors: one item per Operation "that failed processing"; the rest succeeded. "A
+  failed RPC status indicates a general non-deterministic failure ... impossible to know which of the
+  'Operations' in the request succeeded or failed": so HTTP 429/5xx on report is SUBMITTED, not FAILED.
+- Operation.operationId: "In scenarios where an operation is computed from existing information and an
+  idempotent id is desirable for deduplication purpose, UUID version 5 is recommended." Google documents no
+  distinct answer for a deduplicated operation: a resubmission is answered like the first report (no
+  reportError), so it is ACCEPTED with the same record id, the operationId. An ALREADY_EXISTS reportError,
+  should Google ever send one, means it holds the operation: DUPLICATE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiohttp
+import stamina
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from billing.domain.errors import ConfigurationError, PermanentError
+from billing.domain.model import HOUR, LedgerState, Marketplace, SubmitResult
+from billing.ports import MarketplaceRules
+
+if TYPE_CHECKING:
+    import contextlib
+    from collections.abc import Callable, Mapping, Sequence
+
+    from billing.domain.model import Customer, LedgerEntry, Period
+
+SCOPE = "https://www.googleapis.com/auth/servicecontrol"
+OPERATION_NAME = "Hourly Usage Report"
+# Fixed for ever: a new namespace would give every hour new operationIds and defeat Google's deduplication.
+OPERATION_NAMESPACE = uuid.UUID("6f4f1d8e-3c2a-5b7e-9a41-0d2c8e6b7a53")
+REPORT_WITHIN = timedelta(hours=1)  # Google: "within one hour of the usage being generated"
+CHECK_FRESH = 60.0  # seconds: Google's "reuse them for 60 seconds"
+CHECK_STALE = 3600.0  # seconds a verdict still stands in for a check that met server errors
+CONTAINER_NAME_LABEL = "cloudmarketplace.googleapis.com/container_name"
+
+RULES = MarketplaceRules(
+    # No documented count limit: "the ReportRequest size should be no larger than 1MB". 100 operations of
+    # about 600 bytes stay far below it.
+    batch_limit=100,
+    # The biller measures the window from the hour's start; an hour's usage is generated until its end and
+    # is due within one hour of that.
+    window=HOUR + REPORT_WITHIN,
+    sends_zero=True,
+    idempotency_key="operationId: UUIDv5 of customer, dimension and hour; Service Control deduplicates it",
+)
+
+# google.rpc.Code values of a per-operation reportError that say "not processed this time, retry":
+# CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNAVAILABLE
+_TRANSIENT_CODES = frozenset({1, 2, 4, 8, 10, 13, 14})
+_ALREADY_EXISTS = 6
+_RPC_NAMES = {
+    0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+    6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
+    10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+    15: "DATA_LOSS", 16: "UNAUTHENTICATED",
+}  # fmt: skip
+# CheckError codes that report a Google backend outage, not a verdict on the consumer
+_CHECK_UNAVAILABLE = frozenset(
+    {
+        "NAMESPACE_LOOKUP_UNAVAILABLE",
+        "SERVICE_STATUS_UNAVAILABLE",
+        "BILLING_STATUS_UNAVAILABLE",
+        "QUOTA_CHECK_UNAVAILABLE",
+        "LOAS_PROJECT_LOOKUP_UNAVAILABLE",
+        "CLOUD_RESOURCE_MANAGER_BACKEND_UNAVAILABLE",
+        "SECURITY_POLICY_BACKEND_UNAVAILABLE",
+        "LOCATION_POLICY_BACKEND_UNAVAILABLE",
+        "LOAD_SHEDDING",
+        "RESOURCE_EXHAUSTED",
+        "INJECTED_ERROR",
+    }
+)
+_LABEL_VALUE = re.compile(r"[^a-z0-9_-]")
+
+
+class GcpSettings(BaseSettings):
+    """Where Service Control is and how to authenticate to it; read once per environment."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    service_control_url: str = Field(
+        default="https://servicecontrol.googleapis.com", validation_alias="BILLING_GCP_SERVICE_CONTROL_URL"
+    )
+    # local emulators only: a fixed bearer token, no token acquisition
+    access_token: SecretStr | None = Field(default=None, validation_alias="BILLING_GCP_ACCESS_TOKEN")
+    credentials_file: Path | None = Field(default=None, validation_alias="GOOGLE_APPLICATION_CREDENTIALS")
+    credentials_secret_arn: str | None = Field(
+        default=None, validation_alias="BILLING_GCP_CREDENTIALS_SECRET_ARN"
+    )
+    timeout_seconds: float = Field(default=15.0, gt=0, validation_alias="BILLING_GCP_TIMEOUT_SECONDS")
+
+
+def operation_id(customer_id: str, dimension: str, period: Period) -> str:
+    """The operationId of one (customer, dimension, hour): a UUIDv5, the same on every resubmission."""
+    return str(uuid.uuid5(OPERATION_NAMESPACE, json.dumps([customer_id, dimension, period.isoformat()])))
+
+
+def label_value(text: str) -> str:
+    """``text`` in Google's label-value syntax: lowercase letters, digits, ``_`` and ``-``, at most 63."""
+    return _LABEL_VALUE.sub("_", text.lower())[:63]
+
+
+class TokenSource(Protocol):
+    async def get(self, *, refresh: bool) -> str:
+        """A bearer token; ``refresh`` asks for a new one (the last was refused)."""
+        ...
+
+
+class TokenUnavailableError(Exception):
+    """No access token could be had; nothing was sent."""
+
+
+class FixedToken:
+    """A fixed bearer token (BILLING_GCP_ACCESS_TOKEN, for the local emulators); refreshing is a no-op."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def get(self, *, refresh: bool) -> str:
+        return self._token
+
+
+class ServiceAccountTokens:
+    """OAuth2 tokens from google-auth service-account credentials, refreshed before they expire.
+
+    google-auth signs the JWT bearer grant and posts it to the key file's ``token_uri``. Its public transport
+    is synchronous (requests), so the refresh, about once an hour, runs in a worker thread.
+    """
+
+    REFRESH_MARGIN = timedelta(minutes=5)
+
+    def __init__(self, info: Mapping[str, Any], timeout: float) -> None:
+        from google.auth.transport.requests import Request
+        from google.oauth2 import service_account
+
+        try:
+            self._credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+                dict(info), scopes=[SCOPE]
+            )
+        except (ValueError, KeyError) as exc:
+            raise ConfigurationError(f"invalid GCP service-account key: {exc}") from None
+        self._request = Request()
+        self._timeout = timeout
+        self._lock = asyncio.Lock()
+
+    def close(self) -> None:
+        self._request.session.close()
+
+    def _stale(self) -> bool:
+        expiry: datetime | None = self._credentials.expiry
+        if self._credentials.token is None or expiry is None:
+            return True
+        # google-auth keeps expiry as a naive UTC datetime
+        return expiry - datetime.now(UTC).replace(tzinfo=None) <= self.REFRESH_MARGIN
+
+    async def get(self, *, refresh: bool) -> str:
+        from google.auth.exceptions import GoogleAuthError
+
+        async with self._lock:
+            if refresh or self._stale():
+                request = functools.partial(self._request, timeout=self._timeout)
+                try:
+                    await asyncio.wait_for(
+                        asyncio.to_thread(self._credentials.refresh, request), timeout=self._timeout * 2
+                    )
+                except (GoogleAuthError, OSError, TimeoutError) as exc:
+                    raise TokenUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+            token: str = self._credentials.token
+            return token
+
+
+class _NotSentError(Exception):
+    """The request certainly did not reach Service Control."""
+
+
+class _MaybeSentError(Exception):
+    """The request may have reached Service Control; its answer is unknown."""
+
+
+class _RetryError(Exception):
+    """Some answers were transient: try those again."""
+
+
+class _RpcStatus(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    code: int = 0
+    message: str = ""
+
+
+class _ReportError(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    operationId: str = ""
+    status: _RpcStatus = Field(default_factory=_RpcStatus)
+
+
+class _ReportResponse(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    reportErrors: list[_ReportError] = Field(default_factory=list)
+
+
+class _CheckError(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    code: str = "ERROR_CODE_UNSPECIFIED"
+    detail: str = ""
+
+
+class _CheckResponse(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    checkErrors: list[_CheckError] = Field(default_factory=list)
+
+
+class _GoogleError(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    code: int = 0
+    message: str = ""
+    status: str = ""
+
+
+class _GoogleErrorBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    error: _GoogleError = Field(default_factory=_GoogleError)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    errors: tuple[str, ...]  # "CODE: detail" of each CheckError; empty means report
+    at: float
+
+
+class GcpServiceControlClient:
+    """services.check once per consumer (cached), then one services.report per 100 operations."""
+
+    marketplace = Marketplace.GCP
+    rules = RULES
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        tokens: TokenSource,
+        *,
+        endpoint: str,
+        attempts: int,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._tokens = tokens
+        self._endpoint = endpoint.rstrip("/")
+        self._attempts = attempts
+        self._monotonic = monotonic
+        self._verdicts: dict[tuple[str, str], _Verdict] = {}
+
+    async def submit(
+        self, customer: Customer, period: Period, entries: Sequence[LedgerEntry]
+    ) -> list[SubmitResult]:
+        if not customer.gcp_service_name or not customer.gcp_usage_reporting_id:
+            raise PermanentError(f"customer {customer.id} has no GCP service name or usageReportingId")
+        if not entries:
+            return []
+        service = customer.gcp_service_name
+        operations = {e.dimension: _operation(customer, period, e) for e in entries}
+        if not _ends_within(customer, period):
+            # The final hour of a cancelled entitlement: Google's check now refuses the consumer, yet usage up
+            # to the cancellation is still to be reported (best-practices-reporting).
+            check_errors: tuple[str, ...] = ()
+        else:
+            verdict = await self._check(
+                service, customer.gcp_usage_reporting_id, next(iter(operations.values()))
+            )
+            if isinstance(verdict, str):
+                return [SubmitResult(e.dimension, LedgerState.FAILED, reason=verdict) for e in entries]
+            check_errors = verdict.errors
+        if check_errors:
+            reason = "services.check: " + "; ".join(check_errors)
+            return [SubmitResult(e.dimension, LedgerState.REJECTED, reason=reason) for e in entries]
+        answered: dict[str, SubmitResult] = {}
+        dimensions = list(operations)
+        for start in range(0, len(dimensions), RULES.batch_limit):
+            chunk = {d: operations[d] for d in dimensions[start : start + RULES.batch_limit]}
+            answered.update(await self._report(service, chunk))
+        return [answered[e.dimension] for e in entries]
+
+    async def _check(self, service: str, consumer: str, operation: Mapping[str, Any]) -> _Verdict | str:
+        """The cached or fresh verdict on the consumer, or the reason no verdict could be had."""
+        key = (service, consumer)
+        cached = self._verdicts.get(key)
+        if cached is not None and self._monotonic() - cached.at < CHECK_FRESH:
+            return cached
+        url = f"{self._endpoint}/v1/services/{service}:check"
+        failure = "services.check gave no answer"
+        try:
+            async for attempt in stamina.retry_context(
+                on=_RetryError, attempts=self._attempts, wait_initial=0.05, wait_max=2.0
+            ):
+                with attempt:
+                    try:
+                        status, body = await self._post(url, {"operation": operation})
+                    except (_NotSentError, _MaybeSentError) as exc:
+                        failure = f"services.check: {exc}"
+                        raise _RetryError from exc
+                    if status == 200:
+                        try:
+                            errors = _CheckResponse.model_validate(body).checkErrors
+                        except ValidationError:
+                            failure = "services.check: unreadable answer"
+                            raise _RetryError from None
+                        outage = [e for e in errors if e.code in _CHECK_UNAVAILABLE]
+                        if outage:
+                            failure = "services.check: " + "; ".join(f"{e.code}: {e.detail}" for e in outage)
+                            raise _RetryError
+                        verdict = _Verdict(tuple(f"{e.code}: {e.detail}" for e in errors), self._monotonic())
+                        self._verdicts[key] = verdict
+                        return verdict
+                    failure = f"services.check: {_http_reason(status, body)}"
+                    if status == 429 or status >= 500:
+                        raise _RetryError
+                    if status in (400, 404):
+                        # the request itself is wrong (unknown service, bad consumer id): a verdict
+                        verdict = _Verdict((_http_reason(status, body),), self._monotonic())
+                        self._verdicts[key] = verdict
+                        return verdict
+                    return failure  # 401/403 after a refresh: our credentials, not the customer
+        except _RetryError:
+            pass
+        if cached is not None and self._monotonic() - cached.at < CHECK_STALE:
+            return cached
+        return failure
+
+    async def _report(
+        self, service: str, operations: Mapping[str, dict[str, Any]]
+    ) -> dict[str, SubmitResult]:
+        url = f"{self._endpoint}/v1/services/{service}:report"
+        pending = dict(operations)
+        answered: dict[str, SubmitResult] = {}
+        try:
+            async for attempt in stamina.retry_context(
+                on=_RetryError, attempts=self._attempts, wait_initial=0.05, wait_max=2.0
+            ):
+                with attempt:
+                    for dimension, result in (await self._report_once(url, pending)).items():
+                        answered[dimension] = _sticky(answered.get(dimension), result)
+                        if not result.retryable:
+                            pending.pop(dimension)
+                    if pending:
+                        raise _RetryError
+        except _RetryError:
+            pass
+        return answered
+
+    async def _report_once(
+        self, url: str, operations: Mapping[str, dict[str, Any]]
+    ) -> dict[str, SubmitResult]:
+        def every(state: LedgerState, reason: str) -> dict[str, SubmitResult]:
+            return {d: SubmitResult(d, state, reason=reason) for d in operations}
+
+        try:
+            status, body = await self._post(url, {"operations": list(operations.values())})
+        except _NotSentError as exc:
+            return every(LedgerState.FAILED, str(exc))
+        except _MaybeSentError as exc:
+            return every(LedgerState.SUBMITTED, str(exc))
+        if status == 200:
+            try:
+                errors = _ReportResponse.model_validate(body).reportErrors
+            except ValidationError:
+                return every(LedgerState.SUBMITTED, "services.report: unreadable answer")
+            by_id = {e.operationId: e for e in errors}
+            return {
+                d: _report_result(d, op["operationId"], by_id.get(op["operationId"]))
+                for d, op in operations.items()
+            }
+        reason = f"services.report: {_http_reason(status, body)}"
+        if status in (401, 403):
+            return every(LedgerState.FAILED, reason)  # our credentials were refused: nothing was processed
+        if status == 429 or status >= 500:
+            return every(LedgerState.SUBMITTED, reason)  # Google: a failed RPC is non-deterministic
+        return every(LedgerState.REJECTED, reason)
+
+    async def _post(self, url: str, body: Mapping[str, Any]) -> tuple[int, Any]:
+        """POST ``body`` with a bearer token; on 401 the token is refreshed once and the call repeated."""
+        refresh = False
+        while True:
+            try:
+                token = await self._tokens.get(refresh=refresh)
+            except TokenUnavailableError as exc:
+                raise _NotSentError(f"no access token: {exc}") from exc
+            try:
+                async with self._session.post(
+                    url, json=body, headers={"Authorization": f"Bearer {token}"}
+                ) as response:
+                    raw = await response.read()
+                    status = response.status
+            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+                raise _NotSentError(f"{type(exc).__name__}: {exc}") from exc
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _MaybeSentError(f"{type(exc).__name__} after sending") from exc
+            if status == 401 and not refresh:
+                refresh = True
+                continue
+            return status, _json(raw)
+
+
+def _operation(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:
+    service = customer.gcp_service_name
+    end = period.end
+    if customer.active_until is not None and period.start < customer.active_until < end:
+        end = customer.active_until  # Google: the timestamp must be before the entitlement was cancelled
+    return {
+        "operationId": operation_id(customer.id, entry.dimension, period),
+        "operationName": OPERATION_NAME,
+        "consumerId": customer.gcp_usage_reporting_id,
+        "startTime": _rfc3339(period.start),
+        "endTime": _rfc3339(end),
+        "metricValueSets": [
+            {
+                "metricName": f"{service}/{entry.dimension}",
+                "metricValues": [{"int64Value": str(entry.quantity)}],
+            }
+        ],
+        "userLabels": {CONTAINER_NAME_LABEL: label_value(customer.id)},
+    }
+
+
+def _ends_within(customer: Customer, period: Period) -> bool:
+    """Whether the customer's entitlement runs to the end of the hour (so services.check still applies)."""
+    return customer.active_until is None or customer.active_until >= period.end
+
+
+def _report_result(dimension: str, op_id: str, error: _ReportError | None) -> SubmitResult:
+    if error is None:
+        return SubmitResult(dimension, LedgerState.ACCEPTED, record_id=op_id)
+    code = error.status.code
+    reason = f"{_RPC_NAMES.get(code, str(code))}: {error.status.message}"
+    if code == _ALREADY_EXISTS:
+        return SubmitResult(dimension, LedgerState.DUPLICATE, record_id=op_id, reason=reason)
+    if code in _TRANSIENT_CODES:
+        return SubmitResult(dimension, LedgerState.FAILED, reason=reason)
+    return SubmitResult(dimension, LedgerState.REJECTED, reason=reason)
+
+
+def _sticky(previous: SubmitResult | None, latest: SubmitResult) -> SubmitResult:
+    """A record that may have reached the marketplace stays SUBMITTED until an answer says otherwise."""
+    if (
+        previous is not None
+        and previous.state is LedgerState.SUBMITTED
+        and latest.state is LedgerState.FAILED
+    ):
+        return SubmitResult(
+            latest.dimension, LedgerState.SUBMITTED, reason=f"{latest.reason}; earlier: {previous.reason}"
+        )
+    return latest
+
+
+def _http_reason(status: int, body: Any) -> str:
+    try:
+        error = _GoogleErrorBody.model_validate(body).error
+    except ValidationError:
+        return f"HTTP {status}"
+    return f"HTTP {status} {error.status}: {error.message}".rstrip(": ")
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def create(
+    stack: contextlib.AsyncExitStack, secret: Callable[[str], str], attempts: int
+) -> GcpServiceControlClient:
+    """Build the adapter from the environment; its HTTP session and credentials close with ``stack``."""
+    settings = GcpSettings()
+    tokens: TokenSource
+    if settings.access_token is not None:
+        tokens = FixedToken(settings.access_token.get_secret_value())
+    else:
+        if settings.credentials_file is not None:
+            raw = await asyncio.to_thread(settings.credentials_file.read_text)
+        elif settings.credentials_secret_arn:
+            raw = await asyncio.to_thread(secret, settings.credentials_secret_arn)
+        else:
+            raise ConfigurationError(
+                "set GOOGLE_APPLICATION_CREDENTIALS, BILLING_GCP_CREDENTIALS_SECRET_ARN "
+                "or BILLING_GCP_ACCESS_TOKEN"
+            )
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            raise ConfigurationError("the GCP service-account key is not JSON") from None
+        account = ServiceAccountTokens(info, timeout=settings.timeout_seconds)
+        stack.callback(account.close)
+        tokens = account
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(
+            total=settings.timeout_seconds, sock_connect=min(5.0, settings.timeout_seconds)
+        )
+    )
+    stack.push_async_callback(session.close)
+    return GcpServiceControlClient(session, tokens, endpoint=settings.service_control_url, attempts=attempts)

@@ -26,6 +26,21 @@ from billing_local.stack import QueueSettings, aws_env, create_queues, embedded_
 
 TEMPLATE_DB = "billing_template"
 
+# The APM agent is configured when the first handler module is imported (capture_serverless builds
+# the one Client of the process), so its test configuration is set before any test runs: events are
+# captured in memory (billing_local.apm_capture), no server, no background threads, and every query
+# and marketplace call keeps its own span.
+for _key, _value in {
+    "ELASTIC_APM_SERVICE_NAME": "billing",
+    "ELASTIC_APM_TRANSPORT_CLASS": "billing_local.apm_capture.CaptureTransport",
+    "ELASTIC_APM_SPAN_COMPRESSION_ENABLED": "false",
+    "ELASTIC_APM_CENTRAL_CONFIG": "false",
+    "ELASTIC_APM_CLOUD_PROVIDER": "none",
+    "ELASTIC_APM_METRICS_INTERVAL": "0ms",
+    "ELASTIC_APM_ENVIRONMENT": "test",
+}.items():
+    os.environ.setdefault(_key, _value)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_retry_waits() -> None:
@@ -126,6 +141,15 @@ def metering() -> Iterator[tuple[MeteringState, str]]:
         yield state, server.url
 
 
+LAMBDA_ENVIRONMENT = {
+    # what the Lambda runtime sets in every execution environment (the APM agent reads some of it)
+    "AWS_EXECUTION_ENV": "AWS_Lambda_python3.13",
+    "AWS_LAMBDA_FUNCTION_NAME": "billing-biller",
+    "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+    "AWS_LAMBDA_LOG_STREAM_NAME": "2026/11/26/[$LATEST]0123456789abcdef",
+}
+
+
 @dataclass
 class Stack:
     database_url: str
@@ -152,6 +176,7 @@ def stack(
         "BILLING_QUEUE_URL": queues.url,
         "BILLING_USAGE_SOURCE": "postgres",
         "POWERTOOLS_SERVICE_NAME": "billing-tests",
+        **LAMBDA_ENVIRONMENT,
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -1,4 +1,4 @@
-"""Biller Lambda: one SQS record (BatchSize 1) is one customer-hour billed."""
+"""Biller Lambda: one SQS record (BatchSize 1) is one customer-hour billed, one APM transaction."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.batch import EventType
 from aws_lambda_powertools.utilities.batch.decorators import async_process_partial_response
+from elasticapm import capture_serverless
 
 from billing.bootstrap import Runtime
 from billing.config import load_settings
@@ -24,10 +25,13 @@ processor = LoopBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_f
 
 
 async def record_handler(record: SQSRecord) -> dict[str, Any]:
-    outcome = await bill_body(runtime, record.body, record.message_id)
+    sent = record.attributes.sent_timestamp
+    outcome = await bill_body(runtime, record.body, record.message_id, int(sent) if sent else None)
     return {"customer_id": outcome.customer_id, "already_billed": outcome.already_billed}
 
 
+# capture_serverless is a sync wrapper: the coroutine runs on the module's loop inside the transaction
+@capture_serverless
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return dict(async_process_partial_response(event, record_handler, processor, context))

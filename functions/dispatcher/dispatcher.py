@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import elasticapm
 from aws_lambda_powertools import Logger
+from elasticapm import capture_serverless
 
 from billing.bootstrap import Runtime
 from billing.config import load_settings
@@ -17,8 +19,12 @@ logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
 
 
+@capture_serverless
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     result = LOOP.run_until_complete(runtime.dispatch(event))
+    elasticapm.label(billing_hour=result.period.isoformat(), run_id=str(result.run_id))
+    elasticapm.set_transaction_outcome("success", override=False)
+    elasticapm.set_transaction_result("dispatched", override=False)
     logger.info("dispatched", extra=result.as_dict())
     return result.as_dict()

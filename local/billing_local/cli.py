@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path  # typer reads the annotations at run time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -18,8 +19,6 @@ from billing_local.report import PeriodReport
 from billing_local.runner import RunnerStats
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from billing.domain.model import Period
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hourly marketplace usage billing.")
@@ -112,7 +111,29 @@ class HourResult:
     report: PeriodReport
 
 
-async def run_hour(event: dict[str, Any], concurrency: int, retry_delay_s: int = 1) -> HourResult:
+def local_apm_client(service_name: str = "billing") -> Any:
+    """An APM agent capturing events locally (billing_local.apm_capture), instrumented like Lambda."""
+    import elasticapm
+
+    client = elasticapm.get_client() or elasticapm.Client(
+        service_name=service_name,
+        environment="local",
+        transport_class="billing_local.apm_capture.CaptureTransport",
+        metrics_interval="0ms",
+        metrics_sets=[],
+        breakdown_metrics=False,
+        central_config=False,
+        cloud_provider="none",
+        span_compression_enabled=False,  # keep one span per query and per marketplace call
+        framework_name="local runner",
+    )
+    elasticapm.instrument()
+    return client
+
+
+async def run_hour(
+    event: dict[str, Any], concurrency: int, retry_delay_s: int = 1, apm_client: Any = None
+) -> HourResult:
     """Dispatch an hour exactly as the scheduled rule would, then drain the queue with the runner."""
     from billing.bootstrap import Runtime
     from billing.config import load_settings
@@ -125,22 +146,51 @@ async def run_hour(event: dict[str, Any], concurrency: int, retry_delay_s: int =
     settings = load_settings().model_copy(update={"db_pool_max": concurrency})
     runtime = Runtime(settings)
     try:
-        dispatched = await runtime.dispatch(event)
+        dispatched = await _dispatch(runtime, event, apm_client)
         sqs = await runtime.aws_client("sqs", max_pool_connections=concurrency + 10)
         assert settings.queue_url is not None
         with progress_bar("billing customers", total=dispatched.dispatched) as advance:
             stats = await drain(
                 sqs,
                 settings.queue_url,
-                lambda d: bill_body(runtime, d.body, d.message_id),
+                lambda d: bill_body(runtime, d.body, d.message_id, _sent(d.attributes)),
                 concurrency,
                 retry_delay_s=retry_delay_s,
                 progress=lambda s: advance(1),
+                apm_client=apm_client,
             )
+        if apm_client is not None:
+            apm_client._transport.flush()
         report = await period_report(await runtime.pool(), dispatched.period)
         return HourResult(dispatched, stats, report)
     finally:
         await runtime.close()
+
+
+def _sent(attributes: dict[str, Any]) -> int | None:
+    sent = attributes.get("SentTimestamp")
+    return int(sent) if sent else None
+
+
+async def _dispatch(runtime: Any, event: dict[str, Any], apm_client: Any) -> DispatchResult:
+    """The dispatch, inside a transaction shaped like the dispatcher Lambda's when APM is on."""
+    if apm_client is None:
+        result: DispatchResult = await runtime.dispatch(event)
+        return result
+    import elasticapm
+
+    apm_client.begin_transaction("request")
+    try:
+        result = await runtime.dispatch(event)
+        elasticapm.label(billing_hour=result.period.isoformat(), run_id=str(result.run_id))
+        elasticapm.set_transaction_outcome("success")
+        return result
+    except Exception:
+        apm_client.capture_exception(handled=False)
+        elasticapm.set_transaction_outcome("failure")
+        raise
+    finally:
+        apm_client.end_transaction("billing-dispatcher", "dispatched")
 
 
 @app.command("run")
@@ -150,14 +200,22 @@ def run_command(
         int | None, typer.Option(min=1, help="Consumers (default: the template's cap).")
     ] = None,
     report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
+    apm_events: Annotated[
+        Path | None, typer.Option(help="Capture the run's APM intake events (NDJSON).")
+    ] = None,
+    timeline: Annotated[Path | None, typer.Option(help="Render the run's APM timeline (HTML).")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show every customer's JSON log line.")] = False,
 ) -> None:
     """Dispatch an hour and drain the queue against the configured backends."""
     from billing_local.stack import QueueSettings
 
+    _quiet_by_default(verbose)
     hour = _period(period)
     cap = concurrency or QueueSettings.from_template().max_concurrency
+    apm = _start_apm(apm_events, timeline)
     began = time.perf_counter()
-    result = asyncio.run(run_hour({"period": hour.isoformat()}, cap))
+    result = asyncio.run(run_hour({"period": hour.isoformat()}, cap, apm_client=apm))
+    _finish_apm(apm_events, timeline)
     _print_summary(result, time.perf_counter() - began)
     if report:
         _write_report(report, result)
@@ -178,11 +236,16 @@ def demo_command(
     seed: Annotated[int, typer.Option(help="Random seed of the synthetic data.")] = 42,
     marketplaces: Annotated[str, typer.Option(help="Comma-separated: aws,gcp,azure.")] = "aws,gcp,azure",
     report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
+    apm_events: Annotated[
+        Path | None, typer.Option(help="Capture the run's APM intake events (NDJSON).")
+    ] = None,
+    timeline: Annotated[Path | None, typer.Option(help="Render the run's APM timeline (HTML).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show every customer's JSON log line.")] = False,
 ) -> None:
     """Bill one hour for synthetic customers on an embedded local stack (no AWS, no Docker)."""
-    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    _quiet_by_default(verbose)
     chosen = _marketplaces(marketplaces)
+    apm = _start_apm(apm_events, timeline)
     now = datetime.now(UTC)
     with console.status("starting embedded PostgreSQL, moto and the marketplace emulators"):
         stack_cm = _stack_for_demo()
@@ -191,9 +254,10 @@ def demo_command(
         from billing_local.stack import environment
 
         with environment(stack.env):
-            _demo(stack, customers, seed, chosen, now, concurrency, report)
+            _demo(stack, customers, seed, chosen, now, concurrency, report, apm)
     finally:
         stack_cm.__exit__(None, None, None)
+    _finish_apm(apm_events, timeline)
 
 
 def _demo(
@@ -204,6 +268,7 @@ def _demo(
     now: datetime,
     concurrency: int | None,
     report: Path | None,
+    apm: Any = None,
 ) -> None:
     from datetime import timedelta
 
@@ -219,7 +284,7 @@ def _demo(
         f"billing {customers} customers ({', '.join(marketplaces)}) for {hour} with {cap} consumers"
     )
     began = time.perf_counter()
-    result = asyncio.run(run_hour({"time": now.isoformat()}, cap))
+    result = asyncio.run(run_hour({"time": now.isoformat()}, cap, apm_client=apm))
     _print_summary(result, time.perf_counter() - began)
     held = stack.held_records()
     again = asyncio.run(run_hour({"time": now.isoformat()}, cap))
@@ -251,6 +316,54 @@ async def _subscribe_all(stack: Any) -> None:
     stack.subscribe([r for r in rows if r["id"] not in unsubscribed], dimensions)
     for r in aws[49::50]:
         stack.metering.add_product(r["aws_product_code"], dimensions["aws"])
+
+
+def _quiet_by_default(verbose: bool) -> None:
+    """Local commands print a summary; JSON logs and EMF metrics only when asked for."""
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "false" if verbose else "true")
+
+
+def _start_apm(apm_events: Path | None, timeline: Path | None) -> Any:
+    """An APM agent capturing locally when either output is asked for; None otherwise."""
+    if apm_events is None and timeline is None:
+        return None
+    from billing_local.apm_capture import CAPTURE
+
+    CAPTURE.reset(apm_events)
+    return local_apm_client()
+
+
+def _finish_apm(apm_events: Path | None, timeline: Path | None) -> None:
+    if apm_events is None and timeline is None:
+        return
+    from billing_local.apm_capture import CAPTURE
+    from billing_local.timeline import render_timeline
+
+    if apm_events is not None:
+        out.print(f"APM events: {apm_events} ({len(CAPTURE.events)} lines)")
+    if timeline is not None:
+        timeline.write_text(render_timeline(CAPTURE.events, title="billing demo: one hour"))
+        out.print(f"timeline: {timeline}")
+
+
+@app.command("timeline")
+def timeline_command(
+    events: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="APM intake NDJSON.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The HTML file to write.")],
+) -> None:
+    """Render captured APM intake events (NDJSON) as a self-contained HTML timeline."""
+    from billing_local.timeline import TimelineInputError, write_timeline
+
+    try:
+        stats = write_timeline(events, output)
+    except TimelineInputError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    out.print(
+        f"{output}: {stats.transactions} transactions, {stats.spans} spans, {stats.failures} failures, "
+        f"makespan {stats.makespan_ms / 1000:.2f} s, p50 {stats.p50_ms:.1f} ms, p99 {stats.p99_ms:.1f} ms"
+    )
 
 
 def _stack_for_demo() -> Any:

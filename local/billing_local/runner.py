@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from billing.domain.model import BillOutcome
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
 
 SQS_MAX_RECEIVE = 10
@@ -52,6 +52,38 @@ class Delivery:
     message_attributes: dict[str, Any]
 
 
+@contextlib.contextmanager
+def lambda_like_transaction(client: Any, queue_name: str, delivery: Delivery) -> Iterator[None]:
+    """One APM transaction per message, shaped like capture_serverless's for a 1-record SQS event.
+
+    It begins when a consumer picks the message up (the queue wait is the message age, outside the
+    transaction) and links to the sender's span through the ``traceparent`` message attribute.
+    """
+    if client is None:
+        yield
+        return
+    import elasticapm
+    from elasticapm.utils.disttracing import TraceParent
+
+    traceparent = delivery.message_attributes.get("traceparent", {}).get("StringValue")
+    links = [TraceParent.from_string(traceparent)] if traceparent else []
+    client.begin_transaction("messaging", links=[link for link in links if link])
+    elasticapm.set_transaction_name(f"RECEIVE {queue_name}", override=False)
+    message: dict[str, Any] = {"queue": {"name": queue_name}}
+    if sent := delivery.attributes.get("SentTimestamp"):
+        message["age"] = {"ms": int(time.time() * 1000) - int(sent)}
+    elasticapm.set_context(message, "message")
+    elasticapm.set_context({"trigger": {"type": "pubsub", "request_id": delivery.message_id}}, "faas")
+    elasticapm.set_context({"origin": {"name": queue_name}}, "service")
+    try:
+        yield
+    except Exception:
+        elasticapm.set_transaction_outcome("failure", override=False)
+        raise
+    finally:
+        client.end_transaction()
+
+
 async def drain(
     sqs: Any,
     queue_url: str,
@@ -60,8 +92,10 @@ async def drain(
     retry_delay_s: int = 1,
     wait_time_s: int = 1,
     progress: Callable[[RunnerStats], None] | None = None,
+    apm_client: Any = None,
 ) -> RunnerStats:
     """Consume until the queue is empty and nothing is in flight (failed messages included)."""
+    queue_name = queue_url.rstrip("/").rsplit("/", 1)[-1]
     stats = RunnerStats(started=time.perf_counter())
     slots = asyncio.Semaphore(concurrency)  # free consumers
     held = 0  # messages received and not yet finished
@@ -118,7 +152,8 @@ async def drain(
         while (delivery := await inbox.get()) is not None:
             began = time.perf_counter()
             try:
-                outcome = await handle(delivery)
+                with lambda_like_transaction(apm_client, queue_name, delivery):
+                    outcome = await handle(delivery)
             except Exception:  # the batch boundary: any failure leaves the message for redelivery
                 stats.failed += 1
                 await sqs.change_message_visibility(

@@ -48,6 +48,17 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
 UNFINISHED = [s.value for s in LedgerState if not s.final]
 
 
+class _NoResetConnection(asyncpg.Connection):  # type: ignore[misc]
+    """Skips the pool's reset query (advisory unlocks, CLOSE ALL, RESET ALL) on every release.
+
+    Every statement here is a single autocommitted statement that sets no session state, so the
+    reset would only add a round trip to each query.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def create_pool(dsn: str, max_size: int) -> asyncpg.Pool:
     """A small pool: one Lambda environment bills one customer at a time."""
     try:
@@ -55,6 +66,7 @@ async def create_pool(dsn: str, max_size: int) -> asyncpg.Pool:
             dsn,
             min_size=1,
             max_size=max_size,
+            connection_class=_NoResetConnection,
             # the session runs in UTC so date_trunc('hour', ...) means the UTC hour
             server_settings={"timezone": "UTC", "application_name": "marketplace-billing"},
             command_timeout=30,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import stamina.instrumentation
 from aws_lambda_powertools import Logger
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
+from billing import tracing
 from billing.domain.errors import BadMessageError, PermanentError
 from billing.domain.messages import parse_message
+from billing.domain.model import LedgerState
 
 if TYPE_CHECKING:
     from stamina.instrumentation import RetryDetails
@@ -17,6 +22,13 @@ if TYPE_CHECKING:
     from billing.domain.model import BillOutcome
 
 logger = Logger()
+METRICS_NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "MarketplaceBilling")
+_COUNTED = {
+    LedgerState.ACCEPTED: "RecordsAccepted",
+    LedgerState.DUPLICATE: "RecordsDuplicate",
+    LedgerState.REJECTED: "RecordsRejected",
+    LedgerState.FAILED: "RecordsFailed",
+}
 
 
 def _log_retry(details: RetryDetails) -> None:
@@ -27,6 +39,7 @@ def _log_retry(details: RetryDetails) -> None:
             "attempt": details.retry_num,
             "wait_s": round(details.wait_for, 3),
             "error": f"{type(details.caused_by).__name__}: {details.caused_by}",
+            **tracing.correlation_ids(),
         },
     )
 
@@ -35,44 +48,65 @@ def _log_retry(details: RetryDetails) -> None:
 stamina.instrumentation.set_on_retry_hooks([_log_retry])
 
 
-async def bill_body(runtime: Runtime, body: str, message_id: str) -> BillOutcome:
-    """Bill the customer-hour a message body names; raise to fail the item (SQS redelivers it)."""
+async def bill_body(
+    runtime: Runtime, body: str, message_id: str, sent_timestamp_ms: int | None = None
+) -> BillOutcome:
+    """Bill the customer-hour a message body names; raise to fail the item (SQS redelivers it).
+
+    Runs inside the invocation's APM transaction (Lambda's or the local runner's): labels it, sets
+    its outcome and result, and emits the invocation's metrics.
+    """
+    age_ms = int(time.time() * 1000) - sent_timestamp_ms if sent_timestamp_ms else None
+    keys: dict[str, Any] = {"message_id": message_id, **tracing.correlation_ids()}
     try:
         message = parse_message(body)
-    except BadMessageError:
+    except BadMessageError as exc:
+        tracing.record_failure(exc)
+        _emit_metrics(None, age_ms, failed=True)
         logger.error(
             "malformed message: it fails until it lands in the dead-letter queue",
-            extra={"message_id": message_id, "body_bytes": len(body)},
+            extra={**keys, "error": str(exc), "body_bytes": len(body)},
         )
         raise
+    tracing.label_message(message)
     # per-call keys, not append_keys: the local runner bills many customers in one process at once
-    keys = {
+    keys |= {
         "customer_id": message.customer_id,
         "billing_hour": message.billing_period.isoformat(),
         "run_id": str(message.run_id),
-        "message_id": message_id,
     }
-    biller = await runtime.biller()
     try:
+        biller = await runtime.biller()
         outcome = await biller.bill(message)
-    except PermanentError as exc:
-        logger.error(
-            "permanent billing error", extra={**keys, "error": str(exc), "error_type": type(exc).__name__}
-        )
-        raise
     except Exception as exc:
-        logger.warning(
-            "billing failed; the message will be retried",
-            extra={**keys, "error": str(exc), "error_type": type(exc).__name__},
-        )
+        tracing.record_failure(exc)
+        _emit_metrics(None, age_ms, failed=True)
+        error = {"error": str(exc), "error_type": type(exc).__name__}
+        if isinstance(exc, PermanentError):
+            logger.error("permanent billing error", extra={**keys, **error})
+        else:
+            logger.warning("billing failed; the message will be retried", extra={**keys, **error})
         raise
+    tracing.record_success(outcome)
+    _emit_metrics(outcome, age_ms, failed=False)
     logger.info("billed", extra={**keys, **summary(outcome)})
     return outcome
 
 
-def summary(outcome: BillOutcome) -> dict[str, Any]:
-    from billing.domain.model import LedgerState
+def _emit_metrics(outcome: BillOutcome | None, age_ms: int | None, failed: bool) -> None:
+    """One EMF document per invocation; EphemeralMetrics keeps concurrent bills apart."""
+    metrics = EphemeralMetrics(namespace=METRICS_NAMESPACE)
+    if outcome is not None:
+        metrics.add_dimension("marketplace", outcome.marketplace.value)
+        for state, name in _COUNTED.items():
+            metrics.add_metric(name=name, unit=MetricUnit.Count, value=outcome.count(state))
+    metrics.add_metric(name="BillingFailures", unit=MetricUnit.Count, value=1 if failed else 0)
+    if age_ms is not None:
+        metrics.add_metric(name="MessageAgeMs", unit=MetricUnit.Milliseconds, value=max(age_ms, 0))
+    metrics.flush_metrics()
 
+
+def summary(outcome: BillOutcome) -> dict[str, Any]:
     return {
         "marketplace": outcome.marketplace.value,
         "already_billed": outcome.already_billed,

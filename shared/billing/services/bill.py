@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from billing.domain.errors import (
 from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, Marketplace, RateCard, SubmitResult
 from billing.domain.rating import Decision, DimensionDecision, decide, rate_usage
 from billing.ports import BillingRepository, MarketplaceClient, UsageSource
+from billing.tracing import span
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,11 +44,14 @@ class RateCardCache:
         self._ttl = ttl_seconds
         self._card: RateCard | None = None
         self._read_at = 0.0
+        self._lock = asyncio.Lock()  # concurrent first callers read it once
 
     async def get(self) -> RateCard:
         if self._card is None or time.monotonic() - self._read_at > self._ttl:
-            self._card = await self._repo.rate_card()
-            self._read_at = time.monotonic()
+            async with self._lock:
+                if self._card is None or time.monotonic() - self._read_at > self._ttl:
+                    self._card = await self._repo.rate_card()
+                    self._read_at = time.monotonic()
         return self._card
 
 
@@ -116,7 +121,8 @@ class Biller:
                 outcome.entries = list(reloaded.entries) if reloaded else []
                 return outcome
             outcome.marketplace_calls = -(-len(sending) // client.rules.batch_limit)
-            await self.repo.record_results(customer.id, period, owner, results)
+            with span("ledger record"):
+                await self.repo.record_results(customer.id, period, owner, results)
         by_dim = {r.dimension: r for r in results}
         outcome.entries = settled + [
             replace(
@@ -150,11 +156,12 @@ class Biller:
         card = await self.rate_cards.get()
         rates = card.for_marketplace(customer.marketplace)
         usage = await self.usage.hourly_usage(customer.id, window_start, period.end)
-        decision = decide(
-            card.dimensions(customer.marketplace), rate_usage(usage, rates), state.observed, state.carries
-        )
-        if expired:
-            decision = _carry_everything(decision)
+        with span("rate usage"):
+            decision = decide(
+                card.dimensions(customer.marketplace), rate_usage(usage, rates), state.observed, state.carries
+            )
+            if expired:
+                decision = _carry_everything(decision)
         entry_states: dict[str, tuple[str, int]] = {}
         for d in decision.dimensions:
             if expired:
@@ -163,7 +170,8 @@ class Biller:
                 entry_states[d.dimension] = (LedgerState.SKIPPED.value, 0)
             else:
                 entry_states[d.dimension] = (LedgerState.SUBMITTED.value, 1)
-        decided = await self.repo.record_decision(state, message, decision, entry_states, owner, lease)
+        with span("ledger write"):
+            decided = await self.repo.record_decision(state, message, decision, entry_states, owner, lease)
         if not decided:
             raise ConcurrentDecisionError(f"balances of {customer.id} moved while deciding {period}")
         if expired:

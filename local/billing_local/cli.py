@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hourly marke
 db_app = typer.Typer(no_args_is_help=True, help="Database commands.")
 app.add_typer(db_app, name="db")
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 80 columns
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import elasticapm
+from elasticapm.traces import execution_context
 
 if TYPE_CHECKING:
     from elasticapm.traces import capture_span as CaptureSpan
@@ -18,7 +19,14 @@ def span(name: str, span_type: str = "app", subtype: str | None = None) -> Captu
     return elasticapm.capture_span(name, span_type=span_type, span_subtype=subtype, leaf=False)
 
 
+def _active() -> bool:
+    """Outside a transaction the agent would log "No transaction currently active" for each call."""
+    return execution_context.get_transaction() is not None
+
+
 def label_message(message: BillMessageV1) -> None:
+    if not _active():
+        return
     elasticapm.label(
         billing_hour=message.billing_period.isoformat(),
         run_id=str(message.run_id),
@@ -28,6 +36,8 @@ def label_message(message: BillMessageV1) -> None:
 
 def record_success(outcome: BillOutcome) -> None:
     """The agent leaves outcome and result empty for non-HTTP triggers: set both."""
+    if not _active():
+        return
     elasticapm.label(marketplace=outcome.marketplace.value)
     elasticapm.set_transaction_outcome("success", override=False)
     elasticapm.set_transaction_result(
@@ -36,6 +46,8 @@ def record_success(outcome: BillOutcome) -> None:
 
 
 def record_failure(exc: BaseException) -> None:
+    if not _active():
+        return
     client = elasticapm.get_client()
     if client is not None:
         client.capture_exception(exc_info=(type(exc), exc, exc.__traceback__), handled=True)

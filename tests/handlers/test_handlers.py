@@ -6,6 +6,7 @@ the exact response, including the exact ``batchItemFailures``.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -175,3 +176,51 @@ def test_backfill_event_dispatches_the_named_hour_once(dispatcher_handler: Modul
     assert len(bodies) == 25
     assert {b["period"] for b in bodies} == {"2026-11-26T13:00:00Z"}
     assert {b["run_id"] for b in bodies} == {first["run_id"]}
+
+
+def _emf_documents(text: str) -> list[dict[str, Any]]:
+    docs = []
+    for line in text.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            docs.append(json.loads(line))
+    return docs
+
+
+def test_biller_emits_metrics_per_marketplace_in_embedded_metric_format(
+    biller_handler: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given one good message and one malformed message
+    biller_handler.lambda_handler(event("sqs-one-customer.json"), Context())
+    biller_handler.lambda_handler(event("sqs-malformed.json"), Context())
+    good, bad = _emf_documents(capsys.readouterr().out)
+    # Then the billed one counts its records per marketplace, with the message's age
+    (directive,) = good["_aws"]["CloudWatchMetrics"]
+    assert ["marketplace", "service"] in directive["Dimensions"]
+    assert good["marketplace"] == "aws"
+    assert (good["RecordsAccepted"], good["RecordsRejected"], good["BillingFailures"]) == (
+        [2.0],
+        [0.0],
+        [0.0],
+    )
+    assert good["MessageAgeMs"][0] > 0
+    # and the malformed one counts as a failure
+    assert bad["BillingFailures"] == [1.0]
+    assert "marketplace" not in bad
+
+
+def test_logs_carry_the_bill_and_its_apm_ids(
+    biller_handler: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the Logger's handler keeps the stream it was created with: read what it writes directly
+    from billing.entrypoints import biller as entrypoint
+
+    stream = io.StringIO()
+    monkeypatch.setattr(entrypoint.logger.registered_handler, "stream", stream)
+    biller_handler.lambda_handler(event("sqs-one-customer.json"), Context())
+    logs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (billed,) = [entry for entry in logs if entry["message"] == "billed"]
+    assert billed["customer_id"] == "cust-000000"
+    assert billed["billing_hour"] == "2026-11-26T13:00:00Z"
+    assert billed["run_id"] == "4d1c3a1e-5b7e-4f51-9c2a-0f5d6a8e2b10"
+    assert billed["message_id"] == "0f8d3a5e-1c7b-4e8e-9a64-000000000001"
+    assert len(billed["trace.id"]) == 32 and len(billed["transaction.id"]) == 16

@@ -27,15 +27,22 @@ it leaves out come from Microsoft's documentation, "Marketplace metered billing 
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import stamina
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing.adapters.bearer_http import (
+    FixedToken,
+    MaybeSentError,
+    NotSentError,
+    TokenSource,
+    TokenUnavailableError,
+    post_json,
+    submit_until_settled,
+)
 from billing.domain.errors import ConfigurationError, PermanentError, WindowExpiredError
 from billing.domain.model import LedgerState, Marketplace, SubmitResult
 from billing.ports import MarketplaceRules
@@ -102,26 +109,6 @@ class ClientCredentials(BaseModel):
     client_secret: SecretStr = Field(validation_alias=AliasChoices("client_secret", "AZURE_CLIENT_SECRET"))
 
 
-class TokenSource(Protocol):
-    async def get(self, *, refresh: bool) -> str:
-        """A bearer token; ``refresh`` asks for a new one (the last was refused)."""
-        ...
-
-
-class TokenUnavailableError(Exception):
-    """No access token could be had; nothing was sent."""
-
-
-class FixedToken:
-    """A fixed bearer token (BILLING_AZURE_ACCESS_TOKEN, for the local emulators); refreshing is a no-op."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    async def get(self, *, refresh: bool) -> str:
-        return self._token
-
-
 class EntraTokens:
     """Tokens from an azure-identity async credential, which refreshes them before they expire.
 
@@ -161,18 +148,6 @@ def client_secret_credential(
     return ClientSecretCredential(
         credentials.tenant_id, credentials.client_id, credentials.client_secret.get_secret_value(), **options
     )
-
-
-class _NotSentError(Exception):
-    """The request certainly did not reach the metering API."""
-
-
-class _MaybeSentError(Exception):
-    """The request may have reached the metering API; its answer is unknown."""
-
-
-class _RetryError(Exception):
-    """Some answers were transient: try those again."""
 
 
 class _AcceptedMessage(BaseModel):
@@ -251,22 +226,10 @@ class AzureMeteringClient:
         return [answered[e.dimension] for e in entries]
 
     async def _submit_chunk(self, events: Mapping[str, dict[str, Any]]) -> dict[str, SubmitResult]:
-        pending = dict(events)
-        answered: dict[str, SubmitResult] = {}
-        try:
-            async for attempt in stamina.retry_context(
-                on=_RetryError, attempts=self._attempts, wait_initial=0.05, wait_max=2.0
-            ):
-                with attempt:
-                    for dimension, result in (await self._submit_once(pending)).items():
-                        answered[dimension] = _sticky(answered.get(dimension), result)
-                        if not result.retryable or result.reason == _EXPIRED:
-                            pending.pop(dimension)
-                    if pending:
-                        raise _RetryError
-        except _RetryError:
-            pass
-        return answered
+        # an Expired answer is final for this call: the service moves the hour's quantity on
+        return await submit_until_settled(
+            self._submit_once, events, self._attempts, lambda r: not r.retryable or r.reason == _EXPIRED
+        )
 
     async def _submit_once(self, events: Mapping[str, dict[str, Any]]) -> dict[str, SubmitResult]:
         def every(state: LedgerState, reason: str) -> dict[str, SubmitResult]:
@@ -274,9 +237,9 @@ class AzureMeteringClient:
 
         try:
             status, body = await self._post({"request": list(events.values())})
-        except _NotSentError as exc:
+        except NotSentError as exc:
             return every(LedgerState.FAILED, str(exc))
-        except _MaybeSentError as exc:
+        except MaybeSentError as exc:
             return every(LedgerState.SUBMITTED, str(exc))
         if status == 200:
             try:
@@ -301,27 +264,8 @@ class AzureMeteringClient:
         return every(LedgerState.REJECTED, reason)
 
     async def _post(self, body: Mapping[str, Any]) -> tuple[int, Any]:
-        """POST ``body`` with a bearer token; on 401/403 the token is refreshed once and the call repeated."""
-        refresh = False
-        while True:
-            try:
-                token = await self._tokens.get(refresh=refresh)
-            except TokenUnavailableError as exc:
-                raise _NotSentError(f"no access token: {exc}") from exc
-            try:
-                async with self._session.post(
-                    self._url, json=body, headers={"Authorization": f"Bearer {token}"}
-                ) as response:
-                    raw = await response.read()
-                    status = response.status
-            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-                raise _NotSentError(f"{type(exc).__name__}: {exc}") from exc
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise _MaybeSentError(f"{type(exc).__name__} after sending") from exc
-            if status in (401, 403) and not refresh:
-                refresh = True
-                continue
-            return status, _json(raw)
+        # Azure answers a bad or expired token with 403 (its docs and spec), and sometimes 401
+        return await post_json(self._session, self._url, body, self._tokens, refresh_on=(401, 403))
 
 
 def _event(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:
@@ -383,32 +327,12 @@ def conflict_result(dimension: str, body: Any) -> SubmitResult:
     return _conflict_result(dimension, conflict)
 
 
-def _sticky(previous: SubmitResult | None, latest: SubmitResult) -> SubmitResult:
-    """A record that may have reached the marketplace stays SUBMITTED until an answer says otherwise."""
-    if (
-        previous is not None
-        and previous.state is LedgerState.SUBMITTED
-        and latest.state is LedgerState.FAILED
-    ):
-        return SubmitResult(
-            latest.dimension, LedgerState.SUBMITTED, reason=f"{latest.reason}; earlier: {previous.reason}"
-        )
-    return latest
-
-
 def _http_reason(status: int, body: Any) -> str:
     try:
         error = _BadRequest.model_validate(body)
     except ValidationError:
         return f"HTTP {status}"
     return f"HTTP {status} {error.code}: {error.message}".rstrip(": ")
-
-
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw) if raw else {}
-    except ValueError:
-        return None
 
 
 async def create(

@@ -43,13 +43,22 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import stamina
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing.adapters.bearer_http import (
+    FixedToken,
+    MaybeSentError,
+    NotSentError,
+    TokenSource,
+    TokenUnavailableError,
+    post_json,
+    submit_until_settled,
+)
 from billing.domain.errors import ConfigurationError, PermanentError
 from billing.domain.model import HOUR, LedgerState, Marketplace, SubmitResult
 from billing.ports import MarketplaceRules
@@ -136,26 +145,6 @@ def label_value(text: str) -> str:
     return _LABEL_VALUE.sub("_", text.lower())[:63]
 
 
-class TokenSource(Protocol):
-    async def get(self, *, refresh: bool) -> str:
-        """A bearer token; ``refresh`` asks for a new one (the last was refused)."""
-        ...
-
-
-class TokenUnavailableError(Exception):
-    """No access token could be had; nothing was sent."""
-
-
-class FixedToken:
-    """A fixed bearer token (BILLING_GCP_ACCESS_TOKEN, for the local emulators); refreshing is a no-op."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    async def get(self, *, refresh: bool) -> str:
-        return self._token
-
-
 class ServiceAccountTokens:
     """OAuth2 tokens from google-auth service-account credentials, refreshed before they expire.
 
@@ -203,14 +192,6 @@ class ServiceAccountTokens:
                     raise TokenUnavailableError(f"{type(exc).__name__}: {exc}") from exc
             token: str = self._credentials.token
             return token
-
-
-class _NotSentError(Exception):
-    """The request certainly did not reach Service Control."""
-
-
-class _MaybeSentError(Exception):
-    """The request may have reached Service Control; its answer is unknown."""
 
 
 class _RetryError(Exception):
@@ -330,7 +311,7 @@ class GcpServiceControlClient:
                 with attempt:
                     try:
                         status, body = await self._post(url, {"operation": operation})
-                    except (_NotSentError, _MaybeSentError) as exc:
+                    except (NotSentError, MaybeSentError) as exc:
                         failure = f"services.check: {exc}"
                         raise _RetryError from exc
                     if status == 200:
@@ -365,22 +346,9 @@ class GcpServiceControlClient:
         self, service: str, operations: Mapping[str, dict[str, Any]]
     ) -> dict[str, SubmitResult]:
         url = f"{self._endpoint}/v1/services/{service}:report"
-        pending = dict(operations)
-        answered: dict[str, SubmitResult] = {}
-        try:
-            async for attempt in stamina.retry_context(
-                on=_RetryError, attempts=self._attempts, wait_initial=0.05, wait_max=2.0
-            ):
-                with attempt:
-                    for dimension, result in (await self._report_once(url, pending)).items():
-                        answered[dimension] = _sticky(answered.get(dimension), result)
-                        if not result.retryable:
-                            pending.pop(dimension)
-                    if pending:
-                        raise _RetryError
-        except _RetryError:
-            pass
-        return answered
+        return await submit_until_settled(
+            functools.partial(self._report_once, url), operations, self._attempts
+        )
 
     async def _report_once(
         self, url: str, operations: Mapping[str, dict[str, Any]]
@@ -390,9 +358,9 @@ class GcpServiceControlClient:
 
         try:
             status, body = await self._post(url, {"operations": list(operations.values())})
-        except _NotSentError as exc:
+        except NotSentError as exc:
             return every(LedgerState.FAILED, str(exc))
-        except _MaybeSentError as exc:
+        except MaybeSentError as exc:
             return every(LedgerState.SUBMITTED, str(exc))
         if status == 200:
             try:
@@ -412,27 +380,7 @@ class GcpServiceControlClient:
         return every(LedgerState.REJECTED, reason)
 
     async def _post(self, url: str, body: Mapping[str, Any]) -> tuple[int, Any]:
-        """POST ``body`` with a bearer token; on 401 the token is refreshed once and the call repeated."""
-        refresh = False
-        while True:
-            try:
-                token = await self._tokens.get(refresh=refresh)
-            except TokenUnavailableError as exc:
-                raise _NotSentError(f"no access token: {exc}") from exc
-            try:
-                async with self._session.post(
-                    url, json=body, headers={"Authorization": f"Bearer {token}"}
-                ) as response:
-                    raw = await response.read()
-                    status = response.status
-            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-                raise _NotSentError(f"{type(exc).__name__}: {exc}") from exc
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise _MaybeSentError(f"{type(exc).__name__} after sending") from exc
-            if status == 401 and not refresh:
-                refresh = True
-                continue
-            return status, _json(raw)
+        return await post_json(self._session, url, body, self._tokens, refresh_on=(401,))
 
 
 def _operation(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:
@@ -473,32 +421,12 @@ def _report_result(dimension: str, op_id: str, error: _ReportError | None) -> Su
     return SubmitResult(dimension, LedgerState.REJECTED, reason=reason)
 
 
-def _sticky(previous: SubmitResult | None, latest: SubmitResult) -> SubmitResult:
-    """A record that may have reached the marketplace stays SUBMITTED until an answer says otherwise."""
-    if (
-        previous is not None
-        and previous.state is LedgerState.SUBMITTED
-        and latest.state is LedgerState.FAILED
-    ):
-        return SubmitResult(
-            latest.dimension, LedgerState.SUBMITTED, reason=f"{latest.reason}; earlier: {previous.reason}"
-        )
-    return latest
-
-
 def _http_reason(status: int, body: Any) -> str:
     try:
         error = _GoogleErrorBody.model_validate(body).error
     except ValidationError:
         return f"HTTP {status}"
     return f"HTTP {status} {error.status}: {error.message}".rstrip(": ")
-
-
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw) if raw else {}
-    except ValueError:
-        return None
 
 
 def _rfc3339(moment: datetime) -> str:

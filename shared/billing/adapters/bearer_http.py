@@ -1,0 +1,123 @@
+"""What the Google and Azure adapters share: bearer tokens, one JSON POST, and per-record retries."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import aiohttp
+import stamina
+
+from billing.domain.model import LedgerState, SubmitResult
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Collection, Mapping
+
+T = TypeVar("T")
+
+
+class TokenSource(Protocol):
+    async def get(self, *, refresh: bool) -> str:
+        """A bearer token; ``refresh`` asks for a new one (the last was refused)."""
+        ...
+
+
+class TokenUnavailableError(Exception):
+    """No access token could be had; nothing was sent."""
+
+
+class FixedToken:
+    """A fixed bearer token (BILLING_*_ACCESS_TOKEN, for the local emulators); refreshing is a no-op."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def get(self, *, refresh: bool) -> str:
+        return self._token
+
+
+class NotSentError(Exception):
+    """The request certainly did not reach the metering API."""
+
+
+class MaybeSentError(Exception):
+    """The request may have reached the metering API; its answer is unknown."""
+
+
+class _RetryError(Exception):
+    """Some answers were transient: try those again."""
+
+
+async def post_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: Mapping[str, Any],
+    tokens: TokenSource,
+    refresh_on: Collection[int],
+) -> tuple[int, Any]:
+    """POST ``body`` with a bearer token; on a ``refresh_on`` status the token is refreshed once and the
+    call repeated. Raises NotSentError or MaybeSentError when there is no answer."""
+    refresh = False
+    while True:
+        try:
+            token = await tokens.get(refresh=refresh)
+        except TokenUnavailableError as exc:
+            raise NotSentError(f"no access token: {exc}") from exc
+        try:
+            async with session.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            raise NotSentError(f"{type(exc).__name__}: {exc}") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise MaybeSentError(f"{type(exc).__name__} after sending") from exc
+        if status in refresh_on and not refresh:
+            refresh = True
+            continue
+        return status, json_or_none(raw)
+
+
+def json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+
+
+def sticky(previous: SubmitResult | None, latest: SubmitResult) -> SubmitResult:
+    """A record that may have reached the marketplace stays SUBMITTED until an answer says otherwise."""
+    if (
+        previous is not None
+        and previous.state is LedgerState.SUBMITTED
+        and latest.state is LedgerState.FAILED
+    ):
+        return SubmitResult(
+            latest.dimension, LedgerState.SUBMITTED, reason=f"{latest.reason}; earlier: {previous.reason}"
+        )
+    return latest
+
+
+async def submit_until_settled(
+    send_once: Callable[[Mapping[str, T]], Awaitable[dict[str, SubmitResult]]],
+    items: Mapping[str, T],
+    attempts: int,
+    settled: Callable[[SubmitResult], bool] = lambda result: not result.retryable,
+) -> dict[str, SubmitResult]:
+    """Send the records (keyed by dimension) again and again, only those not settled yet, with backoff
+    and jitter, at most ``attempts`` times; return the last answer for each."""
+    pending = dict(items)
+    answered: dict[str, SubmitResult] = {}
+    try:
+        async for attempt in stamina.retry_context(
+            on=_RetryError, attempts=attempts, wait_initial=0.05, wait_max=2.0
+        ):
+            with attempt:
+                for dimension, result in (await send_once(pending)).items():
+                    answered[dimension] = sticky(answered.get(dimension), result)
+                    if settled(result):
+                        pending.pop(dimension)
+                if pending:
+                    raise _RetryError
+    except _RetryError:
+        pass
+    return answered

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,9 +31,6 @@ if TYPE_CHECKING:
     from billing.domain.messages import BillMessageV1
     from billing.domain.model import Period
     from billing.ports import CustomerHourState
-
-logger = logging.getLogger(__name__)
-
 
 class RateCardCache:
     """The rate card, read once and then again every ``ttl_seconds``."""
@@ -104,9 +100,7 @@ class Biller:
         else:
             to_send = await self._decide(state, message, window_start, owner, lease, client, expired)
         if to_send is None:  # settled without a call (expired hour)
-            reloaded = await self.repo.load(customer.id, period, window_start)
-            outcome.entries = list(reloaded.entries) if reloaded else []
-            return outcome
+            return await self._as_recorded(outcome, window_start)
         settled = [e for e in to_send if e.state.final]
         sending = [e for e in to_send if not e.state.final]
         results: list[SubmitResult] = []
@@ -117,9 +111,7 @@ class Biller:
                 # window closed between the check and the call: settle it like an expired hour
                 await self.repo.record_results(customer.id, period, owner, _failed(sending, str(exc)))
                 await self.repo.expire(customer.id, period, owner, _window_text(client))
-                reloaded = await self.repo.load(customer.id, period, window_start)
-                outcome.entries = list(reloaded.entries) if reloaded else []
-                return outcome
+                return await self._as_recorded(outcome, window_start)
             outcome.marketplace_calls = -(-len(sending) // client.rules.batch_limit)
             with span("ledger record"):
                 await self.repo.record_results(customer.id, period, owner, results)
@@ -139,6 +131,12 @@ class Biller:
             raise MarketplaceUnavailableError(
                 f"{len(failed)} of {len(results)} records not confirmed by {customer.marketplace}: {reasons}"
             )
+        return outcome
+
+    async def _as_recorded(self, outcome: BillOutcome, window_start: datetime) -> BillOutcome:
+        """The outcome as the ledger now records it (after an hour was settled without a call)."""
+        reloaded = await self.repo.load(outcome.customer_id, outcome.period, window_start)
+        outcome.entries = list(reloaded.entries) if reloaded else []
         return outcome
 
     async def _decide(

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from billing.services.dispatch import DispatchResult
-from billing_local import cli_ops
+from billing_local import cli_invoke, cli_ops
 from billing_local.report import PeriodReport
 from billing_local.runner import RunnerStats
 
@@ -26,6 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hourly marke
 db_app = typer.Typer(no_args_is_help=True, help="Database commands.")
 app.add_typer(db_app, name="db")
 cli_ops.register(app)
+cli_invoke.register(app)
 console = Console(stderr=True)
 out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 80 columns
 

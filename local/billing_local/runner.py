@@ -93,8 +93,14 @@ async def drain(
     wait_time_s: int = 1,
     progress: Callable[[RunnerStats], None] | None = None,
     apm_client: Any = None,
+    pollers_count: int = 1,
 ) -> RunnerStats:
-    """Consume until the queue is empty and nothing is in flight (failed messages included)."""
+    """Consume until the queue is empty and nothing is in flight (failed messages included).
+
+    One poller by default: moto's ReceiveMessage is not safe under concurrent calls (it can hand one
+    message to two receivers, or hide one for a whole visibility timeout), and one poller taking up to
+    ten messages a call keeps fifty consumers busy. Against real SQS more pollers are fine.
+    """
     queue_name = queue_url.rstrip("/").rsplit("/", 1)[-1]
     stats = RunnerStats(started=time.perf_counter())
     slots = asyncio.Semaphore(concurrency)  # free consumers
@@ -175,7 +181,7 @@ async def drain(
 
     async with asyncio.TaskGroup() as group:
         consumers = [group.create_task(consumer()) for _ in range(concurrency)]
-        pollers = [group.create_task(poller()) for _ in range(max(1, min(4, concurrency // SQS_MAX_RECEIVE)))]
+        pollers = [group.create_task(poller()) for _ in range(pollers_count)]
         await stop.wait()
         for task in pollers:
             task.cancel()

@@ -22,8 +22,13 @@ if TYPE_CHECKING:
 def _secret(arn: str) -> str:
     """A secret from Secrets Manager, cached by Powertools (read at cold start, refreshed hourly)."""
     from aws_lambda_powertools.utilities.parameters import get_secret
+    from aws_lambda_powertools.utilities.parameters.exceptions import GetParameterError
 
-    value = get_secret(arn, max_age=3600)
+    try:
+        value = get_secret(arn, max_age=3600)
+    except GetParameterError as exc:
+        # the AWS error (not found, access denied...) names the secret, never a value
+        raise ConfigurationError(f"cannot read secret {arn}: {exc}") from None
     return value if isinstance(value, str) else value.decode()
 
 
@@ -36,12 +41,25 @@ def database_dsn(settings: Settings) -> str:
     raw = _secret(settings.database_secret_arn).strip()
     if not raw.startswith("{"):
         return raw
-    doc = json.loads(raw)
-    from urllib.parse import quote
+    return _rds_secret_dsn(raw, settings.database_secret_arn)
 
+
+def _rds_secret_dsn(raw: str, arn: str) -> str:
+    """A DSN from RDS's JSON secret; host and port go in the query, so a socket dir or IPv6 host works."""
+    from urllib.parse import quote, urlencode
+
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        # from None: the decode error keeps the whole secret text
+        raise ConfigurationError(f"secret {arn} is neither a DSN nor RDS's JSON secret") from None
+    missing = [key for key in ("username", "password", "host") if not isinstance(doc.get(key), str)]
+    if missing:
+        raise ConfigurationError(f"secret {arn} lacks {', '.join(missing)} (RDS's JSON secret format)")
+    query = urlencode({"host": doc["host"], "port": doc.get("port", 5432)})
     return (
         f"postgresql://{quote(doc['username'], safe='')}:{quote(doc['password'], safe='')}"
-        f"@{doc['host']}:{doc.get('port', 5432)}/{doc.get('dbname', 'postgres')}"
+        f"@/{quote(str(doc.get('dbname', 'postgres')), safe='')}?{query}"
     )
 
 
@@ -50,6 +68,12 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # The database secret is read now, at cold start: one that cannot be read fails the init (a Lambda
+        # error, alarmed) instead of failing every message until it reaches the DLQ. Other secrets are
+        # read when their adapter is first built (the Dispatcher may not even read them).
+        self._dsn = (
+            database_dsn(settings) if settings.database_secret_arn and not settings.database_url else None
+        )
         self._stack = contextlib.AsyncExitStack()
         self._pool: asyncpg.Pool | None = None
         self._session: Any = None
@@ -64,7 +88,8 @@ class Runtime:
                 if self._pool is None:
                     from billing.adapters.postgres import create_pool
 
-                    pool = await create_pool(database_dsn(self.settings), self.settings.db_pool_max)
+                    dsn = self._dsn or database_dsn(self.settings)
+                    pool = await create_pool(dsn, self.settings.db_pool_max)
                     self._stack.push_async_callback(pool.close)
                     self._pool = pool
         return self._pool

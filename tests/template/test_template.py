@@ -415,6 +415,74 @@ def check_alarms_notify_topic(template: Template) -> list[str]:
     ]
 
 
+# --- database connections ---------------------------------------------------------------------
+
+POOL_SIZE = "BILLING_DB_POOL_MAX"
+
+
+def _function_env(template: Template, logical_id: str, name: str) -> Any:
+    """A function's environment variable as deployed with default parameters (its own block wins)."""
+    own = resource(template, logical_id)["Properties"].get("Environment", {}).get("Variables", {})
+    shared = template.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {})
+    return resolve(template, own[name] if name in own else shared.get(name))
+
+
+def peak_db_connections(template: Template) -> tuple[int, list[str]]:
+    """The most connections the stack's pools can hold at once, and why it cannot tell (if so).
+
+    Each execution environment keeps one pool of BILLING_DB_POOL_MAX connections open while frozen.
+    The Biller has at most max(MaximumConcurrency, reserved concurrency) environments (SQS respects the
+    first; a manual invoke or redrive is capped by the second); the Dispatcher runs once an hour and
+    retries one at a time: one environment unless its reserved concurrency says more.
+    """
+    d = StackDefaults.from_template(template)
+    pools = {
+        logical_id: _function_env(template, logical_id, POOL_SIZE) for logical_id in (BILLER, DISPATCHER)
+    }
+    missing = [
+        f"{logical_id} has no {POOL_SIZE}: its pool size is unknown"
+        for logical_id, size in pools.items()
+        if size is None
+    ]
+    if missing:
+        return 0, missing
+    dispatcher_reserved = resolve(
+        template, function_property(template, DISPATCHER, "ReservedConcurrentExecutions")
+    )
+    biller_environments = max(d.biller_max_concurrency, d.biller_reserved_concurrency)
+    dispatcher_environments = 1 if dispatcher_reserved is None else int(dispatcher_reserved)
+    peak = biller_environments * int(pools[BILLER]) + dispatcher_environments * int(pools[DISPATCHER])
+    return peak, []
+
+
+def check_connection_budget(template: Template) -> list[str]:
+    budget = resolve(template, {"Ref": "DbConnectionBudget"})
+    if budget is None:
+        return ["DbConnectionBudget has no default"]
+    peak, problems = peak_db_connections(template)
+    if not problems and peak > int(budget):
+        problems.append(f"the pools can hold {peak} connections, over DbConnectionBudget {budget}")
+    return problems
+
+
+def check_samconfig_connection_budget(template: Template, samconfig: dict[str, Any]) -> list[str]:
+    names = ("BillerMaximumConcurrency", "BillerReservedConcurrency", "DbPoolMax", "DbConnectionBudget")
+    problems = []
+    for env, commands in samconfig.items():
+        if not isinstance(commands, dict):  # the top-level `version`
+            continue
+        overrides = commands.get("deploy", {}).get("parameters", {}).get("parameter_overrides")
+        if overrides is None:
+            continue
+        values = dict(item.split("=", 1) for item in shlex.split(overrides))
+        mutated = copy.deepcopy(template)
+        for name in names:
+            if name in values:
+                mutated["Parameters"][name]["Default"] = int(values[name])
+        problems += [f"samconfig {env}: {p}" for p in check_connection_budget(mutated)]
+    return problems
+
+
 # --- the cron validator itself -------------------------------------------------------------------
 
 
@@ -681,3 +749,42 @@ def test_every_alarm_notifies_the_alarm_topic(template: Template) -> None:
 def test_alarm_without_actions_is_caught(template: Template) -> None:
     broken = mutate(template, lambda t: _props(t, "BillerErrorsAlarm").pop("AlarmActions"))
     assert check_alarms_notify_topic(broken) != []
+
+
+def test_peak_database_connections_fit_the_budget(template: Template) -> None:
+    assert check_connection_budget(template) == []
+
+
+def test_a_budget_exactly_at_the_peak_is_enough(template: Template) -> None:
+    peak, _ = peak_db_connections(template)
+    exact = mutate(template, lambda t: t["Parameters"]["DbConnectionBudget"].update(Default=peak))
+    assert check_connection_budget(exact) == []
+
+
+@pytest.mark.parametrize(
+    ("parameter", "value"),
+    [("DbConnectionBudget", 101), ("DbPoolMax", 3), ("BillerReservedConcurrency", 60)],
+    ids=["budget-one-short", "bigger-pools", "more-biller-environments"],
+)
+def test_pools_over_the_budget_are_caught(template: Template, parameter: str, value: int) -> None:
+    broken = mutate(template, lambda t: t["Parameters"][parameter].update(Default=value))
+    assert check_connection_budget(broken) != []
+
+
+def test_the_dispatchers_own_pool_counts_against_the_budget(template: Template) -> None:
+    def dispatcher_pool_of_30(t: Template) -> None:
+        _props(t, DISPATCHER)["Environment"]["Variables"][POOL_SIZE] = 30
+
+    assert check_connection_budget(mutate(template, dispatcher_pool_of_30)) != []
+
+
+def test_samconfig_stages_fit_the_connection_budget(template: Template, samconfig: dict[str, Any]) -> None:
+    assert check_samconfig_connection_budget(template, samconfig) == []
+
+
+def test_samconfig_stage_over_the_connection_budget_is_caught(
+    template: Template, samconfig: dict[str, Any]
+) -> None:
+    broken = copy.deepcopy(samconfig)
+    broken["prod"]["deploy"]["parameters"]["parameter_overrides"] += " DbPoolMax=5 DbConnectionBudget=200"
+    assert check_samconfig_connection_budget(template, broken) != []

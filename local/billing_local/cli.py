@@ -128,6 +128,7 @@ def local_apm_client(service_name: str = "billing") -> Any:
         central_config=False,
         cloud_provider="none",
         span_compression_enabled=False,  # keep one span per query and per marketplace call
+        collect_local_variables="off",  # frame locals would carry the DSN into error events
         framework_name="local runner",
     )
     elasticapm.instrument()

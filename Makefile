@@ -9,7 +9,7 @@ export XDG_RUNTIME_DIR ?= $(CURDIR)/.run
 export PYTHONPYCACHEPREFIX ?= $(CURDIR)/.pycache
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-fast lint typecheck bench clean
+.PHONY: help demo test test-fast lint typecheck bench timeline chromium clean
 
 help:
 	@echo "make demo   bill one hour for synthetic customers on an embedded local stack"
@@ -27,6 +27,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/billing demo
+
+# the APM timeline of a demo run, and a screenshot of it in headless Chromium (Debian's package)
+timeline: $(STAMP) chromium
+	$(VENV)/bin/billing demo --apm-events run.ndjson --timeline run.html
+	$(PY) -c "from billing_local.screenshot import screenshot; print(screenshot('run.html', 'run.png'))"
+
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

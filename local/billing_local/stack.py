@@ -65,6 +65,40 @@ def embedded_postgres() -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def moto_server_process() -> Iterator[str]:
+    """moto's server in a process of its own (its request handling then never holds our GIL)."""
+    import socket
+    import subprocess
+    import sys
+    import time as _time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = _time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or _time.monotonic() > deadline:
+                    raise RuntimeError("moto's server did not start") from None
+                _time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
 def moto_server() -> Iterator[str]:
     """moto's server on a free loopback port; yields its URL."""
     import logging
@@ -177,7 +211,7 @@ def local_stack(database_url: str | None = None) -> Iterator[LocalStack]:
     queue = QueueSettings.from_template()
     with contextlib.ExitStack() as stack:
         dsn = database_url or stack.enter_context(embedded_postgres())
-        moto_url = stack.enter_context(moto_server())
+        moto_url = stack.enter_context(moto_server_process())
         queue_url, dlq_url = create_queues(moto_url, queue)
         metering = MeteringState()
         metering_server = stack.enter_context(BackgroundServer(create_app(metering)))

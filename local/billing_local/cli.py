@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -112,6 +114,8 @@ class HourResult:
     dispatch: DispatchResult
     stats: RunnerStats
     report: PeriodReport
+    concurrency: int = 0
+    latency_s: float | None = None  # the marketplace's latency per call, when the caller knows it
 
 
 def local_apm_client(service_name: str = "billing") -> Any:
@@ -136,7 +140,11 @@ def local_apm_client(service_name: str = "billing") -> Any:
 
 
 async def run_hour(
-    event: dict[str, Any], concurrency: int, retry_delay_s: int = 1, apm_client: Any = None
+    event: dict[str, Any],
+    concurrency: int,
+    retry_delay_s: int = 1,
+    apm_client: Any = None,
+    latency_s: float | None = None,
 ) -> HourResult:
     """Dispatch an hour exactly as the scheduled rule would, then drain the queue with the runner."""
     from billing.bootstrap import Runtime
@@ -166,7 +174,7 @@ async def run_hour(
         if apm_client is not None:
             apm_client._transport.flush()
         report = await period_report(await runtime.pool(), dispatched.period)
-        return HourResult(dispatched, stats, report)
+        return HourResult(dispatched, stats, report, concurrency, latency_s)
     finally:
         await runtime.close()
 
@@ -240,6 +248,9 @@ def demo_command(
     seed: Annotated[int, typer.Option(help="Random seed of the synthetic data.")] = 42,
     marketplaces: Annotated[str, typer.Option(help="Comma-separated: aws,gcp,azure.")] = "aws,gcp,azure",
     report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
+    latency_ms: Annotated[
+        float, typer.Option(min=0, help="Latency of each AWS marketplace call (the emulator's), in ms.")
+    ] = 0.0,
     apm_events: Annotated[
         Path | None, typer.Option(help="Capture the run's APM intake events (NDJSON).")
     ] = None,
@@ -258,6 +269,7 @@ def demo_command(
         from billing_local.stack import environment
 
         with environment(stack.env):
+            stack.metering.latency_s = latency_ms / 1000
             _demo(stack, customers, seed, chosen, now, concurrency, report, apm)
     finally:
         stack_cm.__exit__(None, None, None)
@@ -288,7 +300,9 @@ def _demo(
         f"billing {customers} customers ({', '.join(marketplaces)}) for {hour} with {cap} consumers"
     )
     began = time.perf_counter()
-    result = asyncio.run(run_hour({"time": now.isoformat()}, cap, apm_client=apm))
+    # the ideal makespan is known when every customer makes one call of a known latency: AWS only
+    latency = stack.metering.latency_s if marketplaces == ("aws",) else None
+    result = asyncio.run(run_hour({"time": now.isoformat()}, cap, apm_client=apm, latency_s=latency))
     _print_summary(result, time.perf_counter() - began)
     held = stack.held_records()
     again = asyncio.run(run_hour({"time": now.isoformat()}, cap))
@@ -426,9 +440,45 @@ def _write_report(path: Path, result: HourResult) -> None:
             for mp in sorted(r.states)
         },
         "invocations": result.stats.invocations,
+        "concurrency": result.concurrency,
         "makespan_s": round(result.stats.makespan, 4),
+        "ideal_makespan_s": _ideal_makespan(result),
+        **_duration_ratios(result.stats),
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _ideal_makespan(result: HourResult) -> float | None:
+    """ceil(customers / consumers) × the marketplace's latency per call, when that latency is known."""
+    if not result.latency_s or not result.concurrency:
+        return None
+    return round(math.ceil(result.dispatch.dispatched / result.concurrency) * result.latency_s, 4)
+
+
+def _duration_ratios(stats: RunnerStats) -> dict[str, float | None]:
+    """Each invocation's recorded duration over its own work (the time inside the biller's code).
+
+    The recorded duration is the APM transaction's when the run captured APM events, else the runner's
+    own measure of the invocation. 1.0 means no transaction holds another message's wait.
+    """
+    from billing_local.apm_capture import CAPTURE
+
+    recorded = {
+        t["faas"]["trigger"]["request_id"]: t["duration"] / 1000
+        for t in CAPTURE.of_type("transaction")
+        if t.get("type") == "messaging" and t.get("faas", {}).get("trigger", {}).get("request_id")
+    }
+    ratios = sorted(
+        recorded.get(message_id, duration) / work
+        for message_id, duration, work in zip(stats.message_ids, stats.durations, stats.work, strict=True)
+        if work > 0
+    )
+    if not ratios:
+        return {"duration_ratio_p50": None, "duration_ratio_p99": None}
+    return {
+        "duration_ratio_p50": round(statistics.median(ratios), 4),
+        "duration_ratio_p99": round(ratios[min(len(ratios) - 1, math.ceil(0.99 * len(ratios)) - 1)], 4),
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,11 +1,12 @@
 """The local runner: a fixed pool of consumers draining the billing queue, like Lambda's poller.
 
-A few pollers receive messages (up to 10 a call, never more than there are free consumers) and hand
-them to ``concurrency`` consumers. Each consumer runs the same async code the biller Lambda runs on
-one message at a time (the template's BatchSize 1), deletes it on success and leaves it for
-redelivery on failure, so SQS's redrive policy moves a message that keeps failing to the dead-letter
-queue. Concurrency is a fixed number of consumers, not a semaphore over thousands of waiting tasks:
-a message waits in the queue, not inside its measured work.
+Pollers receive messages (10 a call, once 10 places are free: at most one batch per poller waits
+ahead of the consumers) and hand them to ``concurrency`` consumers. Each consumer runs the same async
+code the biller Lambda runs on one message at a time (the template's BatchSize 1); a billed message
+is deleted (10 to a DeleteMessageBatch, one call at a time), a failed one is left for redelivery, so
+SQS's redrive policy moves a message that keeps failing to the dead-letter queue. Concurrency is a
+fixed number of consumers, not a semaphore over thousands of waiting tasks: a message waits in the
+queue (or the inbox), not inside its measured work.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class RunnerStats:
     succeeded: int = 0
     failed: int = 0
     outcomes: list[BillOutcome] = field(default_factory=list)
-    durations: list[float] = field(default_factory=list)  # seconds of work per invocation
+    durations: list[float] = field(default_factory=list)  # seconds per invocation, transaction included
+    work: list[float] = field(default_factory=list)  # seconds inside the handler, per invocation
+    message_ids: list[str] = field(default_factory=list)  # the message of each invocation
     started: float = 0.0
     finished: float = 0.0
 
@@ -98,14 +101,19 @@ async def drain(
     """Consume until the queue is empty and nothing is in flight (failed messages included).
 
     One poller by default: moto's ReceiveMessage is not safe under concurrent calls (it can hand one
-    message to two receivers, or hide one for a whole visibility timeout), and one poller taking up to
-    ten messages a call keeps fifty consumers busy. Against real SQS more pollers are fine.
+    message to two receivers, or hide one for a whole visibility timeout), and one poller taking ten
+    messages a call keeps fifty consumers busy. Against real SQS more pollers are fine.
     """
     queue_name = queue_url.rstrip("/").rsplit("/", 1)[-1]
     stats = RunnerStats(started=time.perf_counter())
-    slots = asyncio.Semaphore(concurrency)  # free consumers
-    held = 0  # messages received and not yet finished
+    batch = min(SQS_MAX_RECEIVE, concurrency)
+    # Free consumers plus one receive batch per poller: a poller asks for a full batch once that many
+    # places are free, so a message costs a tenth of a ReceiveMessage, not a whole one. A message that
+    # waits in the inbox waits outside its transaction (its age shows it), as it would in the queue.
+    credits = asyncio.Semaphore(concurrency + batch * pollers_count)
+    held = 0  # messages received and not yet deleted or released
     inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
+    finished: asyncio.Queue[str] = asyncio.Queue()  # receipt handles of billed messages, to delete
     stop = asyncio.Event()
 
     async def queue_empty() -> bool:
@@ -119,24 +127,26 @@ async def drain(
         )
         return all(int(v) == 0 for v in attrs["Attributes"].values())
 
+    async def settle() -> None:
+        """Nothing held: stop as soon as the queue is empty, not when a long poll next times out."""
+        if held == 0 and not stop.is_set() and await queue_empty() and held == 0:
+            stop.set()
+
     async def poller() -> None:
         nonlocal held
         while not stop.is_set():
-            await slots.acquire()
-            wanted = 1
-            while wanted < SQS_MAX_RECEIVE and not slots.locked():
-                await slots.acquire()
-                wanted += 1
+            for _ in range(batch):
+                await credits.acquire()
             response = await sqs.receive_message(
                 QueueUrl=queue_url,
-                MaxNumberOfMessages=wanted,
+                MaxNumberOfMessages=batch,
                 WaitTimeSeconds=wait_time_s,
                 AttributeNames=["All"],
                 MessageAttributeNames=["All"],
             )
             messages = response.get("Messages", [])
-            for _ in range(wanted - len(messages)):
-                slots.release()
+            for _ in range(batch - len(messages)):
+                credits.release()
             held += len(messages)
             for m in messages:
                 attributes = m.get("Attributes", {})
@@ -150,16 +160,45 @@ async def drain(
                         m.get("MessageAttributes", {}),
                     )
                 )
-            if not messages and held == 0 and await queue_empty() and held == 0:
-                stop.set()
+            if not messages:
+                await settle()
+
+    async def deleter() -> None:
+        """Deletes billed messages ten to a DeleteMessageBatch, one call at a time.
+
+        A tenth of the calls of a DeleteMessage per message; and never two at once, which moto's
+        server (5.2.5) does not survive: its DeleteMessage rebuilds the queue's message list without a
+        lock, so concurrent deletes lose some and those messages come back after the visibility timeout.
+        """
+        nonlocal held
+        while True:
+            handles = [await finished.get()]
+            while len(handles) < SQS_MAX_RECEIVE and not finished.empty():
+                handles.append(finished.get_nowait())
+            try:
+                await sqs.delete_message_batch(
+                    QueueUrl=queue_url,
+                    Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles)],
+                )
+            finally:  # an entry that failed to delete is delivered again, and billed as already billed
+                held -= len(handles)
+                for _ in handles:
+                    credits.release()
+            await settle()
 
     async def consumer() -> None:
         nonlocal held
         while (delivery := await inbox.get()) is not None:
             began = time.perf_counter()
+            work = 0.0
+            billed = False
             try:
                 with lambda_like_transaction(apm_client, queue_name, delivery):
-                    outcome = await handle(delivery)
+                    started = time.perf_counter()
+                    try:
+                        outcome = await handle(delivery)
+                    finally:
+                        work = time.perf_counter() - started
             except Exception:  # the batch boundary: any failure leaves the message for redelivery
                 stats.failed += 1
                 await sqs.change_message_visibility(
@@ -170,20 +209,27 @@ async def drain(
             else:
                 stats.succeeded += 1
                 stats.outcomes.append(outcome)
-                await sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=delivery.receipt_handle)
+                finished.put_nowait(delivery.receipt_handle)
+                billed = True
             finally:
                 stats.invocations += 1
                 stats.durations.append(time.perf_counter() - began)
-                held -= 1
-                slots.release()
+                stats.work.append(work)
+                stats.message_ids.append(delivery.message_id)
+                if not billed:
+                    held -= 1
+                    credits.release()
                 if progress is not None:
                     progress(stats)
+            if not billed:
+                await settle()
 
     async with asyncio.TaskGroup() as group:
         consumers = [group.create_task(consumer()) for _ in range(concurrency)]
-        pollers = [group.create_task(poller()) for _ in range(pollers_count)]
+        background = [group.create_task(poller()) for _ in range(pollers_count)]
+        background.append(group.create_task(deleter()))
         await stop.wait()
-        for task in pollers:
+        for task in background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

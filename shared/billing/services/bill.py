@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from billing.domain.model import Period
     from billing.ports import CustomerHourState
 
+
 class RateCardCache:
     """The rate card, read once and then again every ``ttl_seconds``."""
 

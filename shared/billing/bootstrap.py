@@ -105,12 +105,12 @@ class Runtime:
         """An aioboto3 client kept open for the environment's life; endpoints from AWS_ENDPOINT_URL_*."""
         from botocore.config import Config
 
-        client_config = Config(
-            retries={"mode": "standard", "total_max_attempts": self.settings.marketplace_attempts},
-            connect_timeout=5,
-            read_timeout=15,
-            **config,
-        )
+        options: dict[str, Any] = {
+            "retries": {"mode": "standard", "total_max_attempts": self.settings.marketplace_attempts},
+            "connect_timeout": 5,
+            "read_timeout": 15,
+        }
+        client_config = Config(**(options | config))
         return await self._stack.enter_async_context(
             self._aws_session().client(service, config=client_config)
         )
@@ -128,7 +128,10 @@ class Runtime:
 
             # as many connections as bills may run at once in this process (one in Lambda)
             client = await self.aws_client(
-                "meteringmarketplace", max_pool_connections=max(10, self.settings.db_pool_max)
+                "meteringmarketplace",
+                max_pool_connections=max(10, self.settings.db_pool_max),
+                # one attempt a call: the adapter retries, knowing each attempt's outcome
+                retries={"mode": "standard", "total_max_attempts": 1},
             )
             return AwsMeteringClient(client, attempts=self.settings.marketplace_attempts)
         if marketplace is Marketplace.GCP:

@@ -164,7 +164,7 @@ async def test_persistent_throttling_fails_the_item_and_a_redelivery_bills_it_on
     # Given AWS throttles every call of this invocation
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "3")
-    stack.metering.faults.extend(["throttle"] * 2)
+    stack.metering.faults.extend(["throttle"] * 5)
     # When the message is billed, the item fails (SQS will redeliver it) and the ledger says why
     with pytest.raises(MarketplaceUnavailableError, match="ThrottlingException"):
         await biller.bill(message("c1"))
@@ -181,7 +181,7 @@ async def test_an_internal_error_leaves_the_submission_unconfirmed_until_resubmi
     biller: Biller, pool: Any, stack: Any
 ) -> None:
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
-    stack.metering.faults.extend(["internal"] * 2)
+    stack.metering.faults.extend(["internal"] * 5)
     with pytest.raises(MarketplaceUnavailableError):
         await biller.bill(message("c1"))
     # an InternalServiceError may have been recorded by AWS: the row stays "submitted", not "failed"
@@ -252,7 +252,7 @@ async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
     # Given an hour decided and throttled, whose redelivery comes after the window closed
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
-    stack.metering.faults.extend(["throttle"] * 2)
+    stack.metering.faults.extend(["throttle"] * 5)
     with pytest.raises(MarketplaceUnavailableError):
         await biller.bill(message("c1"))
     late = HOUR.start + timedelta(hours=7)

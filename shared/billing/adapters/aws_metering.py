@@ -5,15 +5,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import stamina
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
 
+from billing.adapters.bearer_http import submit_until_settled
 from billing.domain.errors import PermanentError, WindowExpiredError
 from billing.domain.model import LedgerState, Marketplace, SubmitResult
 from billing.ports import MarketplaceRules
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from billing.domain.model import Customer, LedgerEntry, Period
 
@@ -41,12 +41,8 @@ _PERMANENT_CODES = frozenset(
 _DEFINITE_TRANSIENT_CODES = frozenset({"ThrottlingException", "ThrottledException", "RequestLimitExceeded"})
 
 
-class _Unprocessed(Exception):
-    """Some records came back in UnprocessedRecords."""
-
-
 class AwsMeteringClient:
-    """One BatchMeterUsage call per 25 records; botocore retries throttling and 5xx itself."""
+    """One BatchMeterUsage call per 25 records, retried here with backoff and jitter (see _submit_chunk)."""
 
     marketplace = Marketplace.AWS
     rules = RULES
@@ -69,29 +65,27 @@ class AwsMeteringClient:
     async def _submit_chunk(
         self, customer: Customer, period: Period, chunk: Sequence[LedgerEntry]
     ) -> list[SubmitResult]:
-        pending = {e.dimension: e for e in chunk}
-        answered: dict[str, SubmitResult] = {}
+        # Retried here, not by botocore (the client has one attempt a call): only here is each attempt's
+        # outcome known, so an attempt whose answer was lost keeps the record 'submitted' (sticky) even
+        # when a later attempt is refused outright.
+        entries = {e.dimension: e for e in chunk}
+
+        async def send_once(pending: Mapping[str, LedgerEntry]) -> dict[str, SubmitResult]:
+            return await self._send(customer, period, list(pending.values()))
+
+        answered = await submit_until_settled(send_once, entries, self._attempts)
+        return [answered[e.dimension] for e in chunk]
+
+    async def _send(
+        self, customer: Customer, period: Period, entries: list[LedgerEntry]
+    ) -> dict[str, SubmitResult]:
+        def every(state: LedgerState, reason: str) -> dict[str, SubmitResult]:
+            return {e.dimension: SubmitResult(e.dimension, state, reason=reason) for e in entries}
+
         try:
-            async for attempt in stamina.retry_context(
-                on=_Unprocessed, attempts=self._attempts, wait_initial=0.05, wait_max=2.0
-            ):
-                with attempt:
-                    response = await self._client.batch_meter_usage(
-                        ProductCode=customer.aws_product_code,
-                        UsageRecords=[_record(customer, period, e) for e in pending.values()],
-                    )
-                    for result in response.get("Results", []):
-                        dimension = result["UsageRecord"]["Dimension"]
-                        answered[dimension] = _result(dimension, result)
-                        pending.pop(dimension, None)
-                    if pending:
-                        raise _Unprocessed
-        except _Unprocessed:
-            answered.update(
-                {
-                    d: SubmitResult(d, LedgerState.FAILED, reason="UnprocessedRecords after retries")
-                    for d in pending
-                }
+            response = await self._client.batch_meter_usage(
+                ProductCode=customer.aws_product_code,
+                UsageRecords=[_record(customer, period, e) for e in entries],
             )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "Unknown")
@@ -99,23 +93,21 @@ class AwsMeteringClient:
             if code == "TimestampOutOfBoundsException":
                 raise WindowExpiredError(f"AWS: {code}: {message}") from exc
             if code in _PERMANENT_CODES:
-                state = LedgerState.REJECTED
-            elif code in _DEFINITE_TRANSIENT_CODES:
-                state = LedgerState.FAILED
-            else:  # InternalServiceErrorException and anything unknown: it may have been recorded
-                state = LedgerState.SUBMITTED
-            answered.update({d: SubmitResult(d, state, reason=f"{code}: {message}") for d in pending})
+                return every(LedgerState.REJECTED, f"{code}: {message}")
+            if code in _DEFINITE_TRANSIENT_CODES:
+                return every(LedgerState.FAILED, f"{code}: {message}")
+            # InternalServiceErrorException and anything unknown: it may have been recorded
+            return every(LedgerState.SUBMITTED, f"{code}: {message}")
         except (EndpointConnectionError, ConnectTimeoutError) as exc:
-            # the request never reached AWS
-            answered.update(
-                {d: SubmitResult(d, LedgerState.FAILED, reason=type(exc).__name__) for d in pending}
-            )
+            return every(LedgerState.FAILED, type(exc).__name__)  # the request never reached AWS
         except (BotoCoreError, OSError, TimeoutError) as exc:
             # a read timeout or dropped connection after sending: the answer is unknown
-            answered.update(
-                {d: SubmitResult(d, LedgerState.SUBMITTED, reason=type(exc).__name__) for d in pending}
-            )
-        return [answered[e.dimension] for e in chunk]
+            return every(LedgerState.SUBMITTED, type(exc).__name__)
+        answered = every(LedgerState.FAILED, "UnprocessedRecords")  # what AWS did not answer for
+        for result in response.get("Results", []):
+            dimension = result["UsageRecord"]["Dimension"]
+            answered[dimension] = _result(dimension, result)
+        return answered
 
 
 def _record(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:

@@ -154,6 +154,8 @@ SELECT (SELECT count(*) FROM v) AS decided, (SELECT count(*) FROM l) AS rows,
 # skipped (the lease condition is on the row itself, so Postgres re-checks it after a concurrent update).
 _CLAIM = """
 UPDATE ledger SET state = 'submitted', attempts = attempts + 1, lease_owner = $3,
+                  -- still 'submitted' here: the last attempt's answer was never recorded
+                  unconfirmed = unconfirmed OR state = 'submitted',
                   lease_until = now() + $4::interval, updated_at = now()
  WHERE customer_id = $1 AND period = $2 AND state = ANY($5::text[])
    AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $3)
@@ -162,6 +164,7 @@ RETURNING customer_id, dimension, quantity, state, attempts, record_id, last_err
 
 _RECORD = """
 UPDATE ledger l SET state = r.state, record_id = coalesce(r.record_id, l.record_id), last_error = r.reason,
+                    unconfirmed = l.unconfirmed OR r.state = 'submitted',
                     lease_owner = NULL, lease_until = NULL, updated_at = now()
   FROM unnest($4::text[], $5::text[], $6::text[], $7::text[]) AS r(dimension, state, record_id, reason)
  WHERE l.customer_id = $1 AND l.period = $2 AND l.dimension = r.dimension AND l.lease_owner = $3
@@ -172,8 +175,8 @@ UPDATE ledger l SET state = r.state, record_id = coalesce(r.record_id, l.record_
 # rejected with a reason for an operator.
 _EXPIRE = """
 WITH e AS (
-  UPDATE ledger SET state = CASE WHEN state = 'submitted' THEN 'rejected' ELSE 'expired' END,
-                    last_error = CASE WHEN state = 'submitted' THEN $4 ELSE $5 END,
+  UPDATE ledger SET state = CASE WHEN state = 'submitted' OR unconfirmed THEN 'rejected' ELSE 'expired' END,
+                    last_error = CASE WHEN state = 'submitted' OR unconfirmed THEN $4 ELSE $5 END,
                     lease_owner = NULL, lease_until = NULL, updated_at = now()
    WHERE customer_id = $1 AND period = $2 AND state = ANY($6::text[])
      AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $3)

@@ -1,0 +1,872 @@
+"""Chaos: customer-hours billed through the local runner under random faults of every kind, and the same data
+billed clean; the marketplaces must end up holding the same quantities.
+
+``python -m bench.chaos [--customer-hours 10000] [--hours 4] [--seed S]`` bills ``customer-hours / hours``
+synthetic customers (AWS, Google and Azure in turn) for ``hours`` consecutive hours, hour by hour with
+``billing_local.cli.run_hour`` (the dispatcher, then a fixed pool of consumers draining moto's SQS), twice,
+each time on a fresh database and a fresh local stack:
+
+- clean: no fault;
+- chaos, during each hour's first drain: marketplace calls answered 429, 500 or 503, never answered (a
+  timeout), or taken and their answer lost (an aiohttp middleware in front of each emulator), plus the AWS
+  emulator's own throttling, internal errors and UnprocessedRecords; messages delivered twice, in sequence
+  and at the same moment; billers killed after recording their decision, or after the marketplace accepted
+  and before the ledger recorded it; every billing connection terminated by PostgreSQL every few seconds;
+  usage searches that time out or are slow; poison messages; usage arriving after its hour was billed; one
+  marketplace down (503) for the drain's first seconds, long enough to dead-letter many of its messages.
+  Then the faults stop, the dead-letter queue is redriven (``billing redrive``'s code) and drained, until
+  every customer-hour is settled.
+
+It prints the customer-hours, the double-billed and lost (customer, dimension) pairs and the total quantity
+difference against the clean run (all three must be 0), and the wall time; writes bench/results/chaos.json;
+exits 1 if any of the three is not 0. Both runs use moto with bench.moto_linear's fixes (as shipped, moto's
+SQS costs O(queue depth) per message: 2,500 messages an hour would take minutes to dispatch and drain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from bench.common import machine, write_json
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+ALL = ("aws", "gcp", "azure")
+TIMEOUT_S = 2.0  # how long the marketplace clients wait for an answer in the chaos run
+HANG_S = TIMEOUT_S + 0.5  # how long a faulty emulator sits on a request
+LEASE_S = 2  # shorter than the runner's first redelivery delay (1 s, then 2 s, ...), as 120 s is to 360 s
+ENV = {
+    "POWERTOOLS_LOG_LEVEL": "CRITICAL",
+    "POWERTOOLS_METRICS_DISABLED": "true",
+    "BILLING_MARKETPLACE_ATTEMPTS": "3",
+    "BILLING_GCP_TIMEOUT_SECONDS": str(TIMEOUT_S),
+    "BILLING_AZURE_TIMEOUT_SECONDS": str(TIMEOUT_S),
+}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How often each fault strikes during an hour's first drain."""
+
+    marketplace: float = 0.03  # of marketplace calls: 429, 500, 503, timeout or answer lost, alike
+    aws_emulator: float = 0.02  # of AWS calls, the emulator's own: throttling, internal error, unprocessed
+    twice_in_sequence: float = 0.02  # of messages
+    twice_at_once: float = 0.02
+    kill_after_decision: float = 0.01  # of bills
+    kill_after_accept: float = 0.01
+    usage_timeout: float = 0.03  # of usage searches
+    slow_usage: float = 0.02
+    late_usage: float = 0.05  # of customers, each hour but the last: their second-half readings come late
+    db_terminate_every_s: float = 4.0
+    poison_per_hour: int = 5
+    # each hour one marketplace in turn is down this long when the drain starts: its messages that fail
+    # maxReceiveCount times meanwhile end in the dead-letter queue, redriven once the faults are over
+    outage_s: float = 12.0
+
+
+class Killed(Exception):
+    """The biller's process died here; the runner, like Lambda, leaves the message for SQS."""
+
+
+@dataclass
+class Injected:
+    """What the chaos run actually injected, by kind."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] += n
+
+
+# --- the time the biller and the emulators see -----------------------------------------------------------
+
+
+@dataclass
+class Clock:
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+# --- faults in front of the marketplace emulators -------------------------------------------------------
+
+
+class Gate:
+    """An aiohttp middleware in front of one emulator, answering a share of the calls with a fault."""
+
+    KINDS: tuple[int | str, ...] = (429, 500, 503, "timeout", "lost")
+
+    def __init__(self, marketplace: str, rng: random.Random, injected: Injected) -> None:
+        self.marketplace = marketplace
+        self.rate = 0.0
+        self.down_until = 0.0  # time.monotonic(): an outage, every call 503 until then
+        self.rng = rng
+        self.injected = injected
+
+    def middleware(self) -> Any:
+        from aiohttp import web
+
+        @web.middleware
+        async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+            if time.monotonic() < self.down_until:
+                self.injected.add(f"{self.marketplace} outage 503")
+                return _error(self.marketplace, 503)
+            if not self.rate or self.rng.random() >= self.rate:
+                return await handler(request)
+            fault = self.rng.choice(self.KINDS)
+            self.injected.add(f"{self.marketplace} {fault}")
+            if fault == "lost":
+                response = await handler(request)
+                await asyncio.sleep(HANG_S)
+                return response
+            if fault == "timeout":
+                await asyncio.sleep(HANG_S)
+                return _error(self.marketplace, 504)
+            assert isinstance(fault, int)
+            return _error(self.marketplace, fault)
+
+        return gate
+
+
+def _error(marketplace: str, status: int) -> Any:
+    """An error answer in the marketplace's own format."""
+    from aiohttp import web
+
+    if marketplace == "aws":
+        code = {429: "ThrottlingException", 500: "InternalServiceErrorException"}.get(
+            status, "ServiceUnavailableException"
+        )
+        return web.json_response(
+            {"__type": code, "message": "injected"},
+            status=status,
+            headers={"x-amzn-ErrorType": code},
+            content_type="application/x-amz-json-1.1",
+        )
+    if marketplace == "gcp":
+        name = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}.get(
+            status, "DEADLINE_EXCEEDED"
+        )
+        return web.json_response(
+            {"error": {"code": status, "message": "injected", "status": name}}, status=status
+        )
+    return web.json_response({"code": "ServerError", "message": "injected", "details": []}, status=status)
+
+
+class _CountingRandom(random.Random):
+    """The AWS emulator's random source; it draws a fault kind with ``choice`` (only), so count those."""
+
+    injected: Injected | None = None
+
+    def choice(self, seq: Any) -> Any:
+        chosen = super().choice(seq)
+        if self.injected is not None:
+            self.injected.add(f"aws emulator {chosen}")
+        return chosen
+
+
+def _gated(create_app: Callable[[Any], Any], gate: Gate) -> Callable[[Any], Any]:
+    def create(state: Any) -> Any:
+        app = create_app(state)
+        app.middlewares.append(gate.middleware())
+        return app
+
+    return create
+
+
+# --- faults inside the billing code ---------------------------------------------------------------------
+
+
+@dataclass
+class Chaos:
+    """The faults of the billing code and the runner; all off (``on`` False) in the clean run and between
+    an hour's first drain and its redrives."""
+
+    clock: Clock
+    rates: Rates
+    rng: random.Random
+    injected: Injected
+    on: bool = False
+
+    def strikes(self, rate: float, kind: str) -> bool:
+        if self.on and self.rng.random() < rate:
+            self.injected.add(kind)
+            return True
+        return False
+
+
+class Proxy:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class ShortPolls(Proxy):
+    """The runner's SQS client with short polls (a tenth of a second apart when the queue is empty).
+
+    The runner (billing_local/runner.py) cancels its poller inside a long ReceiveMessage when a drain
+    ends; that request stays open at moto and takes the messages the next run_hour sends within the
+    second (the next hour's, or a redrive's), hiding them for the queue's visibility timeout (360 s).
+    Short polls leave no request open. Reported, with the fix, beside this benchmark."""
+
+    async def receive_message(self, **kwargs: Any) -> Any:
+        response = await self.inner.receive_message(**{**kwargs, "WaitTimeSeconds": 0})
+        if not response.get("Messages"):
+            await asyncio.sleep(0.1)
+        return response
+
+
+class ChaoticLedger(Proxy):
+    """The biller's process dies, now and then, right after its decision was recorded, or after the
+    marketplace accepted the records and before the ledger recorded that answer."""
+
+    def __init__(self, inner: Any, chaos: Chaos) -> None:
+        super().__init__(inner)
+        self.chaos = chaos
+
+    async def record_decision(self, state: Any, *args: Any, **kwargs: Any) -> bool:
+        decided: bool = await self.inner.record_decision(state, *args, **kwargs)
+        if self.chaos.strikes(self.chaos.rates.kill_after_decision, "biller killed after its decision"):
+            raise Killed("after the decision")
+        return decided
+
+    async def record_results(self, *args: Any, **kwargs: Any) -> None:
+        if self.chaos.strikes(
+            self.chaos.rates.kill_after_accept, "biller killed after the marketplace accepted"
+        ):
+            raise Killed("after the marketplace accepted")
+        await self.inner.record_results(*args, **kwargs)
+
+
+class ChaoticUsage(Proxy):
+    """A usage search that now and then times out, or answers slowly."""
+
+    def __init__(self, inner: Any, chaos: Chaos) -> None:
+        super().__init__(inner)
+        self.chaos = chaos
+
+    async def hourly_usage(self, customer_id: str, start: datetime, end: datetime) -> Any:
+        from billing.domain.errors import TransientError
+
+        if self.chaos.strikes(self.chaos.rates.usage_timeout, "usage search timed out"):
+            raise TransientError("usage search timed out")
+        if self.chaos.strikes(self.chaos.rates.slow_usage, "usage search slow"):
+            await asyncio.sleep(0.3)
+        return await self.inner.hourly_usage(customer_id, start, end)
+
+
+class _ShortMarketplaceTimeouts:
+    """The aioboto3 session, with AWS metering clients that wait TIMEOUT_S for an answer."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def client(self, service: str, config: Any = None, **kwargs: Any) -> Any:
+        from botocore.config import Config
+
+        if service == "meteringmarketplace":
+            config = (config or Config()).merge(Config(connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S))
+        return self._session.client(service, config=config, **kwargs)
+
+
+def runtime_class(chaos: Chaos) -> type[Any]:
+    """Runtime, the composition root, with the virtual clock, a short lease and the faults in its Biller."""
+    from billing.bootstrap import Runtime
+
+    class ChaosRuntime(Runtime):
+        _chaos_applied = False
+
+        async def biller(self) -> Any:
+            biller = await super().biller()
+            if not self._chaos_applied:
+                self._chaos_applied = True
+                biller.clock = chaos.clock
+                biller.lease_seconds = LEASE_S
+                biller.usage = ChaoticUsage(biller.usage, chaos)
+                biller.repo = ChaoticLedger(biller.repo, chaos)
+            return biller
+
+        def _aws_session(self) -> Any:
+            return _ShortMarketplaceTimeouts(super()._aws_session())
+
+    return ChaosRuntime
+
+
+def drain_with(
+    chaos: Chaos, dsn: str, original: Callable[..., Awaitable[Any]]
+) -> Callable[..., Awaitable[Any]]:
+    """The runner's drain, with duplicate deliveries and PostgreSQL terminating connections beside it."""
+
+    async def drain(
+        sqs: Any, queue_url: str, handle: Any, concurrency: int, *args: Any, **kwargs: Any
+    ) -> Any:
+        async with terminating_connections(dsn, chaos):
+            return await original(
+                ShortPolls(sqs),
+                queue_url,
+                _duplicating(handle, sqs, queue_url, chaos),
+                concurrency,
+                *args,
+                **kwargs,
+            )
+
+    return drain
+
+
+def _duplicating(handle: Any, sqs: Any, queue_url: str, chaos: Chaos) -> Any:
+    copied: set[str] = set()
+
+    async def deliver(delivery: Any) -> Any:
+        if delivery.body in copied:
+            return await handle(delivery)
+        if chaos.strikes(chaos.rates.twice_in_sequence, "message delivered twice in sequence"):
+            copied.add(delivery.body)
+            outcome = await handle(delivery)
+            await sqs.send_message(QueueUrl=queue_url, MessageBody=delivery.body)
+            return outcome
+        if chaos.strikes(chaos.rates.twice_at_once, "message delivered twice at once"):
+            copied.add(delivery.body)
+            twin = dataclasses.replace(delivery, message_id=f"{delivery.message_id}-twin")
+            first, second = await asyncio.gather(handle(delivery), handle(twin), return_exceptions=True)
+            if isinstance(second, Exception):  # SQS would deliver the twin again
+                await sqs.send_message(QueueUrl=queue_url, MessageBody=delivery.body)
+            if isinstance(first, BaseException):
+                raise first
+            return first
+        return await handle(delivery)
+
+    return deliver
+
+
+@contextlib.asynccontextmanager
+async def terminating_connections(dsn: str, chaos: Chaos) -> AsyncIterator[None]:
+    """PostgreSQL terminates every billing connection every few seconds, while the chaos is on."""
+    import asyncpg
+
+    if not chaos.on:
+        yield
+        return
+    admin = await asyncpg.connect(dsn)
+
+    async def terminate() -> None:
+        while True:
+            await asyncio.sleep(chaos.rates.db_terminate_every_s)
+            n = await admin.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'marketplace-billing'"
+                " AND pid <> pg_backend_pid()"
+            )
+            chaos.injected.add("database connection terminated", n)
+
+    task = asyncio.create_task(terminate())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await admin.close()
+
+
+# --- one run: a fresh database and stack ----------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What one run leaves: the marketplaces' records, the ledger's view, the runner's counts."""
+
+    name: str
+    held: dict[tuple[str, str, datetime], list[int]] = field(default_factory=dict)
+    ledger: dict[tuple[str, str, datetime], tuple[str, int]] = field(default_factory=dict)
+    invocations: int = 0
+    failed: int = 0
+    redrive_rounds: int = 0
+    redriven: int = 0
+    unbilled_after: list[str] = field(default_factory=list)
+    dead_letters: list[str] = field(default_factory=list)
+    injected: Injected = field(default_factory=Injected)
+    poison: set[str] = field(default_factory=set)  # every poison body sent
+    hours_billed: int = 0
+    seconds: float = 0.0
+
+    def totals(self) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for (customer, dimension, _), quantities in self.held.items():
+            out[customer, dimension] += sum(quantities)
+        return out
+
+
+def bill_hours(
+    name: str, server: str, customers: int, hours: int, seed: int, rates: Rates | None, concurrency: int
+) -> Run:
+    """Bill ``hours`` hours for ``customers`` customers on a fresh database and stack; chaos if ``rates``."""
+    import billing.bootstrap
+    import billing_local.emulators.aws_metering
+    import billing_local.emulators.azure
+    import billing_local.emulators.gcp
+    import billing_local.progress
+    import billing_local.runner
+    import billing_local.stack
+    from bench.env import moto_process
+    from billing_local.cli import _seed, _subscribe_all
+    from billing_local.migrate import migrate
+    from billing_local.stack import environment, local_stack
+
+    run = Run(name)
+    began = time.perf_counter()
+    first = first_hour(hours)
+    clock = Clock(first.end + timedelta(minutes=20))
+    injected = run.injected
+    rng = random.Random(f"{seed}-{name}")
+    chaos = Chaos(clock, rates or Rates(), random.Random(rng.random()), injected)
+    gates = {m: Gate(m, random.Random(rng.random()), injected) for m in ALL}
+    with _database(server, name) as dsn, _patched() as patch:
+        asyncio.run(migrate(dsn))
+        patch(billing_local.stack, "moto_server_process", lambda: moto_process("bench.moto_linear"))
+        patch(billing_local.progress, "progress_bar", _no_progress)
+        patch(billing.bootstrap, "Runtime", runtime_class(chaos))
+        patch(billing_local.runner, "drain", drain_with(chaos, dsn, billing_local.runner.drain))
+        for module, gate in (
+            (billing_local.emulators.aws_metering, gates["aws"]),
+            (billing_local.emulators.gcp, gates["gcp"]),
+            (billing_local.emulators.azure, gates["azure"]),
+        ):
+            patch(module, "create_app", _gated(module.create_app, gate))
+        with local_stack(dsn) as stack, environment({**stack.env, **ENV}):
+            stack.metering.clock = stack.gcp.clock = stack.azure.clock = clock
+            stack.metering.rng = _CountingRandom(rng.random())
+            stack.metering.rng.injected = injected
+            stack.metering.fault_kinds = ("throttle", "internal", "unprocessed")
+            asyncio.run(_seed(dsn, customers, hours, seed, first.shifted(hours - 1), ALL))
+            asyncio.run(_subscribe_all(stack))
+            identities = asyncio.run(_identities(dsn))
+            for h in range(hours):
+                hour = first.shifted(h)
+                clock.now = hour.end + timedelta(minutes=20)
+                late: list[tuple[Any, ...]] = []
+                if rates is not None and h < hours - 1:
+                    late = asyncio.run(_hold_back(dsn, hour, customers, rates.late_usage, chaos.rng))
+                    injected.add("late usage readings", len(late))
+                _bill_hour(run, stack, hour, chaos, gates, rates, concurrency)
+                if late:
+                    asyncio.run(_arrive(dsn, late))
+            _collect(run, stack, identities, dsn)
+    run.seconds = time.perf_counter() - began
+    return run
+
+
+def _bill_hour(
+    run: Run,
+    stack: Any,
+    hour: Any,
+    chaos: Chaos,
+    gates: dict[str, Gate],
+    rates: Rates | None,
+    concurrency: int,
+) -> None:
+    """The hour's scheduled run (chaos on, if any), then redrives until every customer-hour is settled."""
+    from billing_local.cli import run_hour
+
+    poison = _poison(hour, rates.poison_per_hour) if rates is not None else []
+    if rates is not None:
+        chaos.on = True
+        for gate in gates.values():
+            gate.rate = rates.marketplace
+        gates[ALL[run.hours_billed % len(ALL)]].down_until = time.monotonic() + rates.outage_s
+        stack.metering.fault_rate = rates.aws_emulator
+        _send(stack.queue_url, poison)
+        chaos.injected.add("poison messages", len(poison))
+        run.poison.update(poison)
+    try:
+        result = asyncio.run(run_hour({"period": hour.isoformat()}, concurrency, retry_delay_s=1))
+    finally:
+        chaos.on = False
+        for gate in gates.values():
+            gate.rate, gate.down_until = 0.0, 0.0
+        stack.metering.fault_rate = 0.0
+        run.hours_billed += 1
+    run.invocations += result.stats.invocations
+    run.failed += result.stats.failed
+    # the faults are over: redrive what the dead-letter queue holds (poison goes back there) and drain
+    for _ in range(5):
+        stranded = [body for body in _dead_letters(stack) if body not in run.poison]
+        if not result.report.unbilled and not stranded:
+            break
+        run.redrive_rounds += 1
+        run.redriven += _redrive(stack)
+        result = asyncio.run(run_hour({"period": hour.isoformat()}, concurrency, retry_delay_s=1))
+        run.invocations += result.stats.invocations
+        run.failed += result.stats.failed
+    run.unbilled_after += [f"{hour}: {c}" for c in result.report.unbilled]
+
+
+def _collect(run: Run, stack: Any, identities: dict[tuple[str, str], str], dsn: str) -> None:
+    from billing.domain.model import hour_floor
+
+    def hold(marketplace: str, key: str, dimension: str, hour: datetime, quantity: int) -> None:
+        run.held.setdefault((identities[marketplace, key], dimension, hour_floor(hour)), []).append(quantity)
+
+    for r in stack.metering.accepted():
+        hold("aws", r.customer, r.dimension, r.timestamp, r.quantity)
+    for g in list(stack.gcp.records.values()):
+        hold("gcp", g.consumer_id, g.metric, g.start_time, g.value)
+    for (resource, dimension, hour), event in list(stack.azure.accepted.items()):
+        hold("azure", resource, dimension, hour, int(event.quantity))
+    rows = asyncio.run(_fetch(dsn, "SELECT customer_id, dimension, period, state, quantity FROM ledger"))
+    run.ledger = {(r["customer_id"], r["dimension"], r["period"]): (r["state"], r["quantity"]) for r in rows}
+    run.dead_letters = _dead_letters(stack)
+
+
+# --- the comparison -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    customer_hours: int
+    double_billed: int  # (customer, dimension) pairs billed more than clean, or an hour held twice
+    lost: int  # (customer, dimension) pairs billed less than clean
+    quantity_difference: int  # sum over pairs of |chaos - clean|
+    units_over: int
+    units_under: int
+    hours_held_twice: list[str]
+    differences: list[str]
+    ledger_disagreements: list[str]
+    unsettled_rows: int
+
+    @property
+    def ok(self) -> bool:
+        return self.double_billed == 0 and self.lost == 0 and self.quantity_difference == 0
+
+
+def compare(clean: Run, chaos: Run, customer_hours: int) -> Verdict:
+    from billing.domain.model import LedgerState
+
+    a, b = clean.totals(), chaos.totals()
+    over = {k: b[k] - a[k] for k in a.keys() | b.keys() if b[k] > a[k]}
+    under = {k: a[k] - b[k] for k in a.keys() | b.keys() if b[k] < a[k]}
+    twice = sorted(f"{c} {d} {h:%Y-%m-%dT%H}" for (c, d, h), q in chaos.held.items() if len(q) > 1)
+    finals = {s.value for s in LedgerState if s.final}
+    disagreements = []
+    for key, quantities in chaos.held.items():
+        row = chaos.ledger.get(key)
+        if row is None or row[1] != sum(quantities) or row[0] not in ("accepted", "duplicate", "rejected"):
+            disagreements.append(f"{key[0]} {key[1]} {key[2]:%Y-%m-%dT%H}: held {quantities}, ledger {row}")
+    for key, (state, quantity) in chaos.ledger.items():
+        if state in ("accepted", "duplicate") and key not in chaos.held:
+            disagreements.append(
+                f"{key[0]} {key[1]} {key[2]:%Y-%m-%dT%H}: ledger {state} {quantity}, not held"
+            )
+    return Verdict(
+        customer_hours=customer_hours,
+        double_billed=len(over) + len(twice),
+        lost=len(under),
+        quantity_difference=sum(over.values()) + sum(under.values()),
+        units_over=sum(over.values()),
+        units_under=sum(under.values()),
+        hours_held_twice=twice[:20],
+        differences=[
+            f"{c} {d}: chaos {b[c, d]}, clean {a[c, d]}" for c, d in sorted(over.keys() | under.keys())
+        ][:20],
+        ledger_disagreements=disagreements[:20],
+        unsettled_rows=sum(1 for state, _ in chaos.ledger.values() if state not in finals),
+    )
+
+
+# --- plumbing -------------------------------------------------------------------------------------------
+
+
+def first_hour(hours: int) -> Any:
+    """The first billed hour: the ``hours`` hours end two days ago (the dispatcher bills only ended hours)."""
+    from billing.domain.model import Period, hour_floor
+
+    return Period(hour_floor(datetime.now(UTC)) - timedelta(hours=48 + hours))
+
+
+@contextlib.contextmanager
+def _patched() -> Iterator[Callable[[Any, str, Any], None]]:
+    undo: list[tuple[Any, str, Any]] = []
+
+    def patch(target: Any, name: str, value: Any) -> None:
+        undo.append((target, name, getattr(target, name)))
+        setattr(target, name, value)
+
+    try:
+        yield patch
+    finally:
+        for target, name, value in reversed(undo):
+            setattr(target, name, value)
+
+
+@contextlib.contextmanager
+def _no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+@contextlib.contextmanager
+def _database(server: str, name: str) -> Iterator[str]:
+    db = f"chaos_{name}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_execute(server, f"CREATE DATABASE {db}"))
+    try:
+        yield urlunsplit(urlsplit(server)._replace(path=f"/{db}"))
+    finally:
+        asyncio.run(_execute(server, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+
+
+async def _execute(dsn: str, statement: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _fetch(dsn: str, query: str, *args: Any) -> list[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def _identities(dsn: str) -> dict[tuple[str, str], str]:
+    """(marketplace, the marketplace's key for the customer) -> customer id."""
+    out = {}
+    for r in await _fetch(dsn, "SELECT * FROM customers"):
+        key = {
+            "aws": r["aws_customer_identifier"] or r["aws_account_id"],
+            "gcp": r["gcp_usage_reporting_id"],
+            "azure": (r["azure_resource_id"] or "").lower() or r["azure_resource_uri"],
+        }[r["marketplace"]]
+        out[r["marketplace"], key] = r["id"]
+    return out
+
+
+async def _hold_back(dsn: str, hour: Any, customers: int, share: float, rng: random.Random) -> list[Any]:
+    """Take the second half-hour's readings of a share of the customers out of the usage source."""
+    from billing_local.seed import customer_id
+
+    chosen = [customer_id(i) for i in range(customers) if rng.random() < share]
+    rows = await _fetch(
+        dsn,
+        "DELETE FROM usage WHERE customer_id = ANY($1::text[]) AND ts >= $2 AND ts < $3"
+        " RETURNING ts, customer_id, cluster_id, metric, quantity",
+        chosen,
+        hour.start + timedelta(minutes=30),
+        hour.end,
+    )
+    return [tuple(r.values()) for r in rows]
+
+
+async def _arrive(dsn: str, rows: list[tuple[Any, ...]]) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.copy_records_to_table(
+            "usage", records=rows, columns=["ts", "customer_id", "cluster_id", "metric", "quantity"]
+        )
+    finally:
+        await conn.close()
+
+
+def _poison(hour: Any, n: int) -> list[str]:
+    kinds = [
+        lambda i: f"Hello from SQS! {hour} #{i}",
+        lambda i: json.dumps(
+            {"version": 2, "customer_id": "cust-000001", "period": hour.isoformat(), "n": i}
+        ),
+        lambda i: json.dumps(
+            {
+                "version": 1,
+                "customer_id": f"nobody-{i}",
+                "period": hour.isoformat(),
+                "run_id": str(uuid.uuid4()),
+            }
+        ),
+        lambda i: json.dumps(
+            {"version": 1, "customer_id": "cust-000001", "period": f"{hour}#{i}", "run_id": "x"}
+        ),
+    ]
+    return [kinds[i % len(kinds)](i) for i in range(n)]
+
+
+def _sqs() -> Any:
+    import boto3
+
+    return boto3.client("sqs")
+
+
+def _send(queue_url: str, bodies: list[str]) -> None:
+    sqs = _sqs()
+    for body in bodies:
+        sqs.send_message(QueueUrl=queue_url, MessageBody=body)
+
+
+def _redrive(stack: Any) -> int:
+    """`billing redrive`'s own code: the dead-letter queue back into the billing queue."""
+    import boto3
+    from botocore.config import Config
+
+    from billing_local.cli_ops import redrive, resolve_queue
+
+    sqs = _sqs()
+    probe = boto3.client("sqs", config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
+    dlq = resolve_queue(sqs, stack.dlq_url, None, "dead-letter queue")
+    queue = resolve_queue(sqs, stack.queue_url, None, "billing queue")
+    quiet = lambda label, total: contextlib.nullcontext(lambda n: None)  # noqa: E731
+    return int(redrive(sqs, dlq, queue, probe=probe, wait_seconds=0, progress=quiet).moved)
+
+
+def _dead_letters(stack: Any) -> list[str]:
+    """The bodies in the dead-letter queue, left there and visible again."""
+    sqs = _sqs()
+    bodies: dict[str, str] = {}
+    handles = []
+    while got := sqs.receive_message(
+        QueueUrl=stack.dlq_url, MaxNumberOfMessages=10, VisibilityTimeout=60
+    ).get("Messages", []):
+        bodies |= {m["MessageId"]: m["Body"] for m in got}
+        handles += [m["ReceiptHandle"] for m in got]
+    for start in range(0, len(handles), 10):
+        entries = [
+            {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
+            for i, h in enumerate(handles[start : start + 10])
+        ]
+        sqs.change_message_visibility_batch(QueueUrl=stack.dlq_url, Entries=entries)
+    return sorted(bodies.values())
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customer-hours", type=int, default=10_000)
+    parser.add_argument("--hours", type=int, default=4, help="consecutive hours billed (at least 2)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="consumers (default: the template's cap)"
+    )
+    args = parser.parse_args(argv)
+    if args.hours < 2 or args.customer_hours < args.hours * len(ALL):
+        parser.error("need --hours >= 2 and at least one customer of each marketplace")
+    customers = args.customer_hours // args.hours
+    customer_hours = customers * args.hours
+
+    os.environ.setdefault("XDG_RUNTIME_DIR", _runtime_dir())
+    for name in ("elasticapm", "werkzeug", "aiohttp.access", "aiohttp.server"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    from billing_local.stack import QueueSettings, embedded_postgres
+
+    concurrency = args.concurrency or QueueSettings.from_template().max_concurrency
+    rates = Rates()
+    print(
+        f"chaos: {customers:,} customers x {args.hours} hours = {customer_hours:,} customer-hours, "
+        f"{concurrency} consumers, seed {args.seed}",
+        file=sys.stderr,
+    )
+    began = time.perf_counter()
+    with embedded_postgres() as server:
+        clean = bill_hours("clean", server, customers, args.hours, args.seed, None, concurrency)
+        print(f"  clean run: {clean.seconds:.1f} s, {clean.invocations:,} invocations", file=sys.stderr)
+        chaos = bill_hours("chaos", server, customers, args.hours, args.seed, rates, concurrency)
+        print(
+            f"  chaos run: {chaos.seconds:.1f} s, {chaos.invocations:,} invocations "
+            f"({chaos.failed:,} failed), {chaos.redrive_rounds} redrive rounds",
+            file=sys.stderr,
+        )
+    wall = time.perf_counter() - began
+    verdict = compare(clean, chaos, customer_hours)
+    injected = chaos.injected
+    poison = len(chaos.poison)
+    stranded = [body for body in chaos.dead_letters if body not in chaos.poison]
+
+    print(f"customer-hours        {verdict.customer_hours:,}")
+    print(f"double-billed         {verdict.double_billed}  (+{verdict.units_over} units)")
+    print(f"lost                  {verdict.lost}  (-{verdict.units_under} units)")
+    print(f"quantity difference   {verdict.quantity_difference}")
+    print(f"wall time             {wall:.1f} s  (clean {clean.seconds:.1f} s, chaos {chaos.seconds:.1f} s)")
+    print("faults injected:")
+    for kind, n in sorted(injected.counts.items()):
+        print(f"  {kind:45} {n:,}")
+    print(
+        f"ledger: {len(verdict.ledger_disagreements)} disagreement(s) with the marketplaces, "
+        f"{verdict.unsettled_rows} unsettled row(s); "
+        f"dead-letter queue: {len(chaos.dead_letters)} message(s), "
+        f"{len(stranded)} not poison ({poison} poison bodies sent; a poison message delivered twice leaves "
+        f"two); unbilled after redrives: {len(chaos.unbilled_after)}"
+    )
+    for line in verdict.differences + verdict.hours_held_twice + verdict.ledger_disagreements:
+        print(f"  ! {line}")
+    doc = {
+        "benchmark": "chaos",
+        "customer_hours": verdict.customer_hours,
+        "customers": customers,
+        "hours": args.hours,
+        "seed": args.seed,
+        "concurrency": concurrency,
+        "double_billed": verdict.double_billed,
+        "lost": verdict.lost,
+        "quantity_difference": verdict.quantity_difference,
+        "ok": verdict.ok,
+        "wall_s": {
+            "total": round(wall, 1),
+            "clean": round(clean.seconds, 1),
+            "chaos": round(chaos.seconds, 1),
+        },
+        "rates": dataclasses.asdict(rates),
+        "injected": dict(sorted(injected.counts.items())),
+        "clean_run": {"invocations": clean.invocations, "failed": clean.failed},
+        "chaos_run": {
+            "invocations": chaos.invocations,
+            "failed": chaos.failed,
+            "redrive_rounds": chaos.redrive_rounds,
+            "redriven": chaos.redriven,
+            "unbilled_after_redrives": chaos.unbilled_after[:20],
+            "dead_letters": len(chaos.dead_letters),
+            "dead_letters_not_poison": stranded[:20],
+            "poison_bodies_sent": poison,
+            "ledger_disagreements": verdict.ledger_disagreements,
+            "unsettled_rows": verdict.unsettled_rows,
+        },
+        "differences": verdict.differences,
+        "hours_held_twice": verdict.hours_held_twice,
+        "machine": machine(),
+        "finished_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    path = write_json("chaos", doc)
+    print(f"wrote {path}")
+    return 0 if verdict.ok else 1
+
+
+def _runtime_dir() -> str:
+    path = Path.cwd() / ".run"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,6 +127,7 @@ class Gate:
         self.plan: Plan | None = None
         self.identities: dict[tuple[str, str], str] = {}
         self.served: Counter[str] = Counter()
+        self.after_lost: Callable[[], None] | None = None  # runs once the lost answer's work is done
 
     def middleware(self) -> Any:
         @web.middleware
@@ -141,6 +142,8 @@ class Gate:
             self.served[str(fault)] += 1
             if fault == "lost":
                 response = await handler(request)
+                if self.after_lost is not None:
+                    self.after_lost()
                 await asyncio.sleep(HANG_S)
                 return response
             if fault == "timeout":
@@ -1056,6 +1059,40 @@ def test_a_botocore_retry_refused_after_a_lost_answer_is_not_billed_again_after_
         w.bill(H, at=late)
         w.bill(NEXT, at=late)
 
+    lab.prove(scenario, marketplaces=("aws",), hours=(H, NEXT))
+
+
+HIDDEN_BY_THE_WINDOW = (
+    "money bug: when AWS refuses a retry with TimestampOutOfBoundsException, the adapter raises "
+    "WindowExpiredError and the earlier attempt of the same call, whose answer was lost, is forgotten: "
+    "the biller records the rows 'failed', expires them and carries their quantity to a later hour"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=HIDDEN_BY_THE_WINDOW)
+def test_the_window_closing_between_two_attempts_of_one_call_does_not_bill_the_hour_again(lab: Lab) -> None:
+    late = H.start + WINDOWS["aws"] + timedelta(minutes=30)
+
+    def scenario(w: World) -> None:
+        # Given AWS takes the first customer's records but the answer is lost, and its clock passes the
+        # hour's 6-hour window meanwhile: the adapter's retry of that call is refused as out of bounds
+        # (every other call gets a definite answer: accepted, or out of bounds)
+        calls = itertools.count()
+
+        def lost_once(call: Call) -> Fault | None:
+            return "lost" if next(calls) == 0 else None
+
+        def window_closes() -> None:
+            w.clock.now = late
+
+        w.gates["aws"].plan = lost_once
+        w.gates["aws"].after_lost = window_closes
+        w.bill(H)
+        # When the next hour is billed (still inside its own window)
+        w.gates["aws"].plan = None
+        w.bill(NEXT, at=late)
+
+    # Then AWS holds what a clean run gives it: an hour it may hold is never carried to the next one
     lab.prove(scenario, marketplaces=("aws",), hours=(H, NEXT))
 
 

@@ -410,18 +410,24 @@ def twice_at_once(handle: Handler, sqs: Any, queue_url: str) -> Handler:
 
 
 @contextlib.asynccontextmanager
-async def terminating_connections(dsn: str, killed: list[int], every_s: float = 0.1) -> AsyncIterator[None]:
-    """PostgreSQL terminates every billing connection (application_name) every ``every_s`` meanwhile."""
+async def terminating_connections(
+    dsn: str, killed: list[int], budget: int = 3, every_s: float = 0.05
+) -> AsyncIterator[None]:
+    """PostgreSQL terminates the billing connections (application_name) busy with a query, every
+    ``every_s``, until it has killed ``budget`` of them: fewer than maxReceiveCount, so the drops alone
+    cannot send a message to the dead-letter queue."""
     admin = await asyncpg.connect(dsn)
 
     async def terminate() -> None:
-        while True:
+        while sum(killed) < budget:
             await asyncio.sleep(every_s)
             killed.append(
                 await admin.fetchval(
-                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND application_name = 'marketplace-billing'"
-                    " AND pid <> pg_backend_pid()"
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM ("
+                    "  SELECT pid FROM pg_stat_activity"
+                    "   WHERE datname = current_database() AND application_name = 'marketplace-billing'"
+                    "     AND state = 'active' AND pid <> pg_backend_pid() LIMIT $1) AS busy",
+                    budget - sum(killed),
                 )
             )
 
@@ -877,21 +883,19 @@ def test_an_outage_longer_than_the_aws_window_bills_the_hour_with_the_first_hour
 # --- the database and the usage source fail --------------------------------------------------------------
 
 
-@pytest.mark.skip(
-    reason="timing-dependent under load: passed alone, failed once in the full suite on a loaded machine; "
-    "not yet diagnosed (see the closing note), so it must not decide CI"
-)
 def test_database_connections_dropped_mid_run_lose_and_double_nothing(lab: Lab) -> None:
     killed: list[int] = []
 
     def scenario(w: World) -> None:
+        # Given PostgreSQL terminates three billing connections in the middle of their queries (a commit
+        # may or may not have happened), and a lease shorter than SQS's redelivery delay
         w.chaos.beside_drain = lambda: terminating_connections(w.dsn, killed)
         w.chaos.lease_seconds = 1
+        # When the hour is billed
         w.bill(H, retry_delay_s=1)
 
-    proof = lab.prove(scenario)
+    lab.prove(scenario)
     assert sum(killed) > 0
-    assert proof.failures > 0
 
 
 def test_usage_search_timeouts_are_retried_and_billed_once(lab: Lab) -> None:
@@ -1062,14 +1066,6 @@ def test_a_botocore_retry_refused_after_a_lost_answer_is_not_billed_again_after_
     lab.prove(scenario, marketplaces=("aws",), hours=(H, NEXT))
 
 
-HIDDEN_BY_THE_WINDOW = (
-    "money bug: when AWS refuses a retry with TimestampOutOfBoundsException, the adapter raises "
-    "WindowExpiredError and the earlier attempt of the same call, whose answer was lost, is forgotten: "
-    "the biller records the rows 'failed', expires them and carries their quantity to a later hour"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=HIDDEN_BY_THE_WINDOW)
 def test_the_window_closing_between_two_attempts_of_one_call_does_not_bill_the_hour_again(lab: Lab) -> None:
     late = H.start + WINDOWS["aws"] + timedelta(minutes=30)
 

@@ -270,6 +270,28 @@ async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
     assert [r.quantity for r in stack.metering.accepted() if r.dimension == "CapacityGbHours"] == [6]
 
 
+async def test_an_hour_aws_refuses_as_out_of_bounds_before_our_clock_says_so_is_carried(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given AWS's clock past the hour's 6-hour window while the biller's still says it is inside
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "3")
+    stack.metering.clock = lambda: HOUR.start + timedelta(hours=7)
+    # When the hour is billed
+    outcome = await biller.bill(message("c1"))
+    # Then one call is made and refused (TimestampOutOfBoundsException is not retried), nothing is
+    # accepted, and the hour is settled as expired with its quantity carried
+    assert stack.metering.calls == 1
+    assert stack.metering.accepted() == []
+    assert outcome.count(LedgerState.EXPIRED) == 2
+    assert (
+        await pool.fetchval(
+            "SELECT carry FROM balances WHERE customer_id = 'c1' AND dimension = 'CapacityGbHours'"
+        )
+        == 3
+    )
+
+
 def test_run_ids_do_not_affect_idempotency() -> None:
     assert (
         message("c", run_id=uuid.UUID(int=1)).billing_period

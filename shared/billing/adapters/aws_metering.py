@@ -39,6 +39,8 @@ _PERMANENT_CODES = frozenset(
 )
 # the request certainly was not processed: safe to retry and, later, to carry
 _DEFINITE_TRANSIENT_CODES = frozenset({"ThrottlingException", "ThrottledException", "RequestLimitExceeded"})
+# the hour is outside AWS's 6-hour window: nothing in the request was taken, and retrying cannot help
+_OUT_OF_BOUNDS = "TimestampOutOfBoundsException"
 
 
 class AwsMeteringClient:
@@ -60,6 +62,11 @@ class AwsMeteringClient:
         for start in range(0, len(entries), RULES.batch_limit):
             chunk = entries[start : start + RULES.batch_limit]
             results.extend(await self._submit_chunk(customer, period, chunk))
+        # Settled as expired only when every record was refused as out of bounds and no attempt of the
+        # hour may have delivered it (sticky() turns such a refusal into SUBMITTED); otherwise each record
+        # keeps its own answer: an accepted one stays accepted, an unconfirmed one is never carried.
+        if results and all(_out_of_bounds(r) and r.state is LedgerState.FAILED for r in results):
+            raise WindowExpiredError(f"AWS: {results[0].reason}")
         return results
 
     async def _submit_chunk(
@@ -73,7 +80,9 @@ class AwsMeteringClient:
         async def send_once(pending: Mapping[str, LedgerEntry]) -> dict[str, SubmitResult]:
             return await self._send(customer, period, list(pending.values()))
 
-        answered = await submit_until_settled(send_once, entries, self._attempts)
+        answered = await submit_until_settled(
+            send_once, entries, self._attempts, lambda r: not r.retryable or _out_of_bounds(r)
+        )
         return [answered[e.dimension] for e in chunk]
 
     async def _send(
@@ -90,8 +99,8 @@ class AwsMeteringClient:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "Unknown")
             message = exc.response.get("Error", {}).get("Message", "")
-            if code == "TimestampOutOfBoundsException":
-                raise WindowExpiredError(f"AWS: {code}: {message}") from exc
+            if code == _OUT_OF_BOUNDS:
+                return every(LedgerState.FAILED, f"{code}: {message}")
             if code in _PERMANENT_CODES:
                 return every(LedgerState.REJECTED, f"{code}: {message}")
             if code in _DEFINITE_TRANSIENT_CODES:
@@ -108,6 +117,10 @@ class AwsMeteringClient:
             dimension = result["UsageRecord"]["Dimension"]
             answered[dimension] = _result(dimension, result)
         return answered
+
+
+def _out_of_bounds(result: SubmitResult) -> bool:
+    return (result.reason or "").startswith(_OUT_OF_BOUNDS)
 
 
 def _record(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:

@@ -74,11 +74,11 @@ class Rates:
     usage_timeout: float = 0.03  # of usage searches
     slow_usage: float = 0.02
     late_usage: float = 0.05  # of customers, each hour but the last: their second-half readings come late
-    db_terminate_every_s: float = 4.0
+    db_terminate_every_s: float = 1.0
     poison_per_hour: int = 5
     # each hour one marketplace in turn is down this long when the drain starts: its messages that fail
     # maxReceiveCount times meanwhile end in the dead-letter queue, redriven once the faults are over
-    outage_s: float = 12.0
+    outage_s: float = 25.0  # > 1+2+3+4+5 s: the runner's redelivery delays before a 6th receive dead-letters
 
 
 class Killed(Exception):
@@ -359,7 +359,7 @@ def _duplicating(handle: Any, sqs: Any, queue_url: str, chaos: Chaos) -> Any:
 
 @contextlib.asynccontextmanager
 async def terminating_connections(dsn: str, chaos: Chaos) -> AsyncIterator[None]:
-    """PostgreSQL terminates every billing connection every few seconds, while the chaos is on."""
+    """PostgreSQL terminates every billing connection busy with a query every few seconds (chaos on)."""
     import asyncpg
 
     if not chaos.on:
@@ -373,7 +373,7 @@ async def terminating_connections(dsn: str, chaos: Chaos) -> AsyncIterator[None]
             n = await admin.fetchval(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND application_name = 'marketplace-billing'"
-                " AND pid <> pg_backend_pid()"
+                " AND state = 'active' AND pid <> pg_backend_pid()"
             )
             chaos.injected.add("database connection terminated", n)
 

@@ -55,6 +55,28 @@ class Delivery:
     message_attributes: dict[str, Any]
 
 
+class LeakedCancellationError(RuntimeError):
+    """The handler raised CancelledError though nothing cancelled its consumer."""
+
+
+async def _handled(handle: Callable[[Delivery], Awaitable[BillOutcome]], delivery: Delivery) -> BillOutcome:
+    """``handle(delivery)``, with a CancelledError nothing asked for turned into an ordinary failure.
+
+    CancelledError is not an ``Exception``: leaking from a library, it would end its consumer silently
+    (a TaskGroup ignores a cancelled child) and leave the message in flight for the queue's whole
+    visibility timeout. Lambda would fail the invocation and SQS redeliver the message; so does this.
+    """
+    try:
+        return await handle(delivery)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise LeakedCancellationError(
+            f"message {delivery.message_id}: the handler raised CancelledError, nothing cancelled it"
+        ) from None
+
+
 @contextlib.contextmanager
 def lambda_like_transaction(client: Any, queue_name: str, delivery: Delivery) -> Iterator[None]:
     """One APM transaction per message, shaped like capture_serverless's for a 1-record SQS event.
@@ -196,7 +218,7 @@ async def drain(
                 with lambda_like_transaction(apm_client, queue_name, delivery):
                     started = time.perf_counter()
                     try:
-                        outcome = await handle(delivery)
+                        outcome = await _handled(handle, delivery)
                     finally:
                         work = time.perf_counter() - started
             except Exception:  # the batch boundary: any failure leaves the message for redelivery

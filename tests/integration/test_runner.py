@@ -1,0 +1,79 @@
+"""The local runner (billing_local.runner.drain) against moto's SQS server, with handlers that fail."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aioboto3
+import pytest
+
+from billing.domain.model import BillOutcome, Marketplace
+from billing_local.runner import Delivery, drain
+from testkit import HOUR
+
+
+@pytest.fixture
+async def sqs(stack: Any) -> AsyncIterator[Any]:
+    async with aioboto3.Session().client("sqs") as client:
+        yield client
+
+
+async def send(sqs: Any, url: str, bodies: list[str]) -> None:
+    for start in range(0, len(bodies), 10):
+        chunk = bodies[start : start + 10]
+        await sqs.send_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(chunk)]
+        )
+
+
+def outcome(body: str) -> BillOutcome:
+    return BillOutcome(body, HOUR, Marketplace.AWS)
+
+
+async def test_a_handler_failure_is_redelivered_and_every_message_handled_once_it_succeeds(
+    sqs: Any, stack: Any
+) -> None:
+    # Given 12 messages, and a handler that fails each one's first delivery: with an exception, or with
+    # a CancelledError nothing asked for (as a library may leak one when its connection is cut)
+    bodies = [f"m{i:02d}" for i in range(12)]
+    await send(sqs, stack.queues.url, bodies)
+    seen: Counter[str] = Counter()
+
+    async def handle(delivery: Delivery) -> BillOutcome:
+        seen[delivery.body] += 1
+        if seen[delivery.body] == 1:
+            if int(delivery.body[1:]) % 2:
+                raise asyncio.CancelledError
+            raise RuntimeError("transient")
+        return outcome(delivery.body)
+
+    # When the runner drains the queue with 4 consumers
+    stats = await asyncio.wait_for(drain(sqs, stack.queues.url, handle, concurrency=4, retry_delay_s=1), 60)
+    # Then every message failed once, was redelivered and handled, and the queue is empty
+    assert (stats.failed, stats.succeeded) == (12, 12)
+    assert sorted(o.customer_id for o in stats.outcomes) == bodies
+    assert set(seen.values()) == {2}
+    attrs = await sqs.get_queue_attributes(QueueUrl=stack.queues.url, AttributeNames=["All"])
+    assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
+    assert attrs["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+async def test_a_message_that_keeps_failing_ends_in_the_dead_letter_queue(sqs: Any, stack: Any) -> None:
+    # Given a poison message beside a good one
+    await send(sqs, stack.queues.url, ["good", "poison"])
+
+    async def handle(delivery: Delivery) -> BillOutcome:
+        if delivery.body == "poison":
+            raise ValueError("malformed")
+        return outcome(delivery.body)
+
+    # When the runner drains the queue
+    stats = await asyncio.wait_for(drain(sqs, stack.queues.url, handle, concurrency=2, retry_delay_s=0), 60)
+    # Then the good one is handled once, and the poison one fails maxReceiveCount times, then is moved
+    assert [o.customer_id for o in stats.outcomes] == ["good"]
+    assert stats.failed == stack.queues.settings.max_receive_count
+    got = await sqs.receive_message(QueueUrl=stack.queues.dlq_url, MaxNumberOfMessages=10)
+    assert [m["Body"] for m in got["Messages"]] == ["poison"]

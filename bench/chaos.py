@@ -220,21 +220,6 @@ class Proxy:
         return getattr(self.inner, name)
 
 
-class ShortPolls(Proxy):
-    """The runner's SQS client with short polls (a tenth of a second apart when the queue is empty).
-
-    The runner (billing_local/runner.py) cancels its poller inside a long ReceiveMessage when a drain
-    ends; that request stays open at moto and takes the messages the next run_hour sends within the
-    second (the next hour's, or a redrive's), hiding them for the queue's visibility timeout (360 s).
-    Short polls leave no request open. Reported, with the fix, beside this benchmark."""
-
-    async def receive_message(self, **kwargs: Any) -> Any:
-        response = await self.inner.receive_message(**{**kwargs, "WaitTimeSeconds": 0})
-        if not response.get("Messages"):
-            await asyncio.sleep(0.1)
-        return response
-
-
 class ChaoticLedger(Proxy):
     """The biller's process dies, now and then, right after its decision was recorded, or after the
     marketplace accepted the records and before the ledger recorded that answer."""
@@ -321,7 +306,7 @@ def drain_with(
     ) -> Any:
         async with terminating_connections(dsn, chaos):
             return await original(
-                ShortPolls(sqs),
+                sqs,
                 queue_url,
                 _duplicating(handle, sqs, queue_url, chaos),
                 concurrency,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 
 SQS_MAX_RECEIVE = 10
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,6 +111,16 @@ def lambda_like_transaction(client: Any, queue_name: str, delivery: Delivery) ->
         client.end_transaction()
 
 
+async def _retry_later(sqs: Any, queue_url: str, delivery: Delivery, delay_s: int) -> None:
+    """Make a failed message visible again after ``delay_s`` (Lambda's retry, sooner than 360 s)."""
+    try:
+        await sqs.change_message_visibility(
+            QueueUrl=queue_url, ReceiptHandle=delivery.receipt_handle, VisibilityTimeout=delay_s
+        )
+    except Exception:  # it comes back after the queue's visibility timeout instead
+        logger.warning("could not shorten a failed message's visibility", exc_info=True)
+
+
 async def drain(
     sqs: Any,
     queue_url: str,
@@ -134,6 +146,8 @@ async def drain(
     # waits in the inbox waits outside its transaction (its age shows it), as it would in the queue.
     credits = asyncio.Semaphore(concurrency + batch * pollers_count)
     held = 0  # messages received and not yet deleted or released
+    idle = asyncio.Event()  # nothing held
+    idle.set()
     inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
     finished: asyncio.Queue[str] = asyncio.Queue()  # receipt handles of billed messages, to delete
     stop = asyncio.Event()
@@ -149,13 +163,24 @@ async def drain(
         )
         return all(int(v) == 0 for v in attrs["Attributes"].values())
 
+    def hold(n: int) -> None:
+        nonlocal held
+        if n == 0:
+            return
+        held += n
+        if held == 0:
+            idle.set()
+            stats.finished = time.perf_counter()  # the last message settled so far: the makespan's end
+        else:
+            idle.clear()
+
     async def settle() -> None:
         """Nothing held: stop as soon as the queue is empty, not when a long poll next times out."""
         if held == 0 and not stop.is_set() and await queue_empty() and held == 0:
             stop.set()
 
     async def poller() -> None:
-        nonlocal held
+        """Receives until the drain stops; never cancelled inside a ReceiveMessage (see below)."""
         while not stop.is_set():
             for _ in range(batch):
                 await credits.acquire()
@@ -169,7 +194,7 @@ async def drain(
             messages = response.get("Messages", [])
             for _ in range(batch - len(messages)):
                 credits.release()
-            held += len(messages)
+            hold(len(messages))  # taken after the drain was told to stop, they are billed all the same
             for m in messages:
                 attributes = m.get("Attributes", {})
                 inbox.put_nowait(
@@ -192,7 +217,6 @@ async def drain(
         server (5.2.5) does not survive: its DeleteMessage rebuilds the queue's message list without a
         lock, so concurrent deletes lose some and those messages come back after the visibility timeout.
         """
-        nonlocal held
         while True:
             handles = [await finished.get()]
             while len(handles) < SQS_MAX_RECEIVE and not finished.empty():
@@ -203,13 +227,12 @@ async def drain(
                     Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles)],
                 )
             finally:  # an entry that failed to delete is delivered again, and billed as already billed
-                held -= len(handles)
                 for _ in handles:
                     credits.release()
+                hold(-len(handles))
             await settle()
 
     async def consumer() -> None:
-        nonlocal held
         while (delivery := await inbox.get()) is not None:
             began = time.perf_counter()
             work = 0.0
@@ -223,11 +246,7 @@ async def drain(
                         work = time.perf_counter() - started
             except Exception:  # the batch boundary: any failure leaves the message for redelivery
                 stats.failed += 1
-                await sqs.change_message_visibility(
-                    QueueUrl=queue_url,
-                    ReceiptHandle=delivery.receipt_handle,
-                    VisibilityTimeout=min(retry_delay_s * delivery.receive_count, 30),
-                )
+                await _retry_later(sqs, queue_url, delivery, min(retry_delay_s * delivery.receive_count, 30))
             else:
                 stats.succeeded += 1
                 stats.outcomes.append(outcome)
@@ -239,8 +258,8 @@ async def drain(
                 stats.work.append(work)
                 stats.message_ids.append(delivery.message_id)
                 if not billed:
-                    held -= 1
                     credits.release()
+                    hold(-1)
                 if progress is not None:
                     progress(stats)
             if not billed:
@@ -248,14 +267,19 @@ async def drain(
 
     async with asyncio.TaskGroup() as group:
         consumers = [group.create_task(consumer()) for _ in range(concurrency)]
-        background = [group.create_task(poller()) for _ in range(pollers_count)]
-        background.append(group.create_task(deleter()))
+        pollers = [group.create_task(poller()) for _ in range(pollers_count)]
+        deleter_task = group.create_task(deleter())
         await stop.wait()
-        for task in background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # The pollers end after the ReceiveMessage they are in. Cancelled inside a long poll, the request
+        # would stay open at SQS and the messages it took (the next run's, arriving within the wait) would
+        # be hidden for the queue's whole visibility timeout. What they took is billed before stopping.
+        await asyncio.gather(*pollers)
+        await idle.wait()
+        deleter_task.cancel()  # idle: waiting for handles, no DeleteMessageBatch in flight
+        with contextlib.suppress(asyncio.CancelledError):
+            await deleter_task
         for _ in consumers:
             inbox.put_nowait(None)
-    stats.finished = time.perf_counter()
+    if not stats.finished:
+        stats.finished = time.perf_counter()
     return stats

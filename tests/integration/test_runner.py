@@ -77,3 +77,23 @@ async def test_a_message_that_keeps_failing_ends_in_the_dead_letter_queue(sqs: A
     assert stats.failed == stack.queues.settings.max_receive_count
     got = await sqs.receive_message(QueueUrl=stack.queues.dlq_url, MaxNumberOfMessages=10)
     assert [m["Body"] for m in got["Messages"]] == ["poison"]
+
+
+async def test_messages_sent_right_after_a_drain_are_not_hidden_by_its_last_long_poll(
+    sqs: Any, stack: Any
+) -> None:
+    # Given a drain of 3 messages with long polls of 3 s, that ends (the last delete finds the queue
+    # empty) while its poller waits inside a ReceiveMessage
+    await send(sqs, stack.queues.url, ["a", "b", "c"])
+
+    async def handle(delivery: Delivery) -> BillOutcome:
+        return outcome(delivery.body)
+
+    first = await drain(sqs, stack.queues.url, handle, concurrency=3, wait_time_s=3)
+    # When 5 messages are sent as soon as it returns, and drained again
+    await send(sqs, stack.queues.url, ["d", "e", "f", "g", "h"])
+    second = await asyncio.wait_for(drain(sqs, stack.queues.url, handle, concurrency=3, wait_time_s=3), 60)
+    # Then each drain billed its own messages: none was taken by a ReceiveMessage left open at SQS (it
+    # would hide them for the queue's 360 s visibility timeout)
+    assert sorted(o.customer_id for o in first.outcomes) == ["a", "b", "c"]
+    assert sorted(o.customer_id for o in second.outcomes) == ["d", "e", "f", "g", "h"]

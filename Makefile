@@ -9,12 +9,12 @@ export XDG_RUNTIME_DIR ?= $(CURDIR)/.run
 export PYTHONPYCACHEPREFIX ?= $(CURDIR)/.pycache
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-fast lint typecheck bench timeline chromium clean
+.PHONY: help demo test test-fast lint typecheck bench chaos timeline chromium clean
 
 help:
 	@echo "make demo   bill one hour for synthetic customers on an embedded local stack"
 	@echo "make test   the whole test suite (unit, handlers, integration, e2e, template)"
-	@echo "make lint / make typecheck / make bench / make check-template / make sam-build"
+	@echo "make lint / make typecheck / make bench / make chaos / make check-template / make sam-build"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# 10,000 customer-hours under random faults against a clean run: prints zeros or exits 1
+chaos: $(STAMP)
+	$(PY) -m bench.chaos
 
 clean:
 	rm -rf $(VENV) .venv-sam .aws-sam .run .pycache *.egg-info

@@ -6,9 +6,9 @@ message in the queue (``ApproximateNumberOfMessages*``): sending or receiving N 
 Dispatching 2,000 customers takes 40 s and 100,000 would take about a day; draining 2,000 spends
 most of its time there. Here ``Queue.attributes`` is a mapping that computes only what is read.
 
-Also, as shipped, DeleteMessage rebuilds the queue's message list without holding the queue's lock,
-so two deletes at once can lose one of them (the message comes back after its visibility timeout,
-and a drain that waits for an empty queue waits that long): here DeleteMessage takes that lock.
+Also billing_local.moto_fixes, the thread-safety fix every local moto server gets (DeleteMessage in
+place, under the queue's lock: as shipped it can lose a message that a concurrent ReceiveMessage
+moves to the dead-letter queue, or that a concurrent delete is removing).
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ _patched = False
 
 
 def patch() -> None:
-    """Apply both fixes to moto's SQS models in this process (once)."""
+    """Apply the fixes to moto's SQS models in this process (once)."""
     global _patched
     if _patched:
         return
     _patched = True
     from moto.core.utils import camelcase_to_underscores
     from moto.sqs.models import Queue
+
+    from billing_local import moto_fixes
 
     class LazyAttributes(collections.abc.Mapping[str, Any]):
         """The same keys and values as ``Queue.attributes``, each computed when read."""
@@ -64,14 +66,8 @@ def patch() -> None:
         def __len__(self) -> int:
             return len(self._keys)
 
-    original_delete = Queue.delete_message
-
-    def delete_message(self: Any, receipt_handle: str) -> None:
-        with self._messages_lock:
-            original_delete(self, receipt_handle)
-
     Queue.attributes = property(LazyAttributes)  # type: ignore[assignment,method-assign]
-    Queue.delete_message = delete_message  # type: ignore[method-assign]
+    moto_fixes.patch()
 
 
 def main() -> None:

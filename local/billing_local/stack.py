@@ -66,7 +66,8 @@ def embedded_postgres() -> Iterator[str]:
 
 @contextlib.contextmanager
 def moto_server_process() -> Iterator[str]:
-    """moto's server in a process of its own (its request handling then never holds our GIL)."""
+    """moto's server in a process of its own (its request handling then never holds our GIL), with
+    billing_local.moto_fixes applied."""
     import socket
     import subprocess
     import sys
@@ -77,7 +78,7 @@ def moto_server_process() -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "billing_local.moto_fixes", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -100,11 +101,14 @@ def moto_server_process() -> Iterator[str]:
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
-    """moto's server on a free loopback port; yields its URL."""
+    """moto's server on a free loopback port, with billing_local.moto_fixes applied; yields its URL."""
     import logging
 
     from moto.server import ThreadedMotoServer
 
+    from billing_local.moto_fixes import patch
+
+    patch()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -217,6 +217,13 @@ def run_command(
     ] = None,
     timeline: Annotated[Path | None, typer.Option(help="Render the run's APM timeline (HTML).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show every customer's JSON log line.")] = False,
+    resend_unbilled: Annotated[
+        bool,
+        typer.Option(
+            help="If the hour was dispatched before, send its unfinished customers' messages again "
+            "(after a purge or a lost message; billing is idempotent)."
+        ),
+    ] = False,
 ) -> None:
     """Dispatch an hour and drain the queue against the configured backends."""
     from billing_local.stack import QueueSettings
@@ -226,7 +233,10 @@ def run_command(
     cap = concurrency or QueueSettings.from_template().max_concurrency
     apm = _start_apm(apm_events, timeline)
     began = time.perf_counter()
-    result = asyncio.run(run_hour({"period": hour.isoformat()}, cap, apm_client=apm))
+    event: dict[str, Any] = {"period": hour.isoformat()}
+    if resend_unbilled:
+        event["resend_unbilled"] = True
+    result = asyncio.run(run_hour(event, cap, apm_client=apm))
     _finish_apm(apm_events, timeline)
     _print_summary(result, time.perf_counter() - began)
     if report:

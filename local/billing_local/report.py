@@ -238,7 +238,8 @@ def _missing_reason(run: RunInfo | None) -> str:
         return f"no ledger record: the dispatcher has not finished the hour (attempt {run.attempts})"
     return (
         "no ledger record: dispatched but never billed; its message is still in the billing queue "
-        "or in the dead-letter queue (`billing redrive`)"
+        "or in the dead-letter queue (`billing redrive`), or was lost (`billing run --period HOUR "
+        "--resend-unbilled`)"
     )
 
 

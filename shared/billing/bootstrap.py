@@ -189,17 +189,23 @@ class Runtime:
     async def dispatch(self, event: dict[str, Any]) -> DispatchResult:
         from billing.adapters.postgres import PostgresDispatchRepository
         from billing.adapters.sqs import SqsQueue
-        from billing.events import period_to_bill
+        from billing.events import dispatch_request
         from billing.services.dispatch import dispatch
 
-        period = period_to_bill(event, self.settings.settle_delay)
+        request = dispatch_request(event, self.settings.settle_delay)
         if not self.settings.queue_url:
             raise ConfigurationError("BILLING_QUEUE_URL is not set")
         if not hasattr(self, "_queue"):
             sqs = await self.aws_client("sqs")
             self._queue = SqsQueue(sqs, self.settings.queue_url, in_flight=self.settings.dispatch_in_flight)
         repo = PostgresDispatchRepository(await self.pool())
-        return await dispatch(period, repo, self._queue, self.settings.dispatch_page_size)
+        return await dispatch(
+            request.period,
+            repo,
+            self._queue,
+            self.settings.dispatch_page_size,
+            resend_unbilled=request.resend_unbilled,
+        )
 
     async def close(self) -> None:
         await self._stack.aclose()

@@ -117,3 +117,27 @@ def test_a_message_delivered_twice_submits_nothing_new(local: LocalStack) -> Non
     assert again.stats.invocations == 60
     assert all(o.already_billed for o in again.stats.outcomes)
     assert _held(local) == held and local.metering.calls == aws_calls
+
+
+def test_an_hour_whose_messages_were_lost_is_finished_by_resending_the_unbilled(local: LocalStack) -> None:
+    # Given an hour dispatched, then its queue purged before anything was billed
+    from billing.bootstrap import Runtime
+    from billing.config import load_settings
+
+    async def dispatch_only() -> None:
+        runtime = Runtime(load_settings())
+        try:
+            await runtime.dispatch({"period": HOUR.isoformat()})
+        finally:
+            await runtime.close()
+
+    asyncio.run(dispatch_only())
+    boto3.client("sqs").purge_queue(QueueUrl=local.queue_url)
+    # When the hour is run again, plainly: nothing is sent, every customer stays unbilled
+    plain = asyncio.run(run_hour({"period": HOUR.isoformat()}, concurrency=8))
+    assert plain.dispatch.already_dispatched and plain.stats.invocations == 0
+    assert len(plain.report.unbilled) == 60
+    # Then with resend_unbilled (`billing run --resend-unbilled`): every customer is billed, once
+    again = asyncio.run(run_hour({"period": HOUR.isoformat(), "resend_unbilled": True}, concurrency=8))
+    assert again.dispatch.resent == 60 and again.report.unbilled == []
+    assert set(_held(local).values()) == {1}

@@ -115,3 +115,32 @@ async def test_customers_fully_billed_are_not_dispatched_again(pool: Any, stack:
         "c1",
         "c2",
     ]
+
+
+async def test_resend_unbilled_sends_again_only_for_customers_not_finished(
+    pool: Any, stack: Any, sqs: Any
+) -> None:
+    # Given an hour dispatched for three customers, c0 billed since, and the queue then purged
+    for c in ("c0", "c1", "c2"):
+        await add_aws_customer(pool, c)
+    repo, queue = PostgresDispatchRepository(pool), SqsQueue(sqs, stack.queues.url)
+    first = await dispatch(HOUR, repo, queue)
+    await drain_bodies(sqs, stack.queues.url)
+    await pool.execute(
+        "INSERT INTO ledger (customer_id, period, dimension, quantity, state, rated, carry_in, carry_out,"
+        " run_id) VALUES ('c0', $1, 'D', 1, 'accepted', 1, 0, 0, $2)",
+        HOUR.start,
+        first.run_id,
+    )
+    # When a plain trigger, then an operator's resend, arrive for the hour
+    plain = await dispatch(HOUR, repo, queue)
+    plain_bodies = await drain_bodies(sqs, stack.queues.url)
+    resend = await dispatch(HOUR, repo, queue, resend_unbilled=True)
+    # Then the plain trigger sends nothing, and the resend sends the two unfinished customers again,
+    # in the same run, leaving the run's dispatched count as it was
+    assert (plain.already_dispatched, plain.resent, plain_bodies) == (True, 0, [])
+    messages = [parse_message(b) for b in await drain_bodies(sqs, stack.queues.url)]
+    assert sorted(m.customer_id for m in messages) == ["c1", "c2"]
+    assert {m.run_id for m in messages} == {first.run_id}
+    assert (resend.already_dispatched, resend.resent, resend.dispatched) == (True, 2, 3)
+    assert await pool.fetchval("SELECT dispatched FROM billing_runs") == 3

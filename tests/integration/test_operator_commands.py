@@ -339,7 +339,8 @@ async def test_status_fails_naming_a_customer_that_was_dispatched_but_never_bill
     assert "NOT CLEAN (1 customer(s) missing" in result.output
     assert (
         "missing   aws   c2: no ledger record: dispatched but never billed; its message is still in the "
-        "billing queue or in the dead-letter queue (`billing redrive`)"
+        "billing queue or in the dead-letter queue (`billing redrive`), or was lost (`billing run --period "
+        "HOUR --resend-unbilled`)"
     ) in result.output
 
 

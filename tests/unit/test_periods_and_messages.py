@@ -11,7 +11,7 @@ import pytest
 from billing.domain.errors import BadMessageError
 from billing.domain.messages import BillMessageV1, parse_message
 from billing.domain.model import Period
-from billing.events import period_to_bill
+from billing.events import dispatch_request, period_to_bill
 
 SETTLE = timedelta(minutes=15)
 RUN = str(uuid.uuid4())
@@ -41,6 +41,13 @@ def test_backfill_event_bills_the_named_hour() -> None:
     assert period_to_bill({"period": "2026-11-26T13:00:00Z"}, SETTLE) == Period.parse("2026-11-26T13:00:00Z")
 
 
+def test_a_backfill_may_ask_to_resend_unbilled_customers_and_a_schedule_never_does() -> None:
+    assert dispatch_request({"period": "2026-11-26T13:00:00Z"}, SETTLE).resend_unbilled is False
+    asked = dispatch_request({"period": "2026-11-26T13:00:00Z", "resend_unbilled": True}, SETTLE)
+    assert (asked.period, asked.resend_unbilled) == (Period.parse("2026-11-26T13:00:00Z"), True)
+    assert dispatch_request({"time": "2026-11-26T14:20:00Z"}, SETTLE).resend_unbilled is False
+
+
 def test_backfill_of_an_hour_not_yet_ended_is_refused() -> None:
     clock = lambda: datetime(2026, 11, 26, 13, 30, tzinfo=UTC)  # noqa: E731
     with pytest.raises(BadMessageError, match="has not ended"):
@@ -55,6 +62,7 @@ def test_backfill_of_an_hour_not_yet_ended_is_refused() -> None:
         {"period": "yesterday"},
         {"time": "2026-11-26T14:20:00"},
         {"period": "2026-11-26T13:00:00Z", "extra": 1},
+        {"period": "2026-11-26T13:00:00Z", "resend_unbilled": "perhaps"},
     ],
 )
 def test_malformed_dispatch_events_are_refused_clearly(event: dict[str, object]) -> None:

@@ -19,6 +19,7 @@ class DispatchResult:
     period: Period
     dispatched: int
     already_dispatched: bool
+    resent: int = 0  # messages sent again for unfinished customers of an hour dispatched before
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -26,20 +27,28 @@ class DispatchResult:
             "period": self.period.isoformat(),
             "dispatched": self.dispatched,
             "already_dispatched": self.already_dispatched,
+            "resent": self.resent,
         }
 
 
 async def dispatch(
-    period: Period, repo: DispatchRepository, queue: MessageQueue, page_size: int = 1000
+    period: Period,
+    repo: DispatchRepository,
+    queue: MessageQueue,
+    page_size: int = 1000,
+    resend_unbilled: bool = False,
 ) -> DispatchResult:
-    """Idempotent: a finished run sends nothing; an interrupted one sends what may be unbilled."""
+    """Idempotent: a finished run sends nothing (unless ``resend_unbilled``: then a message for each
+    customer whose bill is not finished); an interrupted one sends what may be unbilled."""
     run = await repo.start_run(period)
-    if run.completed:
+    if run.completed and not resend_unbilled:
         return DispatchResult(run.id, period, run.dispatched, already_dispatched=True)
     sent = 0
     async for page in repo.customers_to_bill(period, page_size):
         sent += await queue.send(
             [BillMessageV1(customer_id=c, period=period.start, run_id=run.id) for c in page]
         )
+    if run.completed:
+        return DispatchResult(run.id, period, run.dispatched, already_dispatched=True, resent=sent)
     await repo.finish_run(run.id, sent)
     return DispatchResult(run.id, period, sent, already_dispatched=False)

@@ -787,6 +787,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="consumers (default: the template's cap)"
     )
+    parser.add_argument(
+        "--outage-seconds",
+        type=float,
+        default=Rates.outage_s,
+        help="how long one marketplace is down each hour (the default dead-letters messages)",
+    )
     args = parser.parse_args(argv)
     if args.hours < 2 or args.customer_hours < args.hours * len(ALL):
         parser.error("need --hours >= 2 and at least one customer of each marketplace")
@@ -799,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     from billing_local.stack import QueueSettings, embedded_postgres
 
     concurrency = args.concurrency or QueueSettings.from_template().max_concurrency
-    rates = Rates()
+    rates = Rates(outage_s=args.outage_seconds)
     print(
         f"chaos: {customers:,} customers x {args.hours} hours = {customer_hours:,} customer-hours, "
         f"{concurrency} consumers, seed {args.seed}",

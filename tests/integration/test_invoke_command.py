@@ -124,6 +124,7 @@ def test_dispatcher_prints_the_dispatch_of_a_backfill(embedded: list[Any]) -> No
         "period": "2026-11-26T13:00:00Z",
         "dispatched": CUSTOMERS,
         "already_dispatched": False,
+        "resent": 0,
     }
     assert len(embedded) == 1
 

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bench.common import machine, write_json
+from billing_local.faults import Proxy, ShortMarketplaceTimeouts, marketplace_error, with_middleware
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -128,7 +130,7 @@ class Gate:
         async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
             if time.monotonic() < self.down_until:
                 self.injected.add(f"{self.marketplace} outage 503")
-                return _error(self.marketplace, 503)
+                return marketplace_error(self.marketplace, 503)
             if not self.rate or self.rng.random() >= self.rate:
                 return await handler(request)
             fault = self.rng.choice(self.KINDS)
@@ -139,35 +141,11 @@ class Gate:
                 return response
             if fault == "timeout":
                 await asyncio.sleep(HANG_S)
-                return _error(self.marketplace, 504)
+                return marketplace_error(self.marketplace, 504)
             assert isinstance(fault, int)
-            return _error(self.marketplace, fault)
+            return marketplace_error(self.marketplace, fault)
 
         return gate
-
-
-def _error(marketplace: str, status: int) -> Any:
-    """An error answer in the marketplace's own format."""
-    from aiohttp import web
-
-    if marketplace == "aws":
-        code = {429: "ThrottlingException", 500: "InternalServiceErrorException"}.get(
-            status, "ServiceUnavailableException"
-        )
-        return web.json_response(
-            {"__type": code, "message": "injected"},
-            status=status,
-            headers={"x-amzn-ErrorType": code},
-            content_type="application/x-amz-json-1.1",
-        )
-    if marketplace == "gcp":
-        name = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}.get(
-            status, "DEADLINE_EXCEEDED"
-        )
-        return web.json_response(
-            {"error": {"code": status, "message": "injected", "status": name}}, status=status
-        )
-    return web.json_response({"code": "ServerError", "message": "injected", "details": []}, status=status)
 
 
 class _CountingRandom(random.Random):
@@ -180,15 +158,6 @@ class _CountingRandom(random.Random):
         if self.injected is not None:
             self.injected.add(f"aws emulator {chosen}")
         return chosen
-
-
-def _gated(create_app: Callable[[Any], Any], gate: Gate) -> Callable[[Any], Any]:
-    def create(state: Any) -> Any:
-        app = create_app(state)
-        app.middlewares.append(gate.middleware())
-        return app
-
-    return create
 
 
 # --- faults inside the billing code ---------------------------------------------------------------------
@@ -212,14 +181,6 @@ class Chaos:
             self.injected.add(kind)
             return True
         return False
-
-
-class Proxy:
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 class ChaoticLedger(Proxy):
@@ -261,20 +222,6 @@ class ChaoticUsage(Proxy):
         return await self.inner.hourly_usage(customer_id, start, end)
 
 
-class _ShortMarketplaceTimeouts:
-    """The aioboto3 session, with AWS metering clients that wait TIMEOUT_S for an answer."""
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
-
-    def client(self, service: str, config: Any = None, **kwargs: Any) -> Any:
-        from botocore.config import Config
-
-        if service == "meteringmarketplace":
-            config = (config or Config()).merge(Config(connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S))
-        return self._session.client(service, config=config, **kwargs)
-
-
 def runtime_class(chaos: Chaos) -> type[Any]:
     """Runtime, the composition root, with the virtual clock, a short lease and the faults in its Biller."""
     from billing.bootstrap import Runtime
@@ -293,7 +240,7 @@ def runtime_class(chaos: Chaos) -> type[Any]:
             return biller
 
         def _aws_session(self) -> Any:
-            return _ShortMarketplaceTimeouts(super()._aws_session())
+            return ShortMarketplaceTimeouts(super()._aws_session(), TIMEOUT_S)
 
     return ChaosRuntime
 
@@ -427,7 +374,6 @@ def bill_hours(
     import billing_local.progress
     import billing_local.runner
     import billing_local.stack
-    from bench.env import moto_process
     from billing_local.cli import _seed, _subscribe_all
     from billing_local.migrate import migrate
     from billing_local.stack import environment, local_stack
@@ -442,7 +388,8 @@ def bill_hours(
     gates = {m: Gate(m, random.Random(rng.random()), injected) for m in ALL}
     with _database(server, name) as dsn, _patched() as patch:
         asyncio.run(migrate(dsn))
-        patch(billing_local.stack, "moto_server_process", lambda: moto_process("bench.moto_linear"))
+        linear_moto = functools.partial(billing_local.stack.moto_server_process, "bench.moto_linear")
+        patch(billing_local.stack, "moto_server_process", linear_moto)
         patch(billing_local.progress, "progress_bar", _no_progress)
         patch(billing.bootstrap, "Runtime", runtime_class(chaos))
         patch(billing_local.runner, "drain", drain_with(chaos, dsn, billing_local.runner.drain))
@@ -451,7 +398,7 @@ def bill_hours(
             (billing_local.emulators.gcp, gates["gcp"]),
             (billing_local.emulators.azure, gates["azure"]),
         ):
-            patch(module, "create_app", _gated(module.create_app, gate))
+            patch(module, "create_app", with_middleware(module.create_app, gate.middleware))
         with local_stack(dsn) as stack, environment({**stack.env, **ENV}):
             stack.metering.clock = stack.gcp.clock = stack.azure.clock = clock
             stack.metering.rng = _CountingRandom(rng.random())

@@ -10,10 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -298,34 +294,11 @@ def bench_stack() -> Iterator[BenchStack]:
                         asyncio.run(bench._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
-@contextlib.contextmanager
-def moto_process(module: str = "bench.moto_linear") -> Iterator[str]:
-    """moto's server as a process of its own (by default with bench.moto_linear's fixes); yields its URL."""
-    import urllib.request
+def moto_process(module: str = "bench.moto_linear") -> contextlib.AbstractContextManager[str]:
+    """moto's server as a process of its own (by default with bench.moto_linear's fixes); its URL."""
+    from billing_local.stack import moto_server_process
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto's server did not start") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    return moto_server_process(module)
 
 
 def _runtime_dir() -> str:

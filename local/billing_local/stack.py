@@ -65,9 +65,9 @@ def embedded_postgres() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def moto_server_process() -> Iterator[str]:
-    """moto's server in a process of its own (its request handling then never holds our GIL), with
-    billing_local.moto_fixes applied."""
+def moto_server_process(module: str = "billing_local.moto_fixes") -> Iterator[str]:
+    """moto's server in a process of its own (its request handling then never holds our GIL), run by
+    ``python -m module`` (by default with billing_local.moto_fixes applied); yields its URL."""
     import socket
     import subprocess
     import sys
@@ -78,7 +78,7 @@ def moto_server_process() -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "billing_local.moto_fixes", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", module, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -126,7 +126,7 @@ def main() -> None:
         event = event_for(customer_id(args.first + i))
         before = opened["tcp"] + opened["unix"]
         t0 = time.perf_counter()
-        response = biller.lambda_handler(event, LambdaContext())
+        response = biller.lambda_handler(event, LambdaContext.of())
         durations.append(time.perf_counter() - t0)
         connections.append(opened["tcp"] + opened["unix"] - before)
         failures += len(response.get("batchItemFailures", []))
@@ -143,7 +143,7 @@ def main() -> None:
     doc["heavy_after_aws_bills"] = heavy_loaded()
     by_marketplace: dict[str, list[str]] = {}
     for customer in filter(None, args.marketplace_customers.split(",")):
-        response = biller.lambda_handler(event_for(customer), LambdaContext())
+        response = biller.lambda_handler(event_for(customer), LambdaContext.of())
         failures += len(response.get("batchItemFailures", []))
         by_marketplace[customer] = heavy_loaded()
     doc.update(

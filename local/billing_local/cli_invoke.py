@@ -29,6 +29,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from billing_local.lambda_shapes import (  # SAM puts that account id in AWS_ACCOUNT_ID
+    ACCOUNT_ID,
+    LambdaContext,
+)
+
 if TYPE_CHECKING:
     from datetime import datetime
 
@@ -39,7 +44,6 @@ if TYPE_CHECKING:
 console = Console(stderr=True, soft_wrap=True)
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
-ACCOUNT_ID = "123456789012"  # what SAM puts in AWS_ACCOUNT_ID
 DEFAULT_REGION = "us-east-1"
 APM_CAPTURE_TRANSPORT = "billing_local.apm_capture.CaptureTransport"
 # "now" for the emulators and the Biller: 20 minutes after the event's hour ended, inside every
@@ -141,25 +145,6 @@ def invoke_command(
 class Outcome:
     response: Any  # the handler's return value, or Lambda's error document
     failed: bool
-
-
-@dataclass
-class LambdaContext:
-    """The context object Lambda's Python runtime (and so SAM's emulator) passes to the handler."""
-
-    function_name: str
-    function_version: str
-    invoked_function_arn: str
-    memory_limit_in_mb: int
-    aws_request_id: str
-    log_group_name: str
-    log_stream_name: str
-    deadline_ms: int
-    identity: Any = None
-    client_context: Any = None
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(self.deadline_ms - int(time.time() * 1000), 0)
 
 
 def env_overrides(file_env: Mapping[str, Any], logical_id: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ Server, which cannot run here. The marketplace is the AWS metering emulator (an 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 from collections.abc import Iterator
@@ -25,24 +24,12 @@ from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.entrypoints.loop import LOOP
 from billing_local.apm_capture import CAPTURE
+from billing_local.lambda_shapes import LambdaContext, sqs_record_of
 from testkit import HOUR, PRODUCT, RATES, within_window
 
 pytestmark = pytest.mark.e2e
 SCHEMAS = Path(__file__).resolve().parents[1] / "fixtures" / "apm-intake-v2"
 CUSTOMERS = [f"cust-{i:06d}" for i in range(6)]
-
-
-class Context:
-    function_name = "billing-biller"
-    function_version = "$LATEST"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:billing-biller"
-    memory_limit_in_mb = 512
-    aws_request_id = "7b4cf3c2-1c1f-4c1e-9d7e-0d9a3a1f0001"
-    log_group_name = "/aws/lambda/billing-biller"
-    log_stream_name = "2026/11/26/[$LATEST]0001"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
 
 
 async def _seed(dsn: str) -> None:
@@ -95,28 +82,11 @@ def handlers(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Modu
 def _lambda_records(queue_url: str) -> list[dict[str, Any]]:
     """The queue's messages as Lambda's SQS poller hands them over (one record per event)."""
     sqs = boto3.client("sqs")
-    queue = queue_url.rsplit("/", 1)[-1]
     records = []
     while got := sqs.receive_message(
         QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"], MessageAttributeNames=["All"]
     ).get("Messages", []):
-        for m in got:
-            records.append(
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": m["Attributes"],
-                    "messageAttributes": {
-                        k: {"stringValue": v["StringValue"], "dataType": v["DataType"]}
-                        for k, v in m.get("MessageAttributes", {}).items()
-                    },
-                    "md5OfBody": hashlib.md5(m["Body"].encode()).hexdigest(),
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": f"arn:aws:sqs:us-east-1:123456789012:{queue}",
-                    "awsRegion": "us-east-1",
-                }
-            )
+        records += [sqs_record_of(m, queue_url) for m in got]
     return records
 
 
@@ -140,11 +110,11 @@ def test_each_message_is_one_messaging_transaction_linked_to_the_send(
 ) -> None:
     biller, dispatcher = handlers
     # Given the hour dispatched by the dispatcher Lambda
-    dispatched = dispatcher.lambda_handler({"period": HOUR.isoformat()}, Context())
+    dispatched = dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
     records = _lambda_records(stack.queues.url)
     # When the biller Lambda is invoked once per message (BatchSize 1)
     for record in records:
-        assert biller.lambda_handler({"Records": [record]}, Context()) == {"batchItemFailures": []}
+        assert biller.lambda_handler({"Records": [record]}, LambdaContext.of()) == {"batchItemFailures": []}
     # Then there is exactly one messaging transaction per message, named after the queue
     queue = stack.queues.url.rsplit("/", 1)[-1]
     bills = [t for t in CAPTURE.of_type("transaction") if t["type"] == "messaging"]
@@ -176,9 +146,9 @@ def test_each_transaction_has_a_span_per_query_and_marketplace_call(
     handlers: tuple[ModuleType, ModuleType], stack: Any
 ) -> None:
     biller, dispatcher = handlers
-    dispatcher.lambda_handler({"period": HOUR.isoformat()}, Context())
+    dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
     for record in _lambda_records(stack.queues.url):
-        biller.lambda_handler({"Records": [record]}, Context())
+        biller.lambda_handler({"Records": [record]}, LambdaContext.of())
     bills = [t for t in CAPTURE.of_type("transaction") if t["type"] == "messaging"]
     # warm invocations (after the first, which also opened the pool and read the rate card)
     for t in bills[1:]:
@@ -201,7 +171,7 @@ def test_a_failed_bill_is_a_failure_transaction_with_its_error(
 ) -> None:
     biller, _ = handlers
     record = json.loads((Path(__file__).resolve().parents[2] / "events" / "sqs-malformed.json").read_text())
-    response = biller.lambda_handler(record, Context())
+    response = biller.lambda_handler(record, LambdaContext.of())
     assert len(response["batchItemFailures"]) == 1
     (t,) = CAPTURE.of_type("transaction")
     assert (t["outcome"], t["result"]) == ("failure", "BadMessageError")

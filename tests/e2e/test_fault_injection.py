@@ -53,6 +53,7 @@ from billing.domain.model import LedgerState, Period, hour_floor
 from billing_local.cli import HourResult, _seed, _subscribe_all, run_hour
 from billing_local.cli_ops import redrive, resolve_queue
 from billing_local.faults import Proxy, ShortMarketplaceTimeouts, marketplace_error, with_middleware
+from billing_local.lambda_shapes import LambdaContext, sqs_record
 from billing_local.runner import Delivery
 from billing_local.stack import LocalStack, QueueSettings, environment, local_stack
 
@@ -894,12 +895,12 @@ def test_a_poison_record_in_a_lambda_batch_fails_alone(lab: Lab) -> None:
         bodies = [w.body(c) for c in w.customers()]
         for i, poison in enumerate(POISON):
             bodies.insert(1 + 7 * i, poison)
-        event = {"Records": [_sqs_record(f"msg-{i:03d}", b) for i, b in enumerate(bodies)]}
+        event = {"Records": [sqs_record(b, message_id=f"msg-{i:03d}") for i, b in enumerate(bodies)]}
         w.mp.setattr(biller, "runtime", billing.bootstrap.Runtime(load_settings()))
         w.clock.billing(H)
         try:
             # When the biller Lambda handles it
-            response = biller.lambda_handler(event, _LambdaContext())
+            response = biller.lambda_handler(event, LambdaContext.of())
         finally:
             LOOP.run_until_complete(biller.runtime.close())
         # Then exactly the poison records are reported as failed
@@ -1036,33 +1037,3 @@ def test_the_window_closing_between_two_attempts_of_one_call_does_not_bill_the_h
 
     # Then AWS holds what a clean run gives it: an hour it may hold is never carried to the next one
     lab.prove(scenario, marketplaces=("aws",), hours=(H, NEXT))
-
-
-# --- Lambda's event shapes ------------------------------------------------------------------------------
-
-
-class _LambdaContext:
-    function_name = "billing-biller"
-    function_version = "$LATEST"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:billing-biller"
-    memory_limit_in_mb = 512
-    aws_request_id = "3f1e2d4c-0000-4000-8000-000000000001"
-    log_group_name = "/aws/lambda/billing-biller"
-    log_stream_name = "2026/11/26/[$LATEST]fault"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
-
-
-def _sqs_record(message_id: str, body: str) -> dict[str, Any]:
-    return {
-        "messageId": message_id,
-        "receiptHandle": f"receipt-{message_id}",
-        "body": body,
-        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "1764165900000"},
-        "messageAttributes": {},
-        "md5OfBody": "",
-        "eventSource": "aws:sqs",
-        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:billing-queue",
-        "awsRegion": "us-east-1",
-    }

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from billing.entrypoints.loop import LOOP
 from billing_local.apm_capture import CAPTURE
 from billing_local.emulators import azure, gcp
 from billing_local.emulators.server import BackgroundServer
+from billing_local.lambda_shapes import LambdaContext, sqs_record_of
 from billing_local.seed import seed
 from billing_local.stack import LocalStack, QueueSettings
 from billing_local.template import function_config
@@ -103,19 +103,6 @@ def leaks(text: str) -> dict[str, list[str]]:
     """Which secrets appear in ``text``, and in which forms."""
     found = {name: sorted(f for f in variants if f in text) for name, variants in SECRETS.items()}
     return {name: variants for name, variants in found.items() if variants}
-
-
-class Context:
-    function_name = "billing-biller"
-    function_version = "$LATEST"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:billing-biller"
-    memory_limit_in_mb = 512
-    aws_request_id = "9d0c2d4e-7b61-11e6-9a41-93e812340001"
-    log_group_name = "/aws/lambda/billing-biller"
-    log_stream_name = "2026/11/26/[$LATEST]0001"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
 
 
 def with_password(dsn: str, password: str = DB_PASSWORD, database: str | None = None) -> str:
@@ -294,29 +281,14 @@ def _lambda_records(queue_url: str) -> list[dict[str, Any]]:
     while got := sqs.receive_message(
         QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"], MessageAttributeNames=["All"]
     ).get("Messages", []):
-        records += [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m["Attributes"],
-                "messageAttributes": {
-                    k: {"stringValue": v["StringValue"], "dataType": v["DataType"]}
-                    for k, v in m.get("MessageAttributes", {}).items()
-                },
-                "md5OfBody": hashlib.md5(m["Body"].encode()).hexdigest(),
-                "eventSource": "aws:sqs",
-                "eventSourceARN": f"arn:aws:sqs:us-east-1:123456789012:{queue_url.rsplit('/', 1)[-1]}",
-                "awsRegion": "us-east-1",
-            }
-            for m in got
-        ]
+        records += [sqs_record_of(m, queue_url) for m in got]
     return records
 
 
 def _bill_the_hour(biller: ModuleType, dispatcher: ModuleType, queue_url: str) -> list[dict[str, Any]]:
-    dispatcher.lambda_handler({"period": HOUR.isoformat()}, Context())
-    return [biller.lambda_handler({"Records": [record]}, Context()) for record in _lambda_records(queue_url)]
+    dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
+    records = _lambda_records(queue_url)
+    return [biller.lambda_handler({"Records": [record]}, LambdaContext.of()) for record in records]
 
 
 # --- the tests ------------------------------------------------------------------------------------
@@ -388,14 +360,14 @@ def _fail_with_every_secret_in_play(
 ) -> None:
     biller, dispatcher = handlers
     # Given the hour dispatched; Azure, then Elasticsearch answering 503 to every call from then on
-    dispatcher.lambda_handler({"period": HOUR.isoformat()}, Context())
+    dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
     records = _lambda_records(stack.queues.url)
     by_marketplace = _records_by_marketplace(records, stack.database_url)
     doubles.azure.fail_next(*[503] * 50)
-    failed = biller.lambda_handler({"Records": [by_marketplace["azure"]]}, Context())
+    failed = biller.lambda_handler({"Records": [by_marketplace["azure"]]}, LambdaContext.of())
     assert len(failed["batchItemFailures"]) == 1
     doubles.es.fail_next(503, times=50)
-    failed = biller.lambda_handler({"Records": [by_marketplace["aws"]]}, Context())
+    failed = biller.lambda_handler({"Records": [by_marketplace["aws"]]}, LambdaContext.of())
     assert len(failed["batchItemFailures"]) == 1
     # and a new execution environment whose DSN (with the password) names a database that does not exist
     missing = with_password(stack.database_url, database="no_such_database")
@@ -405,10 +377,10 @@ def _fail_with_every_secret_in_play(
         LOOP.run_until_complete(module.runtime.close())
         module.runtime = runtime
     try:
-        failed = biller.lambda_handler({"Records": [by_marketplace["gcp"]]}, Context())
+        failed = biller.lambda_handler({"Records": [by_marketplace["gcp"]]}, LambdaContext.of())
         assert len(failed["batchItemFailures"]) == 1
         with pytest.raises(asyncpg.InvalidCatalogNameError):
-            dispatcher.lambda_handler({"period": HOUR.shifted(-1).isoformat()}, Context())
+            dispatcher.lambda_handler({"period": HOUR.shifted(-1).isoformat()}, LambdaContext.of())
     finally:
         for runtime in fresh:
             LOOP.run_until_complete(runtime.close())

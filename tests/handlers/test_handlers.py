@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.entrypoints.loop import LOOP
+from billing_local.lambda_shapes import LambdaContext
 from testkit import HOUR, PRODUCT, RATES, within_window
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
@@ -29,20 +29,7 @@ def event(name: str) -> dict[str, Any]:
     return json.loads((EVENTS / name).read_text())
 
 
-@dataclass
-class Context:
-    """The attributes of Lambda's context object that Powertools and the APM agent read."""
-
-    function_name: str = "billing-biller"
-    function_version: str = "$LATEST"
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:billing-biller"
-    memory_limit_in_mb: int = 512
-    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
-    log_group_name: str = "/aws/lambda/billing-biller"
-    log_stream_name: str = "2026/11/26/[$LATEST]abcdef"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
+DISPATCHER = LambdaContext.of("dispatcher")
 
 
 def run(coro: Any) -> Any:
@@ -98,7 +85,7 @@ def biller_handler(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Modu
 
 
 def test_biller_bills_the_customer_of_a_one_record_event(biller_handler: ModuleType, stack: Any) -> None:
-    response = biller_handler.lambda_handler(event("sqs-one-customer.json"), Context())
+    response = biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of())
     assert response == {"batchItemFailures": []}
     assert sorted((r.customer, r.dimension, r.quantity) for r in stack.metering.accepted()) == [
         ("aws-cust-000000", "CapacityGbHours", 3),
@@ -107,30 +94,30 @@ def test_biller_bills_the_customer_of_a_one_record_event(biller_handler: ModuleT
 
 
 def test_biller_reports_a_malformed_body_as_the_failed_item(biller_handler: ModuleType, stack: Any) -> None:
-    response = biller_handler.lambda_handler(event("sqs-malformed.json"), Context())
+    response = biller_handler.lambda_handler(event("sqs-malformed.json"), LambdaContext.of())
     assert response == {"batchItemFailures": [{"itemIdentifier": "0f8d3a5e-1c7b-4e8e-9a64-000000000001"}]}
     assert stack.metering.calls == 0
 
 
 def test_a_poison_message_fails_alone_and_its_batch_is_billed(biller_handler: ModuleType, stack: Any) -> None:
-    response = biller_handler.lambda_handler(event("sqs-several.json"), Context())
+    response = biller_handler.lambda_handler(event("sqs-several.json"), LambdaContext.of())
     assert response == {"batchItemFailures": [{"itemIdentifier": "0f8d3a5e-1c7b-4e8e-9a64-000000000002"}]}
     assert {r.customer for r in stack.metering.accepted()} == {"aws-cust-000000", "aws-cust-000001"}
 
 
 def test_the_same_event_delivered_twice_submits_nothing_new(biller_handler: ModuleType, stack: Any) -> None:
-    biller_handler.lambda_handler(event("sqs-one-customer.json"), Context())
+    biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of())
     calls = stack.metering.calls
-    assert biller_handler.lambda_handler(event("sqs-one-customer.json"), Context()) == {
+    assert biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of()) == {
         "batchItemFailures": []
     }
     assert stack.metering.calls == calls
 
 
 def test_warm_invocations_reuse_the_database_pool(biller_handler: ModuleType) -> None:
-    biller_handler.lambda_handler(event("sqs-one-customer.json"), Context())
+    biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of())
     pool = run(biller_handler.runtime.pool())
-    biller_handler.lambda_handler(event("sqs-several.json"), Context())
+    biller_handler.lambda_handler(event("sqs-several.json"), LambdaContext.of())
     assert run(biller_handler.runtime.pool()) is pool
 
 
@@ -155,7 +142,7 @@ def _queued(stack: Any) -> list[dict[str, Any]]:
 
 
 def test_scheduled_event_dispatches_the_hour_before_it(dispatcher_handler: ModuleType, stack: Any) -> None:
-    response = dispatcher_handler.lambda_handler(event("scheduled.json"), Context(function_name="dispatcher"))
+    response = dispatcher_handler.lambda_handler(event("scheduled.json"), DISPATCHER)
     # the 14:05 event with a 15-minute settle delay bills 12:00-13:00
     assert response["period"] == "2026-11-26T12:00:00Z"
     assert response["dispatched"] == 25 and response["already_dispatched"] is False
@@ -163,13 +150,13 @@ def test_scheduled_event_dispatches_the_hour_before_it(dispatcher_handler: Modul
 
 
 def test_scheduler_input_dispatches_like_the_scheduled_event(dispatcher_handler: ModuleType) -> None:
-    response = dispatcher_handler.lambda_handler(event("scheduler.json"), Context(function_name="dispatcher"))
+    response = dispatcher_handler.lambda_handler(event("scheduler.json"), DISPATCHER)
     assert response["period"] == "2026-11-26T12:00:00Z"
 
 
 def test_backfill_event_dispatches_the_named_hour_once(dispatcher_handler: ModuleType, stack: Any) -> None:
-    first = dispatcher_handler.lambda_handler(event("backfill.json"), Context(function_name="dispatcher"))
-    second = dispatcher_handler.lambda_handler(event("backfill.json"), Context(function_name="dispatcher"))
+    first = dispatcher_handler.lambda_handler(event("backfill.json"), DISPATCHER)
+    second = dispatcher_handler.lambda_handler(event("backfill.json"), DISPATCHER)
     assert (first["period"], first["dispatched"]) == ("2026-11-26T13:00:00Z", 25)
     assert second == {**first, "already_dispatched": True}
     bodies = _queued(stack)
@@ -190,8 +177,8 @@ def test_biller_emits_metrics_per_marketplace_in_embedded_metric_format(
     biller_handler: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given one good message and one malformed message
-    biller_handler.lambda_handler(event("sqs-one-customer.json"), Context())
-    biller_handler.lambda_handler(event("sqs-malformed.json"), Context())
+    biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of())
+    biller_handler.lambda_handler(event("sqs-malformed.json"), LambdaContext.of())
     good, bad = _emf_documents(capsys.readouterr().out)
     # Then the billed one counts its records per marketplace, with the message's age
     (directive,) = good["_aws"]["CloudWatchMetrics"]
@@ -216,7 +203,7 @@ def test_logs_carry_the_bill_and_its_apm_ids(
 
     stream = io.StringIO()
     monkeypatch.setattr(entrypoint.logger.registered_handler, "stream", stream)
-    biller_handler.lambda_handler(event("sqs-one-customer.json"), Context())
+    biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of())
     logs = [json.loads(line) for line in stream.getvalue().splitlines()]
     (billed,) = [entry for entry in logs if entry["message"] == "billed"]
     assert billed["customer_id"] == "cust-000000"

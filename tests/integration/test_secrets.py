@@ -29,6 +29,7 @@ from billing.domain.model import Marketplace
 from billing.entrypoints.loop import LOOP
 from billing_local.emulators.gcp import make_service_account_key
 from billing_local.emulators.server import BackgroundServer
+from billing_local.lambda_shapes import LambdaContext
 from billing_local.stack import aws_env
 from es_double import EsState, api_key, create_app
 from testkit import HOUR, add_aws_customer
@@ -98,19 +99,6 @@ def cold_start(function: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class Context:
-    function_name = "billing-dispatcher"
-    function_version = "$LATEST"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:billing-dispatcher"
-    memory_limit_in_mb = 512
-    aws_request_id = "5b0b0d8e-0000-4000-8000-000000000001"
-    log_group_name = "/aws/lambda/billing-dispatcher"
-    log_stream_name = "2026/11/26/[$LATEST]0001"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 300_000
 
 
 def rds_secret(database_url: str, password: str) -> str:
@@ -183,8 +171,9 @@ def test_the_database_secret_is_read_once_across_warm_invocations(
     # When a new execution environment starts and is invoked twice
     dispatcher = cold_start("dispatcher")
     try:
-        first = dispatcher.lambda_handler({"period": HOUR.isoformat()}, Context())
-        second = dispatcher.lambda_handler({"period": HOUR.isoformat()}, Context())
+        context = LambdaContext.of("billing-dispatcher")
+        first = dispatcher.lambda_handler({"period": HOUR.isoformat()}, context)
+        second = dispatcher.lambda_handler({"period": HOUR.isoformat()}, context)
     finally:
         LOOP.run_until_complete(dispatcher.runtime.close())
     # Then both invocations worked and Secrets Manager was asked once

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
@@ -76,3 +77,18 @@ async def ledger(pool: asyncpg.Pool, customer_id: str, period: Period = HOUR) ->
         period.start,
     )
     return {r["dimension"]: r for r in rows}
+
+
+def lambda_records(queue_url: str) -> list[dict[str, Any]]:
+    """Every message of the queue (received, not deleted) as Lambda's SQS poller hands it over."""
+    import boto3
+
+    from billing_local.lambda_shapes import sqs_record_of
+
+    sqs = boto3.client("sqs")
+    records = []
+    while got := sqs.receive_message(
+        QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"], MessageAttributeNames=["All"]
+    ).get("Messages", []):
+        records += [sqs_record_of(m, queue_url) for m in got]
+    return records

@@ -16,7 +16,6 @@ from types import ModuleType
 from typing import Any
 
 import asyncpg
-import boto3
 import jsonschema
 import pytest
 
@@ -24,8 +23,8 @@ from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.entrypoints.loop import LOOP
 from billing_local.apm_capture import CAPTURE
-from billing_local.lambda_shapes import LambdaContext, sqs_record_of
-from testkit import HOUR, PRODUCT, RATES, within_window
+from billing_local.lambda_shapes import LambdaContext
+from testkit import HOUR, PRODUCT, RATES, lambda_records, within_window
 
 pytestmark = pytest.mark.e2e
 SCHEMAS = Path(__file__).resolve().parents[1] / "fixtures" / "apm-intake-v2"
@@ -79,17 +78,6 @@ def handlers(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Modu
         LOOP.run_until_complete(runtime.close())
 
 
-def _lambda_records(queue_url: str) -> list[dict[str, Any]]:
-    """The queue's messages as Lambda's SQS poller hands them over (one record per event)."""
-    sqs = boto3.client("sqs")
-    records = []
-    while got := sqs.receive_message(
-        QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"], MessageAttributeNames=["All"]
-    ).get("Messages", []):
-        records += [sqs_record_of(m, queue_url) for m in got]
-    return records
-
-
 def _spans_of(transaction: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in CAPTURE.of_type("span") if s["transaction_id"] == transaction["id"]]
 
@@ -111,7 +99,7 @@ def test_each_message_is_one_messaging_transaction_linked_to_the_send(
     biller, dispatcher = handlers
     # Given the hour dispatched by the dispatcher Lambda
     dispatched = dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
-    records = _lambda_records(stack.queues.url)
+    records = lambda_records(stack.queues.url)
     # When the biller Lambda is invoked once per message (BatchSize 1)
     for record in records:
         assert biller.lambda_handler({"Records": [record]}, LambdaContext.of()) == {"batchItemFailures": []}
@@ -147,7 +135,7 @@ def test_each_transaction_has_a_span_per_query_and_marketplace_call(
 ) -> None:
     biller, dispatcher = handlers
     dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
-    for record in _lambda_records(stack.queues.url):
+    for record in lambda_records(stack.queues.url):
         biller.lambda_handler({"Records": [record]}, LambdaContext.of())
     bills = [t for t in CAPTURE.of_type("transaction") if t["type"] == "messaging"]
     # warm invocations (after the first, which also opened the pool and read the rate card)

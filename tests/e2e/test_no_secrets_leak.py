@@ -30,7 +30,6 @@ from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
 
 import asyncpg
-import boto3
 import pytest
 from pydantic import SecretStr
 
@@ -40,13 +39,13 @@ from billing.entrypoints.loop import LOOP
 from billing_local.apm_capture import CAPTURE
 from billing_local.emulators import azure, gcp
 from billing_local.emulators.server import BackgroundServer
-from billing_local.lambda_shapes import LambdaContext, sqs_record_of
+from billing_local.lambda_shapes import LambdaContext
 from billing_local.seed import seed
 from billing_local.stack import LocalStack, QueueSettings
 from billing_local.template import function_config
 from es_double import EsState, api_key
 from es_double import create_app as es_app
-from testkit import HOUR, within_window
+from testkit import HOUR, lambda_records, within_window
 
 pytestmark = [
     pytest.mark.e2e,
@@ -274,20 +273,9 @@ def handlers(doubles: Doubles, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
         LOOP.run_until_complete(runtime.close())
 
 
-def _lambda_records(queue_url: str) -> list[dict[str, Any]]:
-    """The queue's messages as Lambda's SQS poller hands them over."""
-    sqs = boto3.client("sqs")
-    records = []
-    while got := sqs.receive_message(
-        QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"], MessageAttributeNames=["All"]
-    ).get("Messages", []):
-        records += [sqs_record_of(m, queue_url) for m in got]
-    return records
-
-
 def _bill_the_hour(biller: ModuleType, dispatcher: ModuleType, queue_url: str) -> list[dict[str, Any]]:
     dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
-    records = _lambda_records(queue_url)
+    records = lambda_records(queue_url)
     return [biller.lambda_handler({"Records": [record]}, LambdaContext.of()) for record in records]
 
 
@@ -361,7 +349,7 @@ def _fail_with_every_secret_in_play(
     biller, dispatcher = handlers
     # Given the hour dispatched; Azure, then Elasticsearch answering 503 to every call from then on
     dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
-    records = _lambda_records(stack.queues.url)
+    records = lambda_records(stack.queues.url)
     by_marketplace = _records_by_marketplace(records, stack.database_url)
     doubles.azure.fail_next(*[503] * 50)
     failed = biller.lambda_handler({"Records": [by_marketplace["azure"]]}, LambdaContext.of())

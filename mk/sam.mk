@@ -39,11 +39,14 @@ sam-build: $(SAM)
 	$(SAM_CLI_ENV) LAYER_PYTHON=$(abspath $(SAM_VENV))/bin/python \
 		$(SAM) build --template-file $(SAM_TEMPLATE) --config-env $(SAM_CONFIG_ENV)
 
-# Linters check structure only; tests/template checks the values inside (cron, concurrency, IAM...).
+# Linters check structure only; tests/template checks the values inside (cron, concurrency, IAM,
+# alarms, the prod VPC...). Its IAM checks run on what SAM makes of the template: the tests call
+# tests/template/sam_transform.py with the SAM venv's python (the project venv cannot import SAM).
+# BILLING_SAM_PYTHON makes a broken SAM venv a failure here, where a bare `make test` would skip them.
 check-template: $(SAM) $(SAM_CFN_LINT) | $(SAM_PROJECT_PYTHON)
 	$(SAM_CLI_ENV) $(SAM) validate --lint --template-file $(SAM_TEMPLATE) --region $(SAM_REGION)
 	$(SAM_CFN_LINT) $(SAM_TEMPLATE)
-	$(SAM_PROJECT_PYTHON) -m pytest tests/template -q
+	BILLING_SAM_PYTHON=$(abspath $(SAM_VENV))/bin/python $(SAM_PROJECT_PYTHON) -m pytest tests/template -q
 
 sam-clean:
 	rm -rf .aws-sam

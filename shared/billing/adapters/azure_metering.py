@@ -27,6 +27,7 @@ it leaves out come from Microsoft's documentation, "Marketplace metered billing 
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ from billing.adapters.bearer_http import (
     FixedToken,
     MaybeSentError,
     NotSentError,
+    SecretRead,
+    SecretReloader,
     TokenSource,
     TokenUnavailableError,
     post_json,
@@ -113,12 +116,20 @@ class EntraTokens:
     """Tokens from an azure-identity async credential, which refreshes them before they expire.
 
     A refused token is replaced by building a new credential: azure-identity would otherwise hand back its
-    cached token until that expires.
+    cached token until that expires. When Entra refuses the client secret too, the secret is read again
+    (``reloader``): a rotated client secret is picked up without a cold start.
     """
 
-    def __init__(self, factory: Callable[[], AsyncTokenCredential]) -> None:
+    def __init__(
+        self,
+        credentials: ClientCredentials,
+        factory: Callable[[ClientCredentials], AsyncTokenCredential],
+        reloader: SecretReloader | None = None,
+    ) -> None:
+        self._credentials = credentials
         self._factory = factory
-        self._credential = factory()
+        self._reloader = reloader
+        self._credential = factory(credentials)
         self._lock = asyncio.Lock()
 
     async def get(self, *, refresh: bool) -> str:
@@ -126,12 +137,28 @@ class EntraTokens:
 
         async with self._lock:
             if refresh:
-                stale, self._credential = self._credential, self._factory()
-                await stale.close()
+                await self._replace()
             try:
                 return (await self._credential.get_token(SCOPE)).token
             except (AzureError, OSError, TimeoutError) as exc:
                 raise TokenUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def reload(self) -> bool:
+        raw = await self._reloader.changed() if self._reloader else None
+        if raw is None:
+            return False
+        try:
+            credentials = ClientCredentials.model_validate_json(raw)
+        except ValidationError:
+            return False  # a broken new secret: the refusal of the old one stands
+        async with self._lock:
+            self._credentials = credentials
+            await self._replace()
+        return True
+
+    async def _replace(self) -> None:
+        stale, self._credential = self._credential, self._factory(self._credentials)
+        await stale.close()
 
     async def close(self) -> None:
         await self._credential.close()
@@ -335,17 +362,17 @@ def _http_reason(status: int, body: Any) -> str:
     return f"HTTP {status} {error.code}: {error.message}".rstrip(": ")
 
 
-async def create(
-    stack: contextlib.AsyncExitStack, secret: Callable[[str], str], attempts: int
-) -> AzureMeteringClient:
+async def create(stack: contextlib.AsyncExitStack, secret: SecretRead, attempts: int) -> AzureMeteringClient:
     """Build the adapter from the environment; its HTTP session and credential close with ``stack``."""
     settings = AzureSettings()
     tokens: TokenSource
     if settings.access_token is not None:
         tokens = FixedToken(settings.access_token.get_secret_value())
     else:
-        credentials = await _client_credentials(settings, secret)
-        entra = EntraTokens(lambda: client_secret_credential(credentials, settings.authority_host))
+        credentials, reloader = await _client_credentials(settings, secret)
+        entra = EntraTokens(
+            credentials, lambda c: client_secret_credential(c, settings.authority_host), reloader
+        )
         stack.push_async_callback(entra.close)
         tokens = entra
     session = aiohttp.ClientSession(
@@ -357,19 +384,26 @@ async def create(
     return AzureMeteringClient(session, tokens, endpoint=settings.metering_url, attempts=attempts)
 
 
-async def _client_credentials(settings: AzureSettings, secret: Callable[[str], str]) -> ClientCredentials:
+async def _client_credentials(
+    settings: AzureSettings, secret: SecretRead
+) -> tuple[ClientCredentials, SecretReloader | None]:
+    """The app's credentials: from the environment (fixed), or from a secret that is read again when Entra
+    refuses them."""
     if settings.tenant_id and settings.client_id and settings.client_secret:
-        return ClientCredentials(
+        fixed = ClientCredentials(
             tenant_id=settings.tenant_id, client_id=settings.client_id, client_secret=settings.client_secret
         )
+        return fixed, None
     if not settings.credentials_secret_arn:
         raise ConfigurationError(
             "set AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET, BILLING_AZURE_CREDENTIALS_SECRET_ARN "
             "or BILLING_AZURE_ACCESS_TOKEN"
         )
-    raw = await asyncio.to_thread(secret, settings.credentials_secret_arn)
+    arn = settings.credentials_secret_arn
+    raw = await asyncio.to_thread(secret, arn)
+    read = functools.partial(asyncio.to_thread, functools.partial(secret, arn, fresh=True))
     try:
-        return ClientCredentials.model_validate_json(raw)
+        return ClientCredentials.model_validate_json(raw), SecretReloader(read, raw)
     except ValidationError as exc:
         fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
         raise ConfigurationError(f"the Azure credentials secret lacks or misstates: {fields}") from None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aiohttp
 import stamina
 
+from billing.domain.errors import ConfigurationError
 from billing.domain.model import LedgerState, SubmitResult
 
 if TYPE_CHECKING:
@@ -19,6 +22,17 @@ T = TypeVar("T")
 class TokenSource(Protocol):
     async def get(self, *, refresh: bool) -> str:
         """A bearer token; ``refresh`` asks for a new one (the last was refused)."""
+        ...
+
+    async def reload(self) -> bool:
+        """Read the credentials again (a fresh token was refused too: they may have been rotated);
+        True when they changed and the next ``get`` uses the new ones."""
+        ...
+
+
+class SecretRead(Protocol):
+    def __call__(self, arn: str, *, fresh: bool = False) -> str:
+        """A secret's text; ``fresh`` reads it from Secrets Manager whatever a cache holds."""
         ...
 
 
@@ -34,6 +48,44 @@ class FixedToken:
 
     async def get(self, *, refresh: bool) -> str:
         return self._token
+
+    async def reload(self) -> bool:
+        return False
+
+
+class SecretReloader:
+    """Reads a credentials secret (or key file) again after its credentials were refused, at most once a
+    minute: a rotated secret is picked up by the next call, and a wrong one costs one read, not one a call."""
+
+    INTERVAL = 60.0  # seconds
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[str]],
+        current: str,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read = read
+        self._current = current
+        self._monotonic = monotonic
+        self._last: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def changed(self) -> str | None:
+        """The secret's new text; None when it is unchanged or was read again less than a minute ago."""
+        async with self._lock:
+            now = self._monotonic()
+            if self._last is not None and now - self._last < self.INTERVAL:
+                return None
+            self._last = now
+            try:
+                raw = await self._read()
+            except (ConfigurationError, OSError):
+                return None  # unreadable now: the refusal stands, and the call fails as it would have
+            if raw == self._current:
+                return None
+            self._current = raw
+            return raw
 
 
 class NotSentError(Exception):
@@ -56,12 +108,16 @@ async def post_json(
     refresh_on: Collection[int],
 ) -> tuple[int, Any]:
     """POST ``body`` with a bearer token; on a ``refresh_on`` status the token is refreshed once and the
-    call repeated. Raises NotSentError or MaybeSentError when there is no answer."""
-    refresh = False
+    call repeated, and if that is refused too (or no token can be had) the credentials are read again once
+    (a rotated secret). Raises NotSentError or MaybeSentError when there is no answer."""
+    refresh = reloaded = False
     while True:
         try:
             token = await tokens.get(refresh=refresh)
         except TokenUnavailableError as exc:
+            if not reloaded and await tokens.reload():
+                refresh = reloaded = True
+                continue
             raise NotSentError(f"no access token: {exc}") from exc
         try:
             async with session.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as response:
@@ -73,6 +129,9 @@ async def post_json(
             raise MaybeSentError(f"{type(exc).__name__} after sending") from exc
         if status in refresh_on and not refresh:
             refresh = True
+            continue
+        if status in refresh_on and not reloaded and await tokens.reload():
+            reloaded = True
             continue
         return status, json_or_none(raw)
 

@@ -54,6 +54,8 @@ from billing.adapters.bearer_http import (
     FixedToken,
     MaybeSentError,
     NotSentError,
+    SecretRead,
+    SecretReloader,
     TokenSource,
     TokenUnavailableError,
     post_json,
@@ -65,7 +67,7 @@ from billing.ports import MarketplaceRules
 
 if TYPE_CHECKING:
     import contextlib
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from billing.domain.model import Customer, LedgerEntry, Period
 
@@ -154,18 +156,15 @@ class ServiceAccountTokens:
 
     REFRESH_MARGIN = timedelta(minutes=5)
 
-    def __init__(self, info: Mapping[str, Any], timeout: float) -> None:
+    def __init__(
+        self, info: Mapping[str, Any], timeout: float, reloader: SecretReloader | None = None
+    ) -> None:
         from google.auth.transport.requests import Request
-        from google.oauth2 import service_account
 
-        try:
-            self._credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
-                dict(info), scopes=[SCOPE]
-            )
-        except (ValueError, KeyError) as exc:
-            raise ConfigurationError(f"invalid GCP service-account key: {exc}") from None
+        self._credentials = _credentials(info)
         self._request = Request()
         self._timeout = timeout
+        self._reloader = reloader
         self._lock = asyncio.Lock()
 
     def close(self) -> None:
@@ -192,6 +191,40 @@ class ServiceAccountTokens:
                     raise TokenUnavailableError(f"{type(exc).__name__}: {exc}") from exc
             token: str = self._credentials.token
             return token
+
+    async def reload(self) -> bool:
+        """A new key from the secret or key file, if it changed (the old one was deleted at Google)."""
+        raw = await self._reloader.changed() if self._reloader else None
+        if raw is None:
+            return False
+        try:
+            credentials = _credentials(_key_info(raw))
+        except ConfigurationError:
+            return False  # a broken new key: the refusal of the old one stands
+        async with self._lock:
+            self._credentials = credentials
+        return True
+
+
+def _key_info(raw: str) -> dict[str, Any]:
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        raise ConfigurationError("the GCP service-account key is not JSON") from None
+    if not isinstance(info, dict):
+        raise ConfigurationError("the GCP service-account key is not a JSON object")
+    return info
+
+
+def _credentials(info: Mapping[str, Any]) -> Any:
+    from google.oauth2 import service_account
+
+    try:
+        return service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+            dict(info), scopes=[SCOPE]
+        )
+    except (ValueError, KeyError) as exc:
+        raise ConfigurationError(f"invalid GCP service-account key: {exc}") from None
 
 
 class _RetryError(Exception):
@@ -434,7 +467,7 @@ def _rfc3339(moment: datetime) -> str:
 
 
 async def create(
-    stack: contextlib.AsyncExitStack, secret: Callable[[str], str], attempts: int
+    stack: contextlib.AsyncExitStack, secret: SecretRead, attempts: int
 ) -> GcpServiceControlClient:
     """Build the adapter from the environment; its HTTP session and credentials close with ``stack``."""
     settings = GcpSettings()
@@ -442,20 +475,22 @@ async def create(
     if settings.access_token is not None:
         tokens = FixedToken(settings.access_token.get_secret_value())
     else:
+        read: Callable[[], Awaitable[str]]
         if settings.credentials_file is not None:
-            raw = await asyncio.to_thread(settings.credentials_file.read_text)
+            read = functools.partial(asyncio.to_thread, settings.credentials_file.read_text)
+            raw = await read()
         elif settings.credentials_secret_arn:
-            raw = await asyncio.to_thread(secret, settings.credentials_secret_arn)
+            arn = settings.credentials_secret_arn
+            raw = await asyncio.to_thread(secret, arn)
+            read = functools.partial(asyncio.to_thread, functools.partial(secret, arn, fresh=True))
         else:
             raise ConfigurationError(
                 "set GOOGLE_APPLICATION_CREDENTIALS, BILLING_GCP_CREDENTIALS_SECRET_ARN "
                 "or BILLING_GCP_ACCESS_TOKEN"
             )
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            raise ConfigurationError("the GCP service-account key is not JSON") from None
-        account = ServiceAccountTokens(info, timeout=settings.timeout_seconds)
+        account = ServiceAccountTokens(
+            _key_info(raw), timeout=settings.timeout_seconds, reloader=SecretReloader(read, raw)
+        )
         stack.callback(account.close)
         tokens = account
     session = aiohttp.ClientSession(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 
+from billing.adapters.postgres_tls import DatabaseTls
 from billing.domain.errors import ConcurrentDecisionError, TransientError
 from billing.domain.model import (
     Customer,
@@ -59,13 +60,60 @@ class _NoResetConnection(asyncpg.Connection):  # type: ignore[misc]
         return ""
 
 
-async def create_pool(dsn: str, max_size: int) -> asyncpg.Pool:
+class DsnSource(Protocol):
+    """Where the database DSN comes from; it can change while the pool lives (a rotated password)."""
+
+    async def current(self) -> str:
+        """The DSN to connect with now."""
+        ...
+
+    async def after_refusal(self, refused: str) -> str:
+        """The DSN to try after the server refused ``refused``'s credentials: read again from its source,
+        and ``refused`` itself when nothing changed."""
+        ...
+
+
+class FixedDsn:
+    """A DSN that never changes (DATABASE_URL)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+
+    async def current(self) -> str:
+        return self._dsn
+
+    async def after_refusal(self, refused: str) -> str:
+        return refused
+
+
+class _Connector:
+    """asyncpg's ``connect`` for the pool: the current DSN, and once more with a DSN read afresh when the
+    server refuses the password (SQLSTATE class 28). A warm environment whose pool reconnects after a
+    password rotation then picks up the new secret instead of failing every message into the DLQ."""
+
+    def __init__(self, dsns: DsnSource, tls: DatabaseTls) -> None:
+        self._dsns = dsns
+        self._tls = tls
+
+    async def __call__(self, *_: Any, **options: Any) -> asyncpg.Connection:
+        dsn = await self._dsns.current()
+        try:
+            return await asyncpg.connect(dsn, ssl=self._tls.context_for(dsn), **options)
+        except asyncpg.exceptions.InvalidAuthorizationSpecificationError:
+            fresh = await self._dsns.after_refusal(dsn)
+            if fresh == dsn:
+                raise
+        return await asyncpg.connect(fresh, ssl=self._tls.context_for(fresh), **options)
+
+
+async def create_pool(dsns: DsnSource | str, max_size: int, tls: DatabaseTls | None = None) -> asyncpg.Pool:
     """A small pool: one Lambda environment bills one customer at a time."""
+    source = FixedDsn(dsns) if isinstance(dsns, str) else dsns
     try:
         pool = await asyncpg.create_pool(
-            dsn,
             min_size=1,
             max_size=max_size,
+            connect=_Connector(source, tls or DatabaseTls()),
             connection_class=_NoResetConnection,
             # the session runs in UTC so date_trunc('hour', ...) means the UTC hour
             server_settings={"timezone": "UTC", "application_name": "marketplace-billing"},

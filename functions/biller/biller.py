@@ -10,6 +10,7 @@ from aws_lambda_powertools.utilities.batch import EventType
 from aws_lambda_powertools.utilities.batch.decorators import async_process_partial_response
 from elasticapm import capture_serverless
 
+from billing import tracing
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.entrypoints.biller import bill_body
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
+tracing.lambda_agent()  # before capture_serverless, which uses the process's agent if there is one
 # a failed record is always reported as a batchItemFailure, even when it is the whole batch (BatchSize 1)
 processor = LoopBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 

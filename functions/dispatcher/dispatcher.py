@@ -9,6 +9,7 @@ import elasticapm
 from aws_lambda_powertools import Logger
 from elasticapm import capture_serverless
 
+from billing import tracing
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.entrypoints.loop import LOOP
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
+tracing.lambda_agent()  # before capture_serverless, which uses the process's agent if there is one
 
 
 @capture_serverless

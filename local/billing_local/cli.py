@@ -122,9 +122,10 @@ def local_apm_client(service_name: str = "billing") -> Any:
     """An APM agent capturing events locally (billing_local.apm_capture), instrumented like Lambda."""
     import elasticapm
 
+    from billing.tracing import LeanClient
     from billing_local.runner import APM_SETTINGS
 
-    client = elasticapm.get_client() or elasticapm.Client(service_name=service_name, **APM_SETTINGS)
+    client = elasticapm.get_client() or LeanClient(service_name=service_name, **APM_SETTINGS)
     elasticapm.instrument()
     return client
 

@@ -24,7 +24,8 @@ def test_module_init_freezes_what_it_built(handler: str) -> None:
         f"sys.path.insert(0, {str(ROOT / 'functions' / handler)!r})\n"
         "assert gc.get_freeze_count() == 0\n"
         f"import {handler}\n"
-        "print(gc.get_freeze_count())\n"
+        "import elasticapm\n"
+        "print(type(elasticapm.get_client()).__qualname__, gc.get_freeze_count())\n"
     )
     env = {
         **os.environ,
@@ -38,4 +39,7 @@ def test_module_init_freezes_what_it_built(handler: str) -> None:
     )
     # Then the objects made by the init (settings, clients, the agent) are frozen: tens of thousands
     assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) > 10_000
+    client, frozen = done.stdout.split()[-2:]
+    assert int(frozen) > 10_000
+    # and the agent capture_serverless wraps the handler with is the project's lean client
+    assert client == "LeanClient"

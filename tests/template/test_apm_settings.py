@@ -13,6 +13,7 @@ from typing import Any
 import elasticapm
 import pytest
 
+from billing.tracing import LeanClient
 from billing_local.apm_capture import CAPTURE
 from billing_local.runner import APM_SETTINGS
 from billing_local.template import function_config
@@ -32,7 +33,7 @@ def _events_of_a_slow_span_and_an_error(settings: dict[str, Any]) -> tuple[dict[
     """One transaction with a 50 ms span (the agent's duration override) and a captured exception."""
     # A Client makes itself the process's agent; the one a handler module built is put back after.
     previous = elasticapm.get_client()
-    client = elasticapm.Client(
+    client = LeanClient(  # what the handlers and the runner build
         service_name="apm-settings-test",
         transport_class="billing_local.apm_capture.CaptureTransport",
         metrics_interval="0ms",
@@ -85,3 +86,34 @@ def test_the_agents_default_gives_the_same_span_a_stack_trace() -> None:
     span, error = _events_of_a_slow_span_and_an_error({"collect_local_variables": "off"})
     assert span["stacktrace"] and error["exception"]["stacktrace"]
     assert elasticapm.conf.Config().span_stack_trace_min_duration == timedelta(milliseconds=5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "walks"),
+    [({"span_stack_trace_min_duration": "-1ms"}, False), ({}, True)],
+    ids=["span stack traces off", "the agent's default"],
+)
+def test_no_stack_walk_at_span_start_when_span_stack_traces_are_off(
+    settings: dict[str, Any], walks: bool
+) -> None:
+    previous = elasticapm.get_client()
+    client = LeanClient(
+        service_name="apm-settings-test",
+        transport_class="billing_local.apm_capture.CaptureTransport",
+        metrics_interval="0ms",
+        central_config=False,
+        cloud_provider="none",
+        **settings,
+    )
+    try:
+        client.begin_transaction("messaging")
+        # while a span is open, the frames collected at its start are held on it
+        with elasticapm.capture_span("SELECT 1", span_type="db", leaf=True):
+            span = elasticapm.traces.execution_context.get_span()
+            assert bool(span.frames) is walks
+        client.end_transaction("RECEIVE billing", "success")
+    finally:
+        client.close()
+        CAPTURE.reset()
+        if previous is not None:
+            elasticapm.base.set_client(previous)

@@ -9,10 +9,11 @@ biller handler and invokes it warm, one SQS record per invocation, as the Lambda
   registration at each invocation's start and the flush at its end both happen for real;
 - agent off: the template's ``ELASTIC_APM_ENABLED=false`` (what it deploys without the extension).
 
-The extension double answers what the Elastic APM AWS Lambda extension serves the agent on
-localhost:8200 (its documentation, "Monitoring AWS Lambda Python Functions" and the extension's
-``/register/transaction`` and intake endpoints): ``GET /`` the server information, ``POST
-/intake/v2/events`` 202, ``POST /register/transaction`` 200. It keeps nothing; with the template's
+The extension double serves what the Elastic APM AWS Lambda extension serves the agent on
+localhost:8200 (elastic/apm-aws-lambda, apmproxy/receiver.go): ``GET /`` the APM Server's
+information (the extension proxies it), ``POST /intake/v2/events`` 202, ``POST
+/register/transaction`` 200, or 415 without the ``application/vnd.elastic.apm.transaction+ndjson``
+content type and 400 without ``x-elastic-aws-request-id``. It keeps nothing; with the template's
 ``ELASTIC_APM_SEND_STRATEGY: background`` the real extension also answers before forwarding.
 """
 
@@ -61,6 +62,10 @@ def extension_app() -> web.Application:
         return web.Response(status=202)
 
     async def register(request: web.Request) -> web.Response:
+        if request.headers.get("Content-Type") != "application/vnd.elastic.apm.transaction+ndjson":
+            return web.Response(status=415)
+        if not request.headers.get("x-elastic-aws-request-id"):
+            return web.Response(status=400)
         await request.read()
         counts["register"] += 1
         return web.Response(status=200)

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.common import RESULTS, Section, machine, markdown, print_table, section_doc, write_json
 
-SECTIONS = ("scheduling", "cost", "dispatcher", "coldstart", "reports")
+SECTIONS = ("scheduling", "cost", "dispatcher", "coldstart", "reports", "profile", "lambda")
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -44,6 +44,8 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "dispatcher": {"small": 1_000, "large": 10_000, "rate_customers": 2_000, "reps": 1},
             "coldstart": {"reps": 3},
             "reports": {"customers": 20},
+            "profile": {"customers": 300, "cap": 20},
+            "lambda": {"invocations": 150, "reps": 1},
         }
     return {
         "scheduling": {
@@ -66,6 +68,8 @@ def _sizes(quick: bool) -> dict[str, Any]:
         "dispatcher": {"small": 1_000, "large": 100_000, "rate_customers": 20_000, "reps": 3},
         "coldstart": {"reps": 7},
         "reports": {"customers": 30},
+        "profile": {"customers": 2_000, "cap": 50},
+        "lambda": {"invocations": 500, "reps": 3},
     }
 
 
@@ -81,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--customers", type=int, help="section 1's N (default 2,000; --quick 200)")
     parser.add_argument("--reps", type=int, help="section 1's repetitions (default 3; --quick 1)")
+    parser.add_argument(
+        "--report", type=Path, help="also write the summary (every figure, target and status) here, as JSON"
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
     }
 
-    from bench import coldstart, cost, dispatcher, reports, scheduling
+    from bench import coldstart, cost, dispatcher, lambda_warm, profile, reports, scheduling
     from bench.env import bench_stack
 
     sections: list[Section] = []
@@ -129,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                 section = dispatcher.run(bench, dispatcher.DispatchParams(**sizes["dispatcher"]), log)
             elif key == "coldstart":
                 section = coldstart.run(log, sizes["coldstart"]["reps"], lambda_doc)
+            elif key == "profile":
+                section = profile.run(bench, profile.ProfileParams(**sizes["profile"]), log)
+            elif key == "lambda":
+                section = lambda_warm.run(bench, lambda_warm.LambdaParams(**sizes["lambda"]), log)
             else:
                 section = reports.run(bench, log, sizes["reports"]["customers"])
             section.seconds = time.perf_counter() - began
@@ -139,16 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     print_table(sections)
     md = markdown(sections, info, config)
     (RESULTS / "README-table.md").write_text(md)
-    write_json(
-        "summary",
-        {
-            **config,
-            "figures": [
-                f.__dict__ | {"status": f.status, "section": s.key} for s in sections for f in s.figures
-            ],
-            "misses": [f"{s.title}: {f.name}" for s in sections for f in s.misses()],
-        },
-    )
+    summary = {
+        **config,
+        "figures": [f.__dict__ | {"status": f.status, "section": s.key} for s in sections for f in s.figures],
+        "misses": [f"{s.title}: {f.name}" for s in sections for f in s.misses()],
+    }
+    written = write_json("summary", summary)
+    if args.report is not None:
+        args.report.write_text(written.read_text())
     sched = next((s for s in sections if s.key == "scheduling"), None)
     if sched is not None:
         from bench.plot import scheduling_svg

@@ -259,7 +259,9 @@ def run(bench: BenchStack, p: CostParams, apm_client: Any, log: Any) -> Section:
         raw["throughput"] = _throughput(bench, p, apm_client, log, section)
     child = _lambda_environment(bench, p, log)
     raw["lambda_environment"] = {
-        k: v for k, v in child.items() if k not in ("durations_s", "connections_opened_per_invocation")
+        k: v
+        for k, v in child.items()
+        if k not in ("durations_s", "cpu_s", "connections_opened_per_invocation")
     }
 
     warm = child["durations_s"][1:]

@@ -413,6 +413,8 @@ def run(bench: BenchStack, p: Params, apm_client: Any, log: Any, diagnose: bool 
     bound_latency = rounds * own_work
     bound_cpu = p.customers * cpu_loop_per_customer
     lower_bound = max(bound_latency, bound_cpu)
+    # the target: the ideal latency bound or the CPU bound of the one core a loop runs on
+    target_bound = max(p.ideal, bound_cpu)
     section.note(
         f"ideal = ceil(N/C) × L = {rounds} × {p.latency_s * 1000:.0f} ms = {p.ideal:.2f} s counts the "
         "marketplace "
@@ -437,6 +439,7 @@ def run(bench: BenchStack, p: Params, apm_client: Any, log: Any, diagnose: bool 
             "last_done_s": median([r.last_done for r in rs]),
             "makespan_over_ideal": makespan / p.ideal if makespan and p.ideal else None,
             "makespan_over_lower_bound": makespan / lower_bound if makespan and lower_bound else None,
+            "makespan_over_target_bound": makespan / target_bound if makespan and target_bound else None,
             "ratio_p50": median([percentile(r.ratios, 50) for r in rs]),
             "ratio_p99": median([percentile(r.ratios, 99) for r in rs]),
             "ratio_max": median([max(r.ratios) if r.ratios else None for r in rs]),
@@ -466,16 +469,18 @@ def run(bench: BenchStack, p: Params, apm_client: Any, log: Any, diagnose: bool 
             None,
             reps,
         )
-        section.add(
-            f"{strategy}: makespan / ideal ceil(N/C)×L",
-            f["makespan_over_ideal"],
-            "×",
-            "≤ 1.10" if is_runner else "",
-            at_most(f["makespan_over_ideal"], 1.10) if is_runner else None,
-            _makespan_reason(f, p, lower_bound, cpu_loop_per_customer, shipped, shipped_cost)
-            if is_runner
-            else "",
-        )
+        section.add(f"{strategy}: makespan / ideal ceil(N/C)×L", f["makespan_over_ideal"], "×", "", None)
+        if is_runner:
+            section.add(
+                f"{strategy}: makespan / max(ideal, CPU bound)",
+                f["makespan_over_target_bound"],
+                "×",
+                f"≤ 1.10 (bound {target_bound:.2f} s: ideal {p.ideal:.2f} s, CPU {bound_cpu:.2f} s)",
+                at_most(f["makespan_over_target_bound"], 1.10),
+                _makespan_reason(f, p, lower_bound, cpu_loop_per_customer, shipped, shipped_cost)
+                if (f["makespan_over_target_bound"] or 0) > 1.10
+                else "",
+            )
         section.add(
             f"{strategy}: makespan / measured lower bound",
             f["makespan_over_lower_bound"],
@@ -552,6 +557,9 @@ def run(bench: BenchStack, p: Params, apm_client: Any, log: Any, diagnose: bool 
         "runner_moto_as_shipped": shipped.brief() if shipped else None,
         "moto_receive_cost_as_shipped": shipped_cost,
         "lower_bound_s": lower_bound,
+        "target_bound_s": target_bound,
+        "ideal_s": p.ideal,
+        "cpu_bound_s": bound_cpu,
         "lower_bound_terms": {
             "latency_term_s": bound_latency,
             "cpu_term_s": bound_cpu,

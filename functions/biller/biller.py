@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger
@@ -9,6 +10,7 @@ from aws_lambda_powertools.utilities.batch import EventType
 from aws_lambda_powertools.utilities.batch.decorators import async_process_partial_response
 from elasticapm import capture_serverless
 
+from billing import tracing
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.entrypoints.biller import bill_body
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
+tracing.lambda_agent()  # before capture_serverless, which uses the process's agent if there is one
 # a failed record is always reported as a batchItemFailure, even when it is the whole batch (BatchSize 1)
 processor = LoopBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
@@ -35,3 +38,9 @@ async def record_handler(record: SQSRecord) -> dict[str, Any]:
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return dict(async_process_partial_response(event, record_handler, processor, context))
+
+
+# Module init is done (settings, clients, the agent and its instrumentation): those objects live as
+# long as the execution environment, so the cyclic collector need not scan them at every full
+# collection of a warm invocation.
+gc.freeze()

@@ -122,19 +122,10 @@ def local_apm_client(service_name: str = "billing") -> Any:
     """An APM agent capturing events locally (billing_local.apm_capture), instrumented like Lambda."""
     import elasticapm
 
-    client = elasticapm.get_client() or elasticapm.Client(
-        service_name=service_name,
-        environment="local",
-        transport_class="billing_local.apm_capture.CaptureTransport",
-        metrics_interval="0ms",
-        metrics_sets=[],
-        breakdown_metrics=False,
-        central_config=False,
-        cloud_provider="none",
-        span_compression_enabled=False,  # keep one span per query and per marketplace call
-        collect_local_variables="off",  # frame locals would carry the DSN into error events
-        framework_name="local runner",
-    )
+    from billing.tracing import LeanClient
+    from billing_local.runner import APM_SETTINGS
+
+    client = elasticapm.get_client() or LeanClient(service_name=service_name, **APM_SETTINGS)
     elasticapm.instrument()
     return client
 

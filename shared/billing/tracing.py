@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import elasticapm
+from elasticapm.contrib.serverless.aws import prep_kwargs
 from elasticapm.traces import execution_context
 
 if TYPE_CHECKING:
@@ -12,6 +14,34 @@ if TYPE_CHECKING:
 
     from billing.domain.messages import BillMessageV1
     from billing.domain.model import BillOutcome
+
+
+class LeanClient(elasticapm.Client):  # type: ignore[misc]
+    """The agent's Client, minus the stack walk at every span start when span stack traces are off.
+
+    elasticapm 6.26 collects the caller's frames (up to ``stack_trace_limit``) whenever a span
+    begins, through the collector its Tracer is built with, and drops them when the span ends if
+    ``span_stack_trace_min_duration`` is negative: the walk is wasted, about a quarter of the agent's
+    CPU per bill (bench/profile.py). With span stack traces off (template.yaml, the runner), this
+    client gives the Tracer a collector that collects nothing. Error events do not use it: their
+    stack trace comes from the exception's traceback. The setting is read once, here (central
+    configuration is off in Lambda and in the runner).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.tracer.span_stack_trace_min_duration < timedelta(0):
+            self.tracer.frames_collector_func = _no_frames
+
+
+def _no_frames() -> None:
+    return None
+
+
+def lambda_agent() -> elasticapm.Client:
+    """The process's agent, built as ``capture_serverless`` builds it (which then uses this one)."""
+    client: elasticapm.Client | None = elasticapm.get_client()
+    return client if client is not None else LeanClient(**prep_kwargs())
 
 
 def span(name: str, span_type: str = "app", subtype: str | None = None) -> CaptureSpan:

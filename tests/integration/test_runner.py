@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -97,3 +98,19 @@ async def test_messages_sent_right_after_a_drain_are_not_hidden_by_its_last_long
     # would hide them for the queue's 360 s visibility timeout)
     assert sorted(o.customer_id for o in first.outcomes) == ["a", "b", "c"]
     assert sorted(o.customer_id for o in second.outcomes) == ["d", "e", "f", "g", "h"]
+
+
+async def test_the_runner_freezes_what_was_alive_when_it_started(sqs: Any, stack: Any) -> None:
+    # Given a process with nothing frozen (the runner's start is its cold start)
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+
+    async def handle(delivery: Delivery) -> BillOutcome:
+        return outcome(delivery.body)
+
+    # When the runner drains a queue
+    await send(sqs, stack.queues.url, ["m00"])
+    stats = await asyncio.wait_for(drain(sqs, stack.queues.url, handle, concurrency=1), 60)
+    # Then what was alive at its start (modules, clients, pools) is out of the cyclic collector's reach
+    assert stats.succeeded == 1
+    assert gc.get_freeze_count() > 10_000

@@ -1,0 +1,115 @@
+"""How many stamina retry contexts a bill opens, and that retrying the whole bill still works.
+
+Real PostgreSQL and the AWS Marketplace Metering emulator (an HTTP double of BatchMeterUsage that
+follows AWS's documented behaviour), the real aioboto3 client over HTTP. stamina is in testing mode
+(tests/conftest.py): three attempts, no waits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import stamina
+import stamina.instrumentation
+
+from billing.bootstrap import Runtime
+from billing.config import load_settings
+from billing.domain.errors import TransientError
+from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, message, within_window
+
+if TYPE_CHECKING:
+    from stamina.instrumentation import RetryDetails
+
+    from billing.services.bill import Biller
+
+
+@pytest.fixture
+async def biller(stack: Any, pool: Any) -> AsyncIterator[Biller]:
+    stack.metering.clock = within_window
+    runtime = Runtime(load_settings())
+    await add_rates(pool)
+    stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb"})
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "3")
+    b = await runtime.biller()
+    b.clock = within_window
+    yield b
+    await runtime.close()
+
+
+@pytest.fixture
+def contexts_opened(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every stamina.retry_context opened (the adapters and the service look it up per call)."""
+    opened: list[int] = []
+    original = stamina.retry_context
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stamina, "retry_context", counting)
+    return opened
+
+
+@pytest.fixture
+def retries() -> Iterator[list[RetryDetails]]:
+    """The retries stamina reports to its hooks (the biller's own hook logs them)."""
+    seen: list[RetryDetails] = []
+    hooks = stamina.instrumentation.get_on_retry_hooks()
+    stamina.instrumentation.set_on_retry_hooks([*hooks, seen.append])
+    yield seen
+    stamina.instrumentation.set_on_retry_hooks(hooks)
+
+
+def _load_failing(biller: Biller, monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+    """The repository's load raises a TransientError ``times`` times, then works; returns its calls."""
+    calls: list[int] = []
+    load = biller.repo.load
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= times:
+            raise TransientError("connection to the database lost")
+        return await load(*args, **kwargs)
+
+    monkeypatch.setattr(biller.repo, "load", flaky)
+    return calls
+
+
+async def test_a_bill_that_succeeds_at_once_opens_one_retry_context(
+    biller: Biller, contexts_opened: list[int], stack: Any
+) -> None:
+    # When a customer-hour is billed and every call succeeds the first time
+    outcome = await biller.bill(message("c1"))
+    # Then only the marketplace adapter's retry context was opened, not also the whole bill's
+    assert outcome.marketplace_calls == 1 and len(stack.metering.accepted()) == 2
+    assert len(contexts_opened) == 1
+
+
+async def test_a_transient_failure_of_the_first_attempt_is_retried_and_reported(
+    biller: Biller, retries: list[RetryDetails], monkeypatch: pytest.MonkeyPatch, stack: Any
+) -> None:
+    # Given the database fails the first attempt's first query
+    calls = _load_failing(biller, monkeypatch, times=1)
+    # When the customer-hour is billed
+    outcome = await biller.bill(message("c1"))
+    # Then the second attempt bills it, and stamina reported the retry with its cause
+    assert not outcome.already_billed and len(stack.metering.accepted()) == 2
+    assert len(calls) == 2
+    assert [(r.retry_num, type(r.caused_by)) for r in retries] == [(1, TransientError)]
+
+
+async def test_a_bill_failing_every_attempt_makes_exactly_the_configured_attempts(
+    biller: Biller, retries: list[RetryDetails], monkeypatch: pytest.MonkeyPatch, stack: Any
+) -> None:
+    # Given the database fails every attempt
+    calls = _load_failing(biller, monkeypatch, times=100)
+    # When the customer-hour is billed, the failure is raised (SQS will redeliver the message)
+    with pytest.raises(TransientError):
+        await biller.bill(message("c1"))
+    # Then there were three attempts (stamina's testing mode), two of them reported as retries
+    assert len(calls) == 3
+    assert [r.retry_num for r in retries] == [1, 2]
+    assert stack.metering.calls == 0

@@ -206,7 +206,10 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
                l.lease_until > now() AS leased
           FROM ledger l JOIN customers c ON c.id = l.customer_id
          WHERE l.period = $1
-           AND (l.state = ANY($2::text[]) OR (l.state = 'duplicate' AND l.last_error IS NOT NULL))
+           AND (l.state = ANY($2::text[]) OR (l.state = 'duplicate' AND l.last_error IS NOT NULL)
+                -- expired, but some attempt may have been received: its quantity may be billed twice
+                OR (l.state = 'expired' AND l.quantity <> 0
+                    AND (l.unconfirmed OR l.refused_attempts < l.attempts)))
          ORDER BY l.customer_id, l.dimension
         """,
         period.start,
@@ -253,6 +256,12 @@ def _record_problem(r: Mapping[str, Any]) -> Problem:
         reason = f"submitted, not confirmed ({answer}; {holder})"
     elif state is LedgerState.PENDING:
         reason = "decided, not yet submitted"
+    elif state is LedgerState.EXPIRED:
+        reason = (
+            "settled as outside the marketplace's window and carried to a later hour, but a submission of "
+            "it got no answer proving a refusal: the marketplace may have received it (billed twice?); "
+            "check its records"
+        )
     else:
         reason = f"{error}: the marketplace already held a record for the hour (counted as billed)"
     return Problem(

@@ -51,7 +51,8 @@ WITH r AS (
     FROM r
 )
 SELECT l.customer_id, l.dimension, l.period, l.quantity, l.state, l.rated, l.carry_in, l.carry_out,
-       l.last_error, l.decided_at, l.updated_at, (l.period >= $1 AND l.period < $2) AS in_range
+       l.last_error, l.decided_at, l.updated_at, (l.period >= $1 AND l.period < $2) AS in_range,
+       l.attempts, l.refused_attempts, l.unconfirmed
   FROM n JOIN ledger l ON l.customer_id = n.customer_id AND l.dimension = n.dimension
  WHERE l.decided_at BETWEEN n.first_at AND coalesce(n.next_at, n.last_at)
     OR (l.state = 'expired' AND l.quantity <> 0
@@ -121,6 +122,9 @@ class PostgresReconcileReader:
                     decided_at=r["decided_at"],
                     updated_at=r["updated_at"],
                     in_range=bool(r["in_range"]),
+                    attempts=int(r["attempts"]),
+                    refused_attempts=int(r["refused_attempts"]),
+                    unconfirmed=bool(r["unconfirmed"]),
                 )
             )
         return dict(found)

@@ -39,6 +39,14 @@ class LedgerRow:
     decided_at: datetime
     updated_at: datetime
     in_range: bool
+    attempts: int = 0  # the decision's submission and each later claim
+    refused_attempts: int = 0  # of those, the ones whose answer proved the record was not taken
+    unconfirmed: bool = False  # some attempt may have delivered it and its answer was never recorded
+
+    @property
+    def maybe_received(self) -> bool:
+        """Some attempt may have reached the marketplace: no answer on record proves it refused them all."""
+        return self.unconfirmed or self.refused_attempts < self.attempts
 
     @property
     def returned(self) -> bool:
@@ -317,13 +325,46 @@ def _row_differences(r: LedgerRow) -> list[Difference]:
             )
         )
     q = Decimal(r.quantity)
-    if r.state is LedgerState.EXPIRED and q:
+    if r.state is LedgerState.EXPIRED and q and r.maybe_received:
+        unproven = (
+            f"{r.attempts - r.refused_attempts} of its {r.attempts} submission(s) got no answer proving a "
+            "refusal"
+            if r.refused_attempts < r.attempts
+            else "a submission of it was never confirmed"
+        )
+        diffs.append(
+            Difference(
+                "expired, may have been received",
+                q,
+                explained=False,
+                reason=(
+                    f"settled as outside the marketplace's window, but {unproven}: the marketplace may "
+                    f"hold these {r.quantity} unit(s), which went back to the carry and may have been billed "
+                    "again with a later hour; check the marketplace's records"
+                ),
+                period=at,
+            )
+        )
+    elif r.state is LedgerState.EXPIRED and q:
         diffs.append(
             Difference(
                 "expired",
                 q,
                 explained=True,
                 reason=f"outside the marketplace's window: {r.quantity} unit(s) went back to the carry",
+                period=at,
+            )
+        )
+    elif r.state is LedgerState.REJECTED and q and r.maybe_received:
+        diffs.append(
+            Difference(
+                "rejected, may have been received",
+                q,
+                explained=False,
+                reason=(
+                    f"{r.last_error or 'no reason recorded'}: the marketplace may hold these {r.quantity} "
+                    "unit(s) or not (billed once, or not collected); check its records"
+                ),
                 period=at,
             )
         )

@@ -337,3 +337,31 @@ def test_run_ids_do_not_affect_idempotency() -> None:
         message("c", run_id=uuid.UUID(int=1)).billing_period
         == message("c", run_id=uuid.UUID(int=2)).billing_period
     )
+
+
+async def test_each_retry_log_line_names_the_customer_hour_and_marketplace(
+    runtime: Runtime, biller: Biller, pool: Any, stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import json
+
+    from billing.entrypoints import biller as entrypoint
+
+    # Given AWS throttles the first BatchMeterUsage call of a customer's hour
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    stack.metering.faults.append("throttle")
+    stream = io.StringIO()
+    monkeypatch.setattr(entrypoint.logger.registered_handler, "stream", stream)
+    # When its message is billed (as the Lambda handler and the local runner bill it)
+    body = message("c1").model_dump_json()
+    await entrypoint.bill_body(runtime, body, "msg-1")
+    # Then the retry's log line says whose hour, on which marketplace, and which call is retried
+    logs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (retry,) = [entry for entry in logs if entry["message"] == "retrying after a transient error"]
+    assert {k: retry.get(k) for k in ("customer_id", "billing_hour", "marketplace", "retrying")} == {
+        "customer_id": "c1",
+        "billing_hour": HOUR.isoformat(),
+        "marketplace": "aws",
+        "retrying": "BatchMeterUsage",
+    }
+    assert retry["message_id"] == "msg-1"

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
+from billing import log_context
 from billing.adapters.bearer_http import submit_until_settled
 from billing.domain.errors import PermanentError, WindowExpiredError
 from billing.domain.model import LedgerState, Marketplace, SubmitResult
@@ -82,9 +83,10 @@ class AwsMeteringClient:
         async def send_once(pending: Mapping[str, LedgerEntry]) -> dict[str, SubmitResult]:
             return await self._send(customer, period, list(pending.values()))
 
-        answered = await submit_until_settled(
-            send_once, entries, self._attempts, lambda r: not r.retryable or _out_of_bounds(r)
-        )
+        with log_context.bound(operation="BatchMeterUsage"):
+            answered = await submit_until_settled(
+                send_once, entries, self._attempts, lambda r: not r.retryable or _out_of_bounds(r)
+            )
         return [answered[e.dimension] for e in chunk]
 
     async def _send(

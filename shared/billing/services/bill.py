@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import stamina
 
+from billing import log_context
 from billing.domain.errors import (
     BadMessageError,
     ClaimHeldError,
@@ -73,11 +74,12 @@ class Biller:
             # the marketplace adapter has already retried its own calls
             return isinstance(exc, TransientError) and not isinstance(exc, MarketplaceUnavailableError)
 
-        async for attempt in stamina.retry_context(
-            on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
-        ):
-            with attempt:
-                return await self._bill_once(message, owner)
+        with log_context.bound(operation="bill"):
+            async for attempt in stamina.retry_context(
+                on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
+            ):
+                with attempt:
+                    return await self._bill_once(message, owner)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _bill_once(self, message: BillMessageV1, owner: str) -> BillOutcome:
@@ -88,6 +90,7 @@ class Biller:
         if state is None:
             raise BadMessageError(f"unknown customer {message.customer_id!r}")
         customer = state.customer
+        log_context.add(marketplace=customer.marketplace.value)
         outcome = BillOutcome(customer.id, period, customer.marketplace)
         if state.entries and all(e.state.final for e in state.entries):
             outcome.entries = list(state.entries)

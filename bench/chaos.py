@@ -8,7 +8,8 @@ each time on a fresh database and a fresh local stack:
 
 - clean: no fault;
 - chaos, during each hour's first drain: marketplace calls answered 429, 500 or 503, never answered (a
-  timeout), or taken and their answer lost (an aiohttp middleware in front of each emulator), plus the AWS
+  timeout), or taken and their answer lost, or taken and their connection reset (RST) while the answer is
+  read (an aiohttp middleware in front of each emulator), plus the AWS
   emulator's own throttling, internal errors and UnprocessedRecords; messages delivered twice, in sequence
   and at the same moment; billers killed after recording their decision, or after the marketplace accepted
   and before the ledger recorded it; every billing connection terminated by PostgreSQL every few seconds;
@@ -45,7 +46,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bench.common import machine, write_json
-from billing_local.faults import Proxy, ShortMarketplaceTimeouts, marketplace_error, with_middleware
+from billing_local.faults import (
+    Proxy,
+    ShortMarketplaceTimeouts,
+    marketplace_error,
+    reset_connection,
+    with_middleware,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -67,7 +74,7 @@ ENV = {
 class Rates:
     """How often each fault strikes during an hour's first drain."""
 
-    marketplace: float = 0.03  # of marketplace calls: 429, 500, 503, timeout or answer lost, alike
+    marketplace: float = 0.03  # of marketplace calls: 429, 500, 503, timeout, answer lost or reset, alike
     aws_emulator: float = 0.02  # of AWS calls, the emulator's own: throttling, internal error, unprocessed
     twice_in_sequence: float = 0.02  # of messages
     twice_at_once: float = 0.02
@@ -114,7 +121,7 @@ class Clock:
 class Gate:
     """An aiohttp middleware in front of one emulator, answering a share of the calls with a fault."""
 
-    KINDS: tuple[int | str, ...] = (429, 500, 503, "timeout", "lost")
+    KINDS: tuple[int | str, ...] = (429, 500, 503, "timeout", "lost", "reset")
 
     def __init__(self, marketplace: str, rng: random.Random, injected: Injected) -> None:
         self.marketplace = marketplace
@@ -138,6 +145,10 @@ class Gate:
             if fault == "lost":
                 response = await handler(request)
                 await asyncio.sleep(HANG_S)
+                return response
+            if fault == "reset":  # taken, then RST while the client reads the answer
+                response = await handler(request)
+                reset_connection(request)
                 return response
             if fault == "timeout":
                 await asyncio.sleep(HANG_S)

@@ -447,9 +447,10 @@ def _status_lines(status: Any, limit: int) -> Iterator[str]:
 
 
 async def _reconcile(start: Any, end: Any, customer: str | None, show_progress: bool) -> Any:
+    from billing.adapters.postgres_reconcile import PostgresReconcileReader
     from billing.bootstrap import Runtime
+    from billing.services.reconcile import reconcile
     from billing_local.progress import progress_bar
-    from billing_local.report import reconcile
 
     settings = _settings(pool_max=8)
     runtime = Runtime(settings)
@@ -457,7 +458,7 @@ async def _reconcile(start: Any, end: Any, customer: str | None, show_progress: 
         pool = await runtime.pool()
         usage = await runtime.usage_source()
         return await reconcile(
-            pool,
+            PostgresReconcileReader(pool),
             usage,
             start,
             end,

@@ -7,6 +7,8 @@ port.
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -35,6 +37,21 @@ def marketplace_error(marketplace: str, status: int) -> web.Response:
             {"error": {"code": status, "message": "injected", "status": name}}, status=status
         )
     return web.json_response({"code": "ServerError", "message": "injected", "details": []}, status=status)
+
+
+def reset_connection(request: web.Request) -> None:
+    """Drop ``request``'s TCP connection with a reset (RST), not a clean close (FIN).
+
+    SO_LINGER on with a zero timeout makes close() discard unsent data and send RST (socket(7)), as a
+    crashed load balancer or a NAT that forgot the flow does; the client sees ECONNRESET while it reads
+    the answer. Call it after the emulator did the work: the request was received and taken.
+    """
+    transport = request.transport
+    if transport is None:  # already gone: nothing left to reset
+        return
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def with_middleware(

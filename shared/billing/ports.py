@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         UsageTotal,
     )
     from billing.domain.rating import Decision
+    from billing.domain.reconciliation import LedgerRow, ScopeCustomer
 
 
 @dataclass(frozen=True)
@@ -122,3 +123,29 @@ class MessageQueue(Protocol):
     async def send(self, messages: Sequence[BillMessageV1]) -> int:
         """Send every message (10 a call, several calls in flight); return how many were sent."""
         ...
+
+
+class ReconcileReader(Protocol):
+    """What the reconciliation reads of customers and the ledger (billing.adapters.postgres_reconcile)."""
+
+    async def rate_card(self) -> RateCard: ...
+
+    async def scope_customers(self, start: Period, end: Period, customer: str | None) -> list[ScopeCustomer]:
+        """Customers billable in the hours ``start`` .. ``end``, or with ledger rows in them."""
+        ...
+
+    async def observations(
+        self, ids: Sequence[str], start: Period, end: Period
+    ) -> dict[tuple[str, str], dict[datetime, Decimal]]: ...
+
+    async def ledger_walk(
+        self, ids: Sequence[str], start: Period, end: Period
+    ) -> dict[tuple[str, str], list[LedgerRow]]: ...
+
+    async def balances(self, ids: Sequence[str]) -> dict[tuple[str, str], Decimal]: ...
+
+    async def all_rated(self, ids: Sequence[str]) -> dict[tuple[str, str], Decimal]: ...
+
+    async def all_observed(self, ids: Sequence[str]) -> dict[tuple[str, str], Decimal]: ...
+
+    async def last_decided(self, ids: Sequence[str]) -> dict[str, datetime]: ...

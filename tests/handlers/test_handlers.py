@@ -211,3 +211,109 @@ def test_logs_carry_the_bill_and_its_apm_ids(
     assert billed["run_id"] == "4d1c3a1e-5b7e-4f51-9c2a-0f5d6a8e2b10"
     assert billed["message_id"] == "0f8d3a5e-1c7b-4e8e-9a64-000000000001"
     assert len(billed["trace.id"]) == 32 and len(billed["transaction.id"]) == 16
+
+
+# --- the daily auditor ----------------------------------------------------------------------------------
+
+AUDITOR = LambdaContext.of("auditor")
+
+
+@pytest.fixture
+def auditor_handler(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    import auditor
+
+    stack.metering.clock = within_window
+    stack.metering.add_product(PRODUCT)
+    run(_seed(stack.database_url, ["cust-000000"]))
+    yield from _fresh_runtime(auditor, monkeypatch)
+
+
+def _bill(module: ModuleType, customer_id: str) -> None:
+    """The customer's hour (2026-11-26T13:00) billed by the real biller, as its message would be."""
+    from testkit import message
+
+    biller = run(module.runtime.biller())
+    biller.clock = within_window
+    run(biller.bill(message(customer_id)))
+
+
+def _audit_logs(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    from billing.entrypoints import auditor as entrypoint
+
+    stream = io.StringIO()
+    monkeypatch.setattr(entrypoint.logger.registered_handler, "stream", stream)
+    return stream
+
+
+def test_auditor_reconciles_the_day_before_its_schedule_and_counts_zero_when_clean(
+    auditor_handler: ModuleType, stack: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from billing.entrypoints.biller import METRICS_NAMESPACE
+
+    # Given a subscribed customer's hour billed on 2026-11-26
+    stack.metering.subscribe(PRODUCT, "aws-cust-000000")
+    _bill(auditor_handler, "cust-000000")
+    capsys.readouterr()
+    # When the daily audit scheduled for 2026-11-27T06:00 runs
+    response = auditor_handler.lambda_handler(event("auditor-scheduled.json"), AUDITOR)
+    # Then it reconciled 2026-11-26, found nothing unexplained, and says so in its metric
+    assert response == {
+        "from": "2026-11-26T00:00:00Z",
+        "to": "2026-11-26T23:00:00Z",
+        "customers": 1,
+        "lines": 2,
+        "unexplained": 0,
+        "clean": True,
+    }
+    (doc,) = _emf_documents(capsys.readouterr().out)
+    (directive,) = doc["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == METRICS_NAMESPACE
+    assert directive["Metrics"] == [{"Name": "ReconcileUnexplained", "Unit": "Count"}]
+    assert doc["ReconcileUnexplained"] == [0.0]
+
+
+def test_auditor_counts_and_logs_each_unexplained_difference(
+    auditor_handler: ModuleType,
+    stack: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a customer AWS does not know as subscribed: its 3 GB-hours of 2026-11-26T13:00 were rejected
+    _bill(auditor_handler, "cust-000000")
+    capsys.readouterr()
+    logs = _audit_logs(monkeypatch)
+    # When the daily audit runs
+    response = auditor_handler.lambda_handler(event("auditor-scheduled.json"), AUDITOR)
+    # Then the rejected quantity is counted in the metric the stack alarms on
+    assert (response["unexplained"], response["clean"]) == (1, False)
+    (doc,) = _emf_documents(capsys.readouterr().out)
+    assert doc["ReconcileUnexplained"] == [1.0]
+    # and logged with the customer, dimension, hour and reason
+    (line,) = [
+        json.loads(entry)
+        for entry in logs.getvalue().splitlines()
+        if json.loads(entry)["message"] == "reconcile: unexplained difference"
+    ]
+    assert {
+        k: line[k] for k in ("customer_id", "marketplace", "dimension", "billing_hour", "kind", "amount")
+    } == {
+        "customer_id": "cust-000000",
+        "marketplace": "aws",
+        "dimension": "CapacityGbHours",
+        "billing_hour": "2026-11-26T13:00:00Z",
+        "kind": "rejected",
+        "amount": "3",
+    }
+    assert "CustomerNotSubscribed" in line["reason"]
+
+
+def test_auditor_refuses_a_day_that_has_not_ended(auditor_handler: ModuleType) -> None:
+    from billing.domain.errors import BadMessageError
+    from billing.entrypoints.auditor import audit_request
+
+    # the clock is only consulted for an operator's {"day": ...}
+    with pytest.raises(BadMessageError, match="has not ended"):
+        audit_request({"day": "2026-11-27"}, clock=lambda: within_window())
+    assert audit_request({"day": "2026-11-25"}, clock=lambda: within_window()).first.isoformat() == (
+        "2026-11-25T00:00:00Z"
+    )

@@ -270,6 +270,46 @@ async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
     assert [r.quantity for r in stack.metering.accepted() if r.dimension == "CapacityGbHours"] == [6]
 
 
+async def test_a_failed_row_without_a_refusal_on_record_is_not_carried_past_the_window(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given an hour whose submission ended 'failed' with no refusal on record (as a release before migration
+    # 0004 left it: it also took a reset after sending for 'failed'), redelivered after the window
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
+    stack.metering.faults.extend(["throttle"] * 5)
+    with pytest.raises(MarketplaceUnavailableError):
+        await biller.bill(message("c1"))
+    await pool.execute("UPDATE ledger SET refused_attempts = 0 WHERE customer_id = 'c1'")
+    late = HOUR.start + timedelta(hours=7)
+    biller.clock = stack.metering.clock = lambda: late
+    # When it is redelivered after the window closed
+    await biller.bill(message("c1"))
+    # Then the hour is left for an operator (AWS may hold it), its quantity not carried to a later hour
+    rows = await ledger(pool, "c1")
+    assert rows["CapacityGbHours"]["state"] == "rejected"
+    assert "the marketplace may have received" in rows["CapacityGbHours"]["last_error"]
+    carry = await pool.fetchval(
+        "SELECT carry FROM balances WHERE customer_id = 'c1' AND dimension = 'CapacityGbHours'"
+    )
+    assert carry == 0
+
+
+async def test_refused_attempts_are_counted_so_a_refused_hour_still_expires(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given an hour throttled on its first delivery and again on a second one
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
+    stack.metering.faults.extend(["throttle"] * 6)
+    for _ in range(2):
+        with pytest.raises(MarketplaceUnavailableError):
+            await biller.bill(message("c1"))
+    # Then both attempts are on record as refused
+    rows = await ledger(pool, "c1")
+    assert {(r["attempts"], r["refused_attempts"]) for r in rows.values()} == {(2, 2)}
+
+
 async def test_an_hour_aws_refuses_as_out_of_bounds_before_our_clock_says_so_is_carried(
     biller: Biller, pool: Any, stack: Any
 ) -> None:
@@ -297,3 +337,31 @@ def test_run_ids_do_not_affect_idempotency() -> None:
         message("c", run_id=uuid.UUID(int=1)).billing_period
         == message("c", run_id=uuid.UUID(int=2)).billing_period
     )
+
+
+async def test_each_retry_log_line_names_the_customer_hour_and_marketplace(
+    runtime: Runtime, biller: Biller, pool: Any, stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import json
+
+    from billing.entrypoints import biller as entrypoint
+
+    # Given AWS throttles the first BatchMeterUsage call of a customer's hour
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    stack.metering.faults.append("throttle")
+    stream = io.StringIO()
+    monkeypatch.setattr(entrypoint.logger.registered_handler, "stream", stream)
+    # When its message is billed (as the Lambda handler and the local runner bill it)
+    body = message("c1").model_dump_json()
+    await entrypoint.bill_body(runtime, body, "msg-1")
+    # Then the retry's log line says whose hour, on which marketplace, and which call is retried
+    logs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (retry,) = [entry for entry in logs if entry["message"] == "retrying after a transient error"]
+    assert {k: retry.get(k) for k in ("customer_id", "billing_hour", "marketplace", "retrying")} == {
+        "customer_id": "c1",
+        "billing_hour": HOUR.isoformat(),
+        "marketplace": "aws",
+        "retrying": "BatchMeterUsage",
+    }
+    assert retry["message_id"] == "msg-1"

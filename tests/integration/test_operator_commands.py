@@ -543,6 +543,75 @@ async def test_reconcile_explains_an_expired_hour_billed_with_a_later_one(
     ]
 
 
+async def expired_without_a_refusal_on_record(biller: Biller, pool: Any, stack: Any) -> None:
+    """An hour throttled, settled as expired after AWS's window and billed with the hour 6 hours later, but
+    with no refusal on record for its submission: as a release before migration 0004 left it (that release
+    took a connection reset after sending for "not sent": AWS may hold the hour, billed twice)."""
+    await subscribed(pool, stack, "c1")
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
+    stack.metering.faults.extend(["throttle"] * 3)
+    with pytest.raises(Exception, match="ThrottlingException"):
+        await bill_hour(biller, ["c1"])
+    late = HOUR.start + timedelta(hours=7)
+    biller.clock = stack.metering.clock = lambda: late
+    await bill_hour(biller, ["c1"])
+    await bill_hour(biller, ["c1"], HOUR.shifted(6))
+    await pool.execute("UPDATE ledger SET refused_attempts = 0 WHERE period = $1", HOUR.start)
+
+
+async def test_status_flags_an_expired_hour_that_may_have_been_received(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given an expired hour whose submission may have been received
+    await expired_without_a_refusal_on_record(biller, pool, stack)
+    # When the operator checks the hour
+    result = await run_cli_async("status", "--period", HOUR.isoformat())
+    # Then it fails, naming the possible receipt
+    assert result.exit_code == 1, result.output
+    assert (
+        "expired   aws   c1 CapacityGbHours (quantity 6): settled as outside the marketplace's window and "
+        "carried to a later hour, but a submission of it got no answer proving a refusal"
+    ) in result.output
+
+
+async def test_reconcile_flags_an_expired_hour_that_may_have_been_received(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given an expired hour whose submission may have been received
+    await expired_without_a_refusal_on_record(biller, pool, stack)
+    # When the seven hours are reconciled
+    result = await run_cli_async(*reconcile_args(HOUR, HOUR.shifted(6)), "--json")
+    # Then the expired hour is an unexplained difference that names the possible receipt, and the check fails
+    assert result.exit_code == 1, result.output
+    (line,) = [x for x in json.loads(result.stdout)["lines"] if x["dimension"] == "CapacityGbHours"]
+    unexplained = [(d["kind"], d["amount"], d["period"]) for d in line["differences"] if not d["explained"]]
+    assert unexplained == [("expired, may have been received", "6", HOUR.isoformat())]
+    (difference,) = [d for d in line["differences"] if not d["explained"]]
+    assert "1 of its 1 submission(s) got no answer proving a refusal" in difference["reason"]
+
+
+async def test_reconcile_flags_an_unconfirmed_hour_left_past_the_window_as_maybe_received(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given an hour whose submissions met AWS internal errors (it may have recorded them), redelivered only
+    # after the 6-hour window: the ledger leaves it to an operator ('rejected'), nothing carried
+    await subscribed(pool, stack, "c1")
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
+    stack.metering.faults.extend(["internal"] * 3)
+    with pytest.raises(Exception, match="InternalServiceErrorException"):
+        await bill_hour(biller, ["c1"])
+    late = HOUR.start + timedelta(hours=7)
+    biller.clock = stack.metering.clock = lambda: late
+    await bill_hour(biller, ["c1"])
+    # When the hour is reconciled
+    result = await run_cli_async(*reconcile_args(), "--json")
+    # Then its 6 units are unexplained as possibly held by AWS (not as "not collected")
+    assert result.exit_code == 1, result.output
+    (line,) = [x for x in json.loads(result.stdout)["lines"] if x["dimension"] == "CapacityGbHours"]
+    unexplained = [(d["kind"], d["amount"]) for d in line["differences"] if not d["explained"]]
+    assert unexplained == [("rejected, may have been received", "6")]
+
+
 async def test_reconcile_explains_late_usage_as_pending_for_the_next_hour(
     biller: Biller, pool: Any, stack: Any
 ) -> None:

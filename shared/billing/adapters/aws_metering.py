@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
+import aiohttp
+from botocore.exceptions import BotoCoreError, ClientError
 
+from billing import log_context
 from billing.adapters.bearer_http import submit_until_settled
 from billing.domain.errors import PermanentError, WindowExpiredError
 from billing.domain.model import LedgerState, Marketplace, SubmitResult
@@ -80,9 +83,10 @@ class AwsMeteringClient:
         async def send_once(pending: Mapping[str, LedgerEntry]) -> dict[str, SubmitResult]:
             return await self._send(customer, period, list(pending.values()))
 
-        answered = await submit_until_settled(
-            send_once, entries, self._attempts, lambda r: not r.retryable or _out_of_bounds(r)
-        )
+        with log_context.bound(operation="BatchMeterUsage"):
+            answered = await submit_until_settled(
+                send_once, entries, self._attempts, lambda r: not r.retryable or _out_of_bounds(r)
+            )
         return [answered[e.dimension] for e in chunk]
 
     async def _send(
@@ -107,16 +111,39 @@ class AwsMeteringClient:
                 return every(LedgerState.FAILED, f"{code}: {message}")
             # InternalServiceErrorException and anything unknown: it may have been recorded
             return every(LedgerState.SUBMITTED, f"{code}: {message}")
-        except (EndpointConnectionError, ConnectTimeoutError) as exc:
-            return every(LedgerState.FAILED, type(exc).__name__)  # the request never reached AWS
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            # a read timeout or dropped connection after sending: the answer is unknown
-            return every(LedgerState.SUBMITTED, type(exc).__name__)
+            if never_sent(exc):
+                return every(LedgerState.FAILED, _wire_reason(exc, "before sending"))
+            # a reset, a close or a read timeout after the request may have been written: AWS may hold it
+            return every(LedgerState.SUBMITTED, _wire_reason(exc, "after sending"))
         answered = every(LedgerState.FAILED, "UnprocessedRecords")  # what AWS did not answer for
         for result in response.get("Results", []):
             dimension = result["UsageRecord"]["Dimension"]
             answered[dimension] = _result(dimension, result)
         return answered
+
+
+# The transport errors that provably happened before a byte of the request was written: aiohttp raises
+# them from the connector (DNS, TCP connect, TLS handshake, a proxy's CONNECT, waiting for a pooled
+# connection) or around it (ConnectionTimeoutError); the request is written only once it has a connection.
+_BEFORE_SENDING = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, socket.gaierror)
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Whether a failed BatchMeterUsage call provably sent nothing (only then may it count as not taken).
+
+    Judged by the aiohttp error underneath, never by botocore's class: aiobotocore (httpsession.py) maps a
+    refused connect and a connection reset while the answer is read to the same EndpointConnectionError,
+    and a connect timeout by the text of aiohttp's message; it passes the aiohttp error as ``error``.
+    """
+    cause = getattr(exc, "kwargs", {}).get("error") if isinstance(exc, BotoCoreError) else exc
+    return isinstance(cause, _BEFORE_SENDING)
+
+
+def _wire_reason(exc: BaseException, when: str) -> str:
+    """``EndpointConnectionError after sending: ClientOSError: [Errno 104] Connection reset by peer``."""
+    cause = getattr(exc, "kwargs", {}).get("error") if isinstance(exc, BotoCoreError) else None
+    return f"{type(exc).__name__} {when}: {type(cause or exc).__name__}: {cause or exc}"
 
 
 def _out_of_bounds(result: SubmitResult) -> bool:

@@ -35,6 +35,7 @@ import aiohttp
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing import log_context
 from billing.adapters.bearer_http import (
     FixedToken,
     MaybeSentError,
@@ -247,7 +248,8 @@ class AzureMeteringClient:
             chunk = {
                 e.dimension: _event(customer, period, e) for e in sending[start : start + RULES.batch_limit]
             }
-            answered.update(await self._submit_chunk(chunk))
+            with log_context.bound(operation="batchUsageEvent"):
+                answered.update(await self._submit_chunk(chunk))
         if sending and all(answered[e.dimension].reason == _EXPIRED for e in sending):
             raise WindowExpiredError(f"Azure: every event of {period} is Expired (older than 24 hours)")
         return [answered[e.dimension] for e in entries]

@@ -124,9 +124,13 @@ async def post_json(
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            # raised by the connector (DNS, TCP connect, TLS handshake, waiting for a pooled connection):
+            # the request is written only once a connection is had, so not a byte of it was sent
             raise NotSentError(f"{type(exc).__name__}: {exc}") from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise MaybeSentError(f"{type(exc).__name__} after sending") from exc
+            # a reset (ClientOSError ECONNRESET), a close (ServerDisconnectedError) or a read timeout once
+            # the connection was had: the request may have been written and taken
+            raise MaybeSentError(f"{type(exc).__name__} after sending: {exc}") from exc
         if status in refresh_on and not refresh:
             refresh = True
             continue

@@ -50,6 +50,7 @@ import stamina
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing import log_context
 from billing.adapters.bearer_http import (
     FixedToken,
     MaybeSentError,
@@ -313,9 +314,10 @@ class GcpServiceControlClient:
             # to the cancellation is still to be reported (best-practices-reporting).
             check_errors: tuple[str, ...] = ()
         else:
-            verdict = await self._check(
-                service, customer.gcp_usage_reporting_id, next(iter(operations.values()))
-            )
+            with log_context.bound(operation="services.check"):
+                verdict = await self._check(
+                    service, customer.gcp_usage_reporting_id, next(iter(operations.values()))
+                )
             if isinstance(verdict, str):
                 return [SubmitResult(e.dimension, LedgerState.FAILED, reason=verdict) for e in entries]
             check_errors = verdict.errors
@@ -326,7 +328,8 @@ class GcpServiceControlClient:
         dimensions = list(operations)
         for start in range(0, len(dimensions), RULES.batch_limit):
             chunk = {d: operations[d] for d in dimensions[start : start + RULES.batch_limit]}
-            answered.update(await self._report(service, chunk))
+            with log_context.bound(operation="services.report"):
+                answered.update(await self._report(service, chunk))
         return [answered[e.dimension] for e in entries]
 
     async def _check(self, service: str, consumer: str, operation: Mapping[str, Any]) -> _Verdict | str:

@@ -213,18 +213,23 @@ RETURNING customer_id, dimension, quantity, state, attempts, record_id, last_err
 _RECORD = """
 UPDATE ledger l SET state = r.state, record_id = coalesce(r.record_id, l.record_id), last_error = r.reason,
                     unconfirmed = l.unconfirmed OR r.state = 'submitted',
+                    -- failed or rejected: the marketplace's answer proved it did not take the record
+                    refused_attempts = l.refused_attempts + (r.state IN ('failed', 'rejected'))::int,
                     lease_owner = NULL, lease_until = NULL, updated_at = now()
   FROM unnest($4::text[], $5::text[], $6::text[], $7::text[]) AS r(dimension, state, record_id, reason)
  WHERE l.customer_id = $1 AND l.period = $2 AND l.dimension = r.dimension AND l.lease_owner = $3
 """
 
-# An hour outside the marketplace's window: rows known not to be accepted give their quantity back to
-# the carried balance (billed with a later hour); rows whose submission is unconfirmed cannot, and are
-# rejected with a reason for an operator.
+# An hour outside the marketplace's window: rows every attempt of which was refused give their quantity
+# back to the carried balance (billed with a later hour); rows that may have been received cannot (a
+# submission unconfirmed, or an attempt without a refusal on record), and are rejected with a reason for
+# an operator.
 _EXPIRE = """
 WITH e AS (
-  UPDATE ledger SET state = CASE WHEN state = 'submitted' OR unconfirmed THEN 'rejected' ELSE 'expired' END,
-                    last_error = CASE WHEN state = 'submitted' OR unconfirmed THEN $4 ELSE $5 END,
+  UPDATE ledger SET state = CASE WHEN state = 'submitted' OR unconfirmed OR refused_attempts < attempts
+                                 THEN 'rejected' ELSE 'expired' END,
+                    last_error = CASE WHEN state = 'submitted' OR unconfirmed OR refused_attempts < attempts
+                                      THEN $4 ELSE $5 END,
                     lease_owner = NULL, lease_until = NULL, updated_at = now()
    WHERE customer_id = $1 AND period = $2 AND state = ANY($6::text[])
      AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $3)
@@ -324,8 +329,9 @@ class PostgresBillingRepository:
 
     async def expire(self, customer_id: str, period: Period, owner: str, window: str) -> int:
         unconfirmed = (
-            f"outside the marketplace's {window} window after a submission whose answer was never "
-            "recorded: check the marketplace's records before billing it again"
+            f"outside the marketplace's {window} window after a submission the marketplace may have "
+            "received (its answer never proved a refusal): check the marketplace's records before billing "
+            "it again"
         )
         carried = f"outside the marketplace's {window} window: quantity carried to a later hour"
         count = await self._pool.fetchval(

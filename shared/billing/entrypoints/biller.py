@@ -10,7 +10,7 @@ import stamina.instrumentation
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
-from billing import tracing
+from billing import log_context, tracing
 from billing.domain.errors import BadMessageError, PermanentError
 from billing.domain.messages import parse_message
 from billing.domain.model import LedgerState
@@ -31,11 +31,18 @@ _COUNTED = {
 }
 
 
+_BILL_KEYS = ("customer_id", "billing_hour", "run_id", "message_id")
+
+
 def _log_retry(details: RetryDetails) -> None:
+    # stamina names a retry_context block "<context block>": the bill's own keys say what is retried
+    keys = dict(log_context.current())
+    retrying = keys.pop("operation", details.name)
     logger.warning(
         "retrying after a transient error",
         extra={
-            "retrying": details.name,
+            **keys,
+            "retrying": retrying,
             "attempt": details.retry_num,
             "wait_s": round(details.wait_for, 3),
             "error": f"{type(details.caused_by).__name__}: {details.caused_by}",
@@ -76,8 +83,9 @@ async def bill_body(
         "run_id": str(message.run_id),
     }
     try:
-        biller = await runtime.biller()
-        outcome = await biller.bill(message)
+        with log_context.bound(**{k: str(v) for k, v in keys.items() if k in _BILL_KEYS}):
+            biller = await runtime.biller()
+            outcome = await biller.bill(message)
     except Exception as exc:
         tracing.record_failure(exc)
         _emit_metrics(None, age_ms, failed=True)

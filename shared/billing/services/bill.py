@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import stamina
 
+from billing import log_context
 from billing.domain.errors import (
     BadMessageError,
     ClaimHeldError,
@@ -73,24 +74,25 @@ class Biller:
             # the marketplace adapter has already retried its own calls
             return isinstance(exc, TransientError) and not isinstance(exc, MarketplaceUnavailableError)
 
-        # The first attempt runs outside a retry context: nearly every bill succeeds at once, and a
-        # stamina context costs about 25 us of CPU to set up. Only a retryable failure opens one, whose
-        # first attempt re-raises that failure: stamina then logs it, backs off and counts it, exactly
-        # as if the context had been open from the start.
-        try:
-            return await self._bill_once(message, owner)
-        except Exception as exc:
-            if not retryable(exc):
-                raise
-            first_failure: Exception | None = exc
-        async for attempt in stamina.retry_context(
-            on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
-        ):
-            with attempt:
-                if first_failure is not None:
-                    failure, first_failure = first_failure, None
-                    raise failure
+        with log_context.bound(operation="bill"):
+            # The first attempt runs outside a retry context: nearly every bill succeeds at once, and a
+            # stamina context costs about 25 us of CPU to set up. Only a retryable failure opens one, whose
+            # first attempt re-raises that failure: stamina then logs it, backs off and counts it, exactly
+            # as if the context had been open from the start.
+            try:
                 return await self._bill_once(message, owner)
+            except Exception as exc:
+                if not retryable(exc):
+                    raise
+                first_failure: Exception | None = exc
+            async for attempt in stamina.retry_context(
+                on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
+            ):
+                with attempt:
+                    if first_failure is not None:
+                        failure, first_failure = first_failure, None
+                        raise failure
+                    return await self._bill_once(message, owner)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _bill_once(self, message: BillMessageV1, owner: str) -> BillOutcome:
@@ -101,6 +103,7 @@ class Biller:
         if state is None:
             raise BadMessageError(f"unknown customer {message.customer_id!r}")
         customer = state.customer
+        log_context.add(marketplace=customer.marketplace.value)
         outcome = BillOutcome(customer.id, period, customer.marketplace)
         if state.entries and all(e.state.final for e in state.entries):
             outcome.entries = list(state.entries)

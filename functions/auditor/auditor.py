@@ -1,0 +1,31 @@
+"""Auditor Lambda: once a day, reconcile the previous UTC day's usage with the ledger; alarm on anything
+unexplained (the EMF metric ReconcileUnexplained)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import elasticapm
+from aws_lambda_powertools import Logger
+from elasticapm import capture_serverless
+
+from billing.bootstrap import Runtime
+from billing.config import load_settings
+from billing.entrypoints.auditor import audit, summary
+from billing.entrypoints.loop import LOOP
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+logger = Logger()
+runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
+
+
+@capture_serverless
+@logger.inject_lambda_context(clear_state=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    result = summary(LOOP.run_until_complete(audit(runtime, event)))
+    elasticapm.label(audit_from=result["from"], unexplained=result["unexplained"])
+    elasticapm.set_transaction_outcome("success", override=False)
+    elasticapm.set_transaction_result("clean" if result["clean"] else "unexplained", override=False)
+    return result

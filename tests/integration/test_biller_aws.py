@@ -222,6 +222,33 @@ async def test_unknown_customer_is_a_bad_message(biller: Biller) -> None:
         await biller.bill(message("nobody"))
 
 
+async def test_a_message_for_an_hour_not_yet_ended_is_a_bad_message_and_bills_nothing(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given a customer with usage, and a message for the hour while it is still going on
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "7")
+    biller.clock = lambda: HOUR.end - timedelta(minutes=1)
+    # When it is delivered, Then it is refused (the item fails until the dead-letter queue holds it)
+    with pytest.raises(BadMessageError, match="has not ended yet"):
+        await biller.bill(message("c1"))
+    # and nothing was decided, claimed or sent
+    assert await ledger(pool, "c1") == {}
+    assert stack.metering.calls == 0
+
+
+async def test_an_hour_that_ended_inside_the_settle_delay_is_billed(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # The settle delay is the schedule's courtesy to late usage, not a rule of the biller: usage later
+    # still is billed with the next hour, so a message the minute after the hour ends is billed.
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "7")
+    biller.clock = lambda: HOUR.end + timedelta(minutes=1)
+    await biller.bill(message("c1"))
+    assert {r.dimension: r.quantity for r in stack.metering.accepted()}["CapacityGbHours"] == 7
+
+
 async def test_an_hour_past_the_window_carries_its_usage_to_the_next_hour(
     biller: Biller, pool: Any, stack: Any
 ) -> None:

@@ -20,6 +20,7 @@ from billing.domain.errors import (
     TransientError,
     WindowExpiredError,
 )
+from billing.domain.messages import require_ended
 from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, Marketplace, RateCard, SubmitResult
 from billing.domain.rating import Decision, DimensionDecision, decide, rate_usage
 from billing.ports import BillingRepository, MarketplaceClient, UsageSource
@@ -66,7 +67,14 @@ class Biller:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     async def bill(self, message: BillMessageV1) -> BillOutcome:
-        """Bill the message's customer-hour; idempotent, so any delivery may run it again."""
+        """Bill the message's customer-hour; idempotent, so any delivery may run it again.
+
+        An hour that has not ended by ``clock`` is a bad message (it fails until the dead-letter queue
+        holds it): its usage is still coming in. One that ended inside the settle delay is billed: the
+        delay is the scheduler's courtesy to late usage, and usage later still is billed with the next
+        hour anyway.
+        """
+        require_ended(message.billing_period, self.clock, "the bill message")
         owner = f"{message.run_id}:{uuid.uuid4().hex[:12]}"
 
         def retryable(exc: Exception) -> bool:

@@ -189,6 +189,7 @@ class Runtime:
                 rate_cards=RateCardCache(repo),
                 lookback_hours=self.settings.lookback_hours,
                 lease_seconds=self.settings.lease_seconds,
+                budget_seconds=self.settings.invocation_budget_seconds,
                 clock=self.clock,
             )
 

@@ -14,6 +14,7 @@ import stamina
 
 from billing.domain.errors import (
     BadMessageError,
+    BudgetSpentError,
     ClaimHeldError,
     ConcurrentDecisionError,
     MarketplaceUnavailableError,
@@ -64,6 +65,7 @@ class Biller:
     lookback_hours: int
     lease_seconds: int
     attempts: int = 3
+    budget_seconds: float = 45.0  # BILLING_INVOCATION_BUDGET_SECONDS
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     async def bill(self, message: BillMessageV1) -> BillOutcome:
@@ -81,11 +83,22 @@ class Biller:
             # the marketplace adapter has already retried its own calls
             return isinstance(exc, TransientError) and not isinstance(exc, MarketplaceUnavailableError)
 
-        async for attempt in stamina.retry_context(
-            on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
-        ):
-            with attempt:
-                return await self._bill_once(message, owner)
+        # One deadline over every retry below: stopped here, a call in flight is as unconfirmed as after a
+        # Lambda timeout (its ledger rows stay SUBMITTED, resubmitted with the same quantities later), but
+        # the item fails with a log, a metric and an APM outcome, and the slot is free sooner.
+        try:
+            async with asyncio.timeout(self.budget_seconds) as deadline:
+                async for attempt in stamina.retry_context(
+                    on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
+                ):
+                    with attempt:
+                        return await self._bill_once(message, owner)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise BudgetSpentError(
+                f"the bill did not settle within its {self.budget_seconds:g} s budget; SQS redelivers it"
+            ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _bill_once(self, message: BillMessageV1, owner: str) -> BillOutcome:

@@ -53,7 +53,9 @@ def make(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def layer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     artifacts = tmp_path_factory.mktemp("layer")
-    built = make("build-SharedLayer", f"ARTIFACTS_DIR={artifacts}")
+    # as `make sam-build` runs it: under the top-level Makefile, which exports a PYTHONPYCACHEPREFIX
+    prefix = str(tmp_path_factory.mktemp("pycache-prefix"))
+    built = make("build-SharedLayer", f"ARTIFACTS_DIR={artifacts}", PYTHONPYCACHEPREFIX=prefix)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     yield artifacts / "python"
 
@@ -89,7 +91,10 @@ _AUDIT = textwrap.dedent(
 @needs_313
 def test_every_module_of_the_layer_has_checked_bytecode_of_python_313(layer: Path) -> None:
     assert PY313 is not None
-    audit = subprocess.run([PY313, "-c", _AUDIT, str(layer)], capture_output=True, text=True, check=True)
+    # -I: where Python looks for bytecode must not depend on this process's PYTHON* variables
+    audit = subprocess.run(
+        [PY313, "-I", "-c", _AUDIT, str(layer)], capture_output=True, text=True, check=True
+    )
     report = json.loads(audit.stdout)
     assert report["sources"] > 1000  # the billing package and every third-party package
     assert (layer / "billing" / "__pycache__").is_dir()

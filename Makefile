@@ -9,12 +9,13 @@ export XDG_RUNTIME_DIR ?= $(CURDIR)/.run
 export PYTHONPYCACHEPREFIX ?= $(CURDIR)/.pycache
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-fast lint typecheck bench chaos timeline chromium postgres-server clean
+.PHONY: help demo test test-fast lint typecheck bench chaos timeline chromium postgres-server clean lock check-lock
 
 help:
 	@echo "make demo   bill one hour for synthetic customers on an embedded local stack"
 	@echo "make test   the whole test suite (unit, handlers, integration, e2e, template)"
 	@echo "make lint / make typecheck / make bench / make chaos / make check-template / make sam-build"
+	@echo "make lock   pin shared/requirements.in into the layer's lock; make check-lock checks it"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,23 @@ bench: $(STAMP)
 # 10,000 customer-hours under random faults against a clean run: prints zeros or exits 1
 chaos: $(STAMP)
 	$(PY) -m bench.chaos
+
+# The layer's lock: shared/requirements.in pinned for Lambda (cp313, manylinux2014_aarch64) with every
+# file's hash, by uv (faster than pip-tools and resolves for another platform without running there).
+# Pins already in the lock are kept (uv treats the output file as preferences): `make lock` after an
+# edit of requirements.in moves only what must move; delete the lock first to take every newest release.
+LOCK_ARGS := --python-version 3.13 --python-platform aarch64-manylinux2014 --generate-hashes --quiet
+lock: $(STAMP)
+	cd shared && ../$(VENV)/bin/uv pip compile requirements.in $(LOCK_ARGS) -o requirements.txt
+
+# Fails when the lock disagrees with pyproject/requirements.in, lacks hashes, or does not resolve the same:
+# requirements.in is resolved afresh with the lock's versions as constraints (so a new release on PyPI
+# does not fail it, and uv fetches every hash from the index instead of trusting the lock's own).
+check-lock: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layer_lock.py
+	@tmp=$$(mktemp -d) && grep -E '^[A-Za-z0-9]' shared/requirements.txt | cut -d' ' -f1 > $$tmp/pins.txt \
+	&& $(VENV)/bin/uv pip compile shared/requirements.in -c $$tmp/pins.txt $(LOCK_ARGS) -o $$tmp/resolved.txt \
+	&& $(PY) mk/lockcheck.py shared/requirements.txt $$tmp/resolved.txt; status=$$?; rm -rf $$tmp; exit $$status
 
 clean:
 	rm -rf $(VENV) .venv-sam .aws-sam .run .pycache *.egg-info

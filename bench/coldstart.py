@@ -10,6 +10,12 @@ venv also holds moto, Flask, Jinja2 and GraphQL, which the agent's ``instrument(
   modules import (recorded with an import hook), and nothing of the project;
 - the project's own code adds (handler - libraries) / libraries; where that goes is read from
   ``-X importtime`` (the project's modules' self time) and from the same import with the agent off.
+
+Bytecode (``python -m bench.coldstart`` runs this part alone): the layer exactly as shared/Makefile builds
+it, for this machine's architecture, imported by Python 3.13 (Lambda's) from a read-only copy with
+PYTHONDONTWRITEBYTECODE=1, as from Lambda's /opt: without bytecode (every module compiled at every cold
+start), with the checked-hash .pyc files the Makefile ships, and with unchecked-hash ones (what checking
+the sources' hashes costs).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +163,10 @@ def _env(function: str, apm: bool, skip: bool = False) -> dict[str, str]:
     return env | (SKIP_UNUSED if skip else {})
 
 
-def _run(code: str, env: dict[str, str], importtime: bool = False) -> tuple[dict[str, Any], str]:
-    args = [sys.executable, "-S"] + (["-X", "importtime"] if importtime else []) + ["-c", code]
+def _run(
+    code: str, env: dict[str, str], importtime: bool = False, python: str = sys.executable
+) -> tuple[dict[str, Any], str]:
+    args = [python, "-S"] + (["-X", "importtime"] if importtime else []) + ["-c", code]
     proc = subprocess.run(
         args,
         env={k: v for k, v in env.items() if v},
@@ -337,6 +348,7 @@ def run(log: Any, reps: int, lambda_doc: dict[str, Any] | None) -> Section:
                 f"biller (dev venv, warm-invocation process): heavy modules {stage}: {', '.join(loaded)}"
             )
     section.raw = raw
+    add_bytecode(section, bytecode(log, reps))
     return section
 
 
@@ -347,3 +359,123 @@ def _why(m: dict[str, Any]) -> str:
         f"library it can instrument: {', '.join(eager) or 'none'} although the function never calls them "
         f"({(m['handler'] - m['handler_skip_unused']) * 1000:.0f} ms)"
     )
+
+
+# --- bytecode: the layer as shipped, against the layer without .pyc ------------------------------------
+
+SHARED = ROOT / "shared"
+
+
+def _make(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "-s", "-C", str(SHARED), *args],
+        env={**os.environ, "LAYER_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def _read_only(tree: Path, writable: bool = False) -> None:
+    for path in [tree, *tree.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+def bytecode(log: Any, reps: int) -> dict[str, Any] | None:
+    """Median import time of each handler from the layer with no .pyc, checked-hash and unchecked-hash."""
+    found = _make("print-layer-target-python")
+    if found.returncode != 0:
+        log(f"  bytecode: skipped, {found.stderr.strip()}")
+        return None
+    py313 = found.stdout.strip()
+    arch = platform.machine()
+    work = Path(tempfile.mkdtemp(prefix="bench-layer-"))
+    trees = {"none": work / "none", "checked": work / "checked" / "python", "unchecked": work / "unchecked"}
+    try:
+        log(f"  bytecode: building the layer for manylinux2014_{arch} with {py313} (shared/Makefile)")
+        built = _make(
+            "build-SharedLayer", f"ARTIFACTS_DIR={work / 'checked'}", f"LAYER_PLATFORM=manylinux2014_{arch}"
+        )
+        if built.returncode != 0:
+            log(f"  bytecode: skipped, the layer build failed:\n{built.stderr[-1500:]}")
+            return None
+        shutil.copytree(trees["checked"], trees["none"], ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(trees["none"], trees["unchecked"])
+        subprocess.run(
+            [
+                py313,
+                "-m",
+                "compileall",
+                "-q",
+                "-j0",
+                "--invalidation-mode",
+                "unchecked-hash",
+                trees["unchecked"],
+            ],
+            check=True,
+        )
+        for tree in trees.values():
+            _read_only(tree)
+        result: dict[str, Any] = {"python": py313, "platform": f"manylinux2014_{arch}", "reps": reps}
+        for function in ("biller", "dispatcher"):
+            walls: dict[str, list[float]] = {k: [] for k in trees}
+            for _ in range(reps):
+                for key, tree in trees.items():  # interleaved: a noisy moment hits every tree alike
+                    paths = [str(ROOT / "functions" / function), str(tree)]
+                    probe = _PROBE.format(
+                        paths=paths, project=PROJECT_PREFIXES, record=False, module=function, heavy=HEAVY
+                    )
+                    env = _env(function, apm=True, skip=True) | {"PYTHONDONTWRITEBYTECODE": "1"}
+                    doc, _ = _run(probe, env, python=py313)
+                    walls[key].append(doc["wall"])
+            medians = {k: median(v) for k, v in walls.items()}
+            result[function] = {"median_s": medians, "samples": walls}
+            log(
+                f"  {function} on Python 3.13, read-only layer: {medians['none'] * 1000:.0f} ms without "
+                f"bytecode, {medians['checked'] * 1000:.0f} ms with checked-hash .pyc (shipped), "
+                f"{medians['unchecked'] * 1000:.0f} ms with unchecked-hash; "
+                f"{medians['none'] / medians['checked']:.2f}x"
+            )
+        return result
+    finally:
+        for tree in trees.values():
+            if tree.exists():
+                _read_only(tree, writable=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def add_bytecode(section: Section, doc: dict[str, Any] | None) -> None:
+    if doc is None:
+        section.note("bytecode: not measured (no Python 3.13, or the layer build failed)")
+        return
+    for function in ("biller", "dispatcher"):
+        m = doc[function]["median_s"]
+        section.add(
+            f"{function}: import from the read-only layer on Python 3.13, no bytecode (before)",
+            m["none"] * 1000,
+            "ms",
+            "",
+            None,
+            f"median of {doc['reps']}, {doc['platform']}",
+        )
+        section.add(
+            f"{function}: … with the checked-hash .pyc shared/Makefile ships (after)",
+            m["checked"] * 1000,
+            "ms",
+        )
+        section.add(f"{function}: … with unchecked-hash .pyc", m["unchecked"] * 1000, "ms")
+        section.add(
+            f"{function}: import time without bytecode ÷ with it",
+            m["none"] / m["checked"],
+            "×",
+            "> 1",
+            m["none"] > m["checked"],
+        )
+    section.raw["bytecode"] = doc
+
+
+if __name__ == "__main__":
+    figures = bytecode(print, int(sys.argv[1]) if len(sys.argv) > 1 else 7)
+    sys.exit(0 if figures else 1)

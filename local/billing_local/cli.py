@@ -24,8 +24,15 @@ from billing_local.runner import RunnerStats
 if TYPE_CHECKING:
     from billing.domain.model import Period
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hourly marketplace usage billing.")
-db_app = typer.Typer(no_args_is_help=True, help="Database commands.")
+# Never the local variables in a traceback: a failing `billing db migrate` would print the DSN, password
+# included (older typer releases, 0.22 among them, show locals by default): every app says so itself.
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Hourly marketplace usage billing.",
+    pretty_exceptions_show_locals=False,
+)
+db_app = typer.Typer(no_args_is_help=True, help="Database commands.", pretty_exceptions_show_locals=False)
 app.add_typer(db_app, name="db")
 cli_ops.register(app)
 cli_invoke.register(app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from billing.config import Settings, UsageSourceKind
@@ -12,6 +13,8 @@ from billing.domain.errors import ConfigurationError
 from billing.domain.model import Marketplace
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import asyncpg
 
     from billing.adapters.postgres_tls import DatabaseTls
@@ -99,6 +102,8 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # the one clock of the environment: what "has this hour ended?" is asked of (tests inject theirs)
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         # The database secret is read now, at cold start: one that cannot be read fails the init (a Lambda
         # error, alarmed) instead of failing every message until it reaches the DLQ. Other secrets are
         # read when their adapter is first built (the Dispatcher may not even read them).
@@ -220,6 +225,8 @@ class Runtime:
                 rate_cards=RateCardCache(repo),
                 lookback_hours=self.settings.lookback_hours,
                 lease_seconds=self.settings.lease_seconds,
+                budget_seconds=self.settings.invocation_budget_seconds,
+                clock=self.clock,
             )
 
     async def dispatch(self, event: dict[str, Any]) -> DispatchResult:
@@ -228,7 +235,7 @@ class Runtime:
         from billing.events import dispatch_request
         from billing.services.dispatch import dispatch
 
-        request = dispatch_request(event, self.settings.settle_delay)
+        request = dispatch_request(event, self.settings.settle_delay, self.clock)
         if not self.settings.queue_url:
             raise ConfigurationError("BILLING_QUEUE_URL is not set")
         if not hasattr(self, "_queue"):

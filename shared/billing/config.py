@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     dispatch_page_size: int = Field(default=1000, ge=10, le=10_000)
     dispatch_in_flight: int = Field(default=8, ge=1, le=64)
     marketplace_attempts: int = Field(default=4, ge=1, le=10)
+    # How long one bill may take, all retries included (the biller's own, the marketplace adapters', token
+    # fetches): past it the bill stops and SQS redelivers the message, instead of Lambda killing the
+    # invocation at its Timeout with no log or metric. tests/unit/test_retry_budget.py keeps it, plus
+    # time to unwind, under the Biller's Timeout in template.yaml.
+    invocation_budget_seconds: float = Field(default=45.0, gt=0, le=900)
 
     @model_validator(mode="after")
     def _usage_source_complete(self) -> Self:

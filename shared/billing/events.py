@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from billing.domain.errors import BadMessageError
+from billing.domain.messages import STRICT, Rfc3339Time, problems, require_ended
 from billing.domain.model import Period
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
 
 
 class ScheduledEvent(BaseModel):
     """An EventBridge scheduled event, or EventBridge Scheduler's input carrying the scheduled time."""
 
-    model_config = ConfigDict(extra="allow")
-    time: AwareDatetime
+    # EventBridge adds fields (id, source, resources, detail...): only `time` is read
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    time: Rfc3339Time
 
 
 class BackfillEvent(BaseModel):
@@ -30,8 +33,8 @@ class BackfillEvent(BaseModel):
     idempotent, so a customer whose message is still queued is billed once all the same.
     """
 
-    model_config = ConfigDict(extra="forbid")
-    period: AwareDatetime
+    model_config = STRICT
+    period: Rfc3339Time
     resend_unbilled: bool = False
 
 
@@ -49,24 +52,27 @@ def period_to_bill(
 
 
 def dispatch_request(
-    event: Mapping[str, Any], settle: timedelta, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    event: object, settle: timedelta, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 ) -> DispatchRequest:
     """What an event asks the dispatcher for: the hour from the event itself, never from the wall clock.
 
-    The clock only refuses a backfill of an hour that has not ended yet.
+    The clock only refuses an hour that has not ended yet, in either form (a scheduled event's hour
+    ends at least the settle delay before its time, so a genuine one always passes).
     """
+    if not isinstance(event, Mapping):
+        raise BadMessageError(f"a dispatch event is a JSON object, got {type(event).__name__}")
     try:
         if "period" in event:
             backfill = BackfillEvent.model_validate(event)
-            period = Period(backfill.period)
-            if period.end > clock():
-                raise BadMessageError(f"cannot bill {period}: the hour has not ended yet")
-            return DispatchRequest(period, backfill.resend_unbilled)
-        if "time" in event:
+            request = DispatchRequest(Period(backfill.period), backfill.resend_unbilled)
+        elif "time" in event:
             scheduled = ScheduledEvent.model_validate(event)
-            return DispatchRequest(Period.last_complete_before(scheduled.time, settle))
+            request = DispatchRequest(Period.last_complete_before(scheduled.time, settle))
+        else:
+            raise BadMessageError('a dispatch event needs "time" (scheduled) or "period" (backfill)')
     except ValidationError as exc:
-        raise BadMessageError(f"malformed dispatch event: {exc.errors()[0]['msg']}") from None
-    except ValueError as exc:  # Period's own checks (not on the hour)
+        raise BadMessageError(f"malformed dispatch event: {problems(exc)}") from None
+    except (ValueError, OverflowError) as exc:  # Period's own checks: on the hour, in range
         raise BadMessageError(f"malformed dispatch event: {exc}") from None
-    raise BadMessageError('a dispatch event needs "time" (scheduled) or "period" (backfill)')
+    require_ended(request.period, clock, "the dispatch event")
+    return request

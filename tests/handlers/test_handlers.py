@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 
 from billing.bootstrap import Runtime
 from billing.config import load_settings
+from billing.domain.errors import BadMessageError
 from billing.entrypoints.loop import LOOP
 from billing_local.lambda_shapes import LambdaContext
 from testkit import HOUR, PRODUCT, RATES, within_window
@@ -163,6 +165,49 @@ def test_backfill_event_dispatches_the_named_hour_once(dispatcher_handler: Modul
     assert len(bodies) == 25
     assert {b["period"] for b in bodies} == {"2026-11-26T13:00:00Z"}
     assert {b["run_id"] for b in bodies} == {first["run_id"]}
+
+
+def test_the_biller_fails_the_item_of_an_hour_not_yet_ended(biller_handler: ModuleType, stack: Any) -> None:
+    # Given the biller's clock half way through the message's hour
+    run(biller_handler.runtime.biller()).clock = lambda: HOUR.start + timedelta(minutes=30)
+    # Then the item fails (SQS redelivers it until the dead-letter queue holds it) and nothing is sent
+    response = biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of())
+    assert response == {"batchItemFailures": [{"itemIdentifier": "0f8d3a5e-1c7b-4e8e-9a64-000000000001"}]}
+    assert stack.metering.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "now"),
+    [
+        ("backfill.json", datetime(2026, 11, 26, 13, 30, tzinfo=UTC)),  # asks for 13:00-14:00
+        ("scheduler.json", datetime(2026, 11, 26, 12, 30, tzinfo=UTC)),  # its 14:05 bills 12:00-13:00
+    ],
+)
+def test_the_dispatcher_refuses_an_hour_not_yet_ended_by_its_clock(
+    dispatcher_handler: ModuleType, stack: Any, name: str, now: datetime
+) -> None:
+    dispatcher_handler.runtime.clock = lambda: now
+    with pytest.raises(BadMessageError, match="has not ended yet"):
+        dispatcher_handler.lambda_handler(event(name), DISPATCHER)
+    assert _queued(stack) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"time": "2099-11-26T14:05:00Z"},
+        {"time": 12345},
+        {"period": "2026-11-26T13:00:00Z", "resend_unbilled": "yes"},
+        {"period": 10**400},
+        [],
+    ],
+)
+def test_the_dispatcher_refuses_absurd_events_as_bad_messages(
+    dispatcher_handler: ModuleType, stack: Any, bad: Any
+) -> None:
+    with pytest.raises(BadMessageError):
+        dispatcher_handler.lambda_handler(bad, DISPATCHER)
+    assert _queued(stack) == []
 
 
 def _emf_documents(text: str) -> list[dict[str, Any]]:

@@ -18,7 +18,12 @@ import pytest
 
 from billing.bootstrap import Runtime
 from billing.config import load_settings
-from billing.domain.errors import BadMessageError, ClaimHeldError, MarketplaceUnavailableError
+from billing.domain.errors import (
+    BadMessageError,
+    BudgetSpentError,
+    ClaimHeldError,
+    MarketplaceUnavailableError,
+)
 from billing.domain.model import LedgerState
 from billing.services.bill import Biller
 from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, ledger, message, within_window
@@ -220,6 +225,50 @@ async def test_another_quantity_already_metered_is_recorded_as_duplicate(
 async def test_unknown_customer_is_a_bad_message(biller: Biller) -> None:
     with pytest.raises(BadMessageError, match="unknown customer"):
         await biller.bill(message("nobody"))
+
+
+async def test_a_message_for_an_hour_not_yet_ended_is_a_bad_message_and_bills_nothing(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given a customer with usage, and a message for the hour while it is still going on
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "7")
+    biller.clock = lambda: HOUR.end - timedelta(minutes=1)
+    # When it is delivered, Then it is refused (the item fails until the dead-letter queue holds it)
+    with pytest.raises(BadMessageError, match="has not ended yet"):
+        await biller.bill(message("c1"))
+    # and nothing was decided, claimed or sent
+    assert await ledger(pool, "c1") == {}
+    assert stack.metering.calls == 0
+
+
+async def test_an_hour_that_ended_inside_the_settle_delay_is_billed(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # The settle delay is the schedule's courtesy to late usage, not a rule of the biller: usage later
+    # still is billed with the next hour, so a message the minute after the hour ends is billed.
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "7")
+    biller.clock = lambda: HOUR.end + timedelta(minutes=1)
+    await biller.bill(message("c1"))
+    assert {r.dimension: r.quantity for r in stack.metering.accepted()}["CapacityGbHours"] == 7
+
+
+async def test_a_bill_that_outlives_its_budget_fails_the_item_and_leaves_its_records_unsettled(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given AWS taking 6 s to answer (less than botocore's read timeout) and a bill budget of 2 s
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "7")
+    stack.metering.latency_s = 6.0
+    biller.budget_seconds = 2.0
+    # When the bill runs, Then it stops at its budget with a transient error (SQS redelivers the message)
+    with pytest.raises(BudgetSpentError, match="budget"):
+        await biller.bill(message("c1"))
+    # and the records stay unsettled, never failed: the request may have reached AWS (it has: AWS
+    # records it once its 6 s are up), so only a resubmission of the same records may settle them
+    rows = await ledger(pool, "c1")
+    assert rows and {r["state"] for r in rows.values()} <= {"pending", "submitted"}
 
 
 async def test_an_hour_past_the_window_carries_its_usage_to_the_next_hour(

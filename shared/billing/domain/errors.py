@@ -41,5 +41,9 @@ class MarketplaceUnavailableError(TransientError):
     """The marketplace still refused or timed out after the adapter's own retries; SQS redelivers."""
 
 
+class BudgetSpentError(TransientError):
+    """The invocation's time budget ran out before the bill settled; SQS redelivers the message."""
+
+
 class WindowExpiredError(PermanentError):
     """The marketplace no longer accepts records for this hour."""

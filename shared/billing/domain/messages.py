@@ -2,37 +2,76 @@
 
 from __future__ import annotations
 
+import re
 import uuid
-from datetime import datetime
-from typing import Annotated, Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from billing.domain.errors import BadMessageError
-from billing.domain.model import Period, hour_floor
+from billing.domain.model import Period
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # identifiers reach SQL and URLs: keep them to a safe alphabet and a sane length
 CustomerId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 MAX_BODY_BYTES = 4096
 
+# RFC 3339 date-time, the format of EventBridge's `time` and of our own messages. pydantic (even strict)
+# reads a string of digits such as "12345" as seconds since 1970: only this shape is a time here.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: object) -> object:
+    if isinstance(value, datetime):  # built in Python (the dispatcher), not parsed
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("expected an RFC 3339 date-time such as 2026-11-26T13:00:00Z")
+    # fromisoformat takes at most 6 fraction digits; RFC 3339 allows more
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value).replace("z", "Z").replace("t", "T")
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:  # 2026-02-30, 25:00 ...
+        raise ValueError(f"not a real date-time: {value}") from None
+
+
+def _json_integer(value: object) -> object:
+    # Literal[1] matches by equality, so true and 1.0 would pass for 1 even in strict mode
+    if type(value) is not int:
+        raise ValueError("expected a JSON integer")
+    return value
+
+
+# strict models take JSON's own types only (no "yes" for true, no 1 for a time)
+Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
 
 class BillMessageV1(BaseModel):
     """Bill one customer for one hour."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
-    version: Literal[1] = 1
+    version: Annotated[Literal[1], BeforeValidator(_json_integer)] = 1
     customer_id: CustomerId
-    period: datetime = Field(description="start of the UTC hour to bill")
+    period: Rfc3339Time = Field(description="start of the UTC hour to bill")
     run_id: uuid.UUID
 
     @field_validator("period")
     @classmethod
     def _on_the_hour(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            raise ValueError("period must carry a timezone (UTC)")
-        if hour_floor(value) != value:
-            raise ValueError("period must start on the hour")
+        Period(value)  # on the hour, in range
         return value
 
     @property
@@ -50,7 +89,19 @@ def parse_message(body: str) -> BillMessageV1:
     try:
         return BillMessageV1.model_validate_json(body)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        raise BadMessageError(f"malformed bill message: {problems(exc)}") from None
+
+
+def problems(exc: ValidationError) -> str:
+    """Every problem pydantic found, one per field, without echoing the input."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+def require_ended(period: Period, clock: Callable[[], datetime], what: str) -> None:
+    """Refuse an hour that has not ended by ``clock``: its usage is still coming and no marketplace
+    takes a record for the future."""
+    now = clock().astimezone(UTC)
+    if not period.has_ended(now):
+        raise BadMessageError(
+            f"{what} names {period}, an hour that has not ended yet (now {now:%Y-%m-%dT%H:%M:%SZ})"
         )
-        raise BadMessageError(f"malformed bill message: {problems}") from None

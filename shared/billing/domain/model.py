@@ -8,6 +8,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 HOUR = timedelta(hours=1)
+# The hours a Period may name. No marketplace metered usage before 2000; the ceiling keeps every hour's
+# end and a week of look-back either side inside datetime's range (year 9999 would overflow). Hours
+# outside are corrupt input, refused where they are parsed instead of overflowing deep inside.
+EARLIEST_HOUR = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_HOUR = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class Marketplace(enum.StrEnum):
@@ -73,11 +78,18 @@ class Period:
             raise ValueError("a billing period must be timezone-aware")
         if hour_floor(self.start) != self.start:
             raise ValueError(f"a billing period starts on the hour, got {self.start.isoformat()}")
+        if not EARLIEST_HOUR <= self.start < LATEST_HOUR:
+            bounds = f"[{EARLIEST_HOUR:%Y}, {LATEST_HOUR:%Y})"
+            raise ValueError(f"a billing period lies in {bounds}, got {self.start.isoformat()}")
         object.__setattr__(self, "start", self.start.astimezone(UTC))
 
     @property
     def end(self) -> datetime:
         return self.start + HOUR
+
+    def has_ended(self, now: datetime) -> bool:
+        """Whether the hour is over at ``now`` (its last usage may still arrive: that is late usage)."""
+        return self.end <= now
 
     @classmethod
     def parse(cls, text: str) -> Period:

@@ -15,12 +15,14 @@ import stamina
 from billing import log_context
 from billing.domain.errors import (
     BadMessageError,
+    BudgetSpentError,
     ClaimHeldError,
     ConcurrentDecisionError,
     MarketplaceUnavailableError,
     TransientError,
     WindowExpiredError,
 )
+from billing.domain.messages import require_ended
 from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, Marketplace, RateCard, SubmitResult
 from billing.domain.rating import Decision, DimensionDecision, decide, rate_usage
 from billing.ports import BillingRepository, MarketplaceClient, UsageSource
@@ -64,10 +66,18 @@ class Biller:
     lookback_hours: int
     lease_seconds: int
     attempts: int = 3
+    budget_seconds: float = 45.0  # BILLING_INVOCATION_BUDGET_SECONDS
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     async def bill(self, message: BillMessageV1) -> BillOutcome:
-        """Bill the message's customer-hour; idempotent, so any delivery may run it again."""
+        """Bill the message's customer-hour; idempotent, so any delivery may run it again.
+
+        An hour that has not ended by ``clock`` is a bad message (it fails until the dead-letter queue
+        holds it): its usage is still coming in. One that ended inside the settle delay is billed: the
+        delay is the scheduler's courtesy to late usage, and usage later still is billed with the next
+        hour anyway.
+        """
+        require_ended(message.billing_period, self.clock, "the bill message")
         owner = f"{message.run_id}:{uuid.uuid4().hex[:12]}"
 
         def retryable(exc: Exception) -> bool:
@@ -75,24 +85,40 @@ class Biller:
             return isinstance(exc, TransientError) and not isinstance(exc, MarketplaceUnavailableError)
 
         with log_context.bound(operation="bill"):
-            # The first attempt runs outside a retry context: nearly every bill succeeds at once, and a
-            # stamina context costs about 25 us of CPU to set up. Only a retryable failure opens one, whose
-            # first attempt re-raises that failure: stamina then logs it, backs off and counts it, exactly
-            # as if the context had been open from the start.
+            # One deadline over every retry below: stopped here, a call in flight is as unconfirmed as after
+            # a Lambda timeout (its ledger rows stay SUBMITTED, resubmitted with the same quantities later),
+            # but the item fails with a log, a metric and an APM outcome, and the slot is free sooner.
             try:
-                return await self._bill_once(message, owner)
-            except Exception as exc:
-                if not retryable(exc):
+                async with asyncio.timeout(self.budget_seconds) as deadline:
+                    return await self._bill_with_retries(message, owner, retryable)
+            except TimeoutError:
+                if not deadline.expired():
                     raise
-                first_failure: Exception | None = exc
-            async for attempt in stamina.retry_context(
-                on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
-            ):
-                with attempt:
-                    if first_failure is not None:
-                        failure, first_failure = first_failure, None
-                        raise failure
-                    return await self._bill_once(message, owner)
+                raise BudgetSpentError(
+                    f"the bill did not settle within its {self.budget_seconds:g} s budget; SQS redelivers it"
+                ) from None
+
+    async def _bill_with_retries(
+        self, message: BillMessageV1, owner: str, retryable: Callable[[Exception], bool]
+    ) -> BillOutcome:
+        # The first attempt runs outside a retry context: nearly every bill succeeds at once, and a
+        # stamina context costs about 25 us of CPU to set up. Only a retryable failure opens one, whose
+        # first attempt re-raises that failure: stamina then logs it, backs off and counts it, exactly
+        # as if the context had been open from the start.
+        try:
+            return await self._bill_once(message, owner)
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            first_failure: Exception | None = exc
+        async for attempt in stamina.retry_context(
+            on=retryable, attempts=self.attempts, wait_initial=0.05, wait_max=2.0
+        ):
+            with attempt:
+                if first_failure is not None:
+                    failure, first_failure = first_failure, None
+                    raise failure
+                return await self._bill_once(message, owner)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _bill_once(self, message: BillMessageV1, owner: str) -> BillOutcome:

@@ -1475,3 +1475,59 @@ def test_auditor_runs_the_reconcile_with_least_privilege(template: Template) -> 
 )
 def test_auditor_with_more_than_it_needs_is_caught(template: Template, change: Any) -> None:
     assert check_auditor(mutate(template, change)) != []
+
+
+# --- every secret a function's code reads, its role may read ----------------------------------------
+
+# What each function's code opens: every one opens the database (and the APM agent reads its token);
+# the Biller and the Auditor read usage (billing.services.bill and billing.services.reconcile both take
+# a UsageSource), and only the Biller calls the marketplaces.
+SECRETS_READ = {
+    "DispatcherFunction": {"DatabaseSecretArn"},
+    "BillerFunction": {
+        "DatabaseSecretArn",
+        "EsApiKeySecretArn",
+        "GcpCredentialsSecretArn",
+        "AzureCredentialsSecretArn",
+    },
+    AUDITOR: {"DatabaseSecretArn", "EsApiKeySecretArn"},
+}
+
+
+def _readable_secret_refs(template: Template, function: str) -> set[str]:
+    role = _props(template, function)["Role"]["Fn::GetAtt"][0]
+    refs: set[str] = set()
+    for statement in _role_statements(template, role):
+        if not isinstance(statement, dict) or statement.get("Action") != "secretsmanager:GetSecretValue":
+            continue
+        for resource in statement["Resource"]:
+            if isinstance(resource, dict) and "Ref" in resource:
+                refs.add(resource["Ref"])
+            elif isinstance(resource, dict) and "Fn::If" in resource:
+                then = resource["Fn::If"][1]
+                if isinstance(then, dict) and "Ref" in then:
+                    refs.add(then["Ref"])
+    return refs
+
+
+def check_secrets_readable(template: Template) -> list[str]:
+    problems = []
+    for function, needed in SECRETS_READ.items():
+        missing = (needed | {"ApmSecretArn"}) - _readable_secret_refs(template, function)
+        problems += [f"{function} reads {ref} but its role cannot" for ref in sorted(missing)]
+    return problems
+
+
+def test_every_function_role_reads_the_secrets_its_code_reads(template: Template) -> None:
+    assert check_secrets_readable(template) == []
+
+
+def test_a_secret_the_role_cannot_read_is_caught(template: Template) -> None:
+    def drop_es_secret(t: Template) -> None:
+        for statement in _role_statements(t, "AuditorRole"):
+            if statement.get("Action") == "secretsmanager:GetSecretValue":
+                statement["Resource"] = [r for r in statement["Resource"] if "EsApiKeySecretArn" not in str(r)]
+
+    assert check_secrets_readable(mutate(template, drop_es_secret)) == [
+        "AuditorFunction reads EsApiKeySecretArn but its role cannot"
+    ]

@@ -1500,11 +1500,11 @@ def _readable_secret_refs(template: Template, function: str) -> set[str]:
     for statement in _role_statements(template, role):
         if not isinstance(statement, dict) or statement.get("Action") != "secretsmanager:GetSecretValue":
             continue
-        for resource in statement["Resource"]:
-            if isinstance(resource, dict) and "Ref" in resource:
-                refs.add(resource["Ref"])
-            elif isinstance(resource, dict) and "Fn::If" in resource:
-                then = resource["Fn::If"][1]
+        for arn in statement["Resource"]:
+            if isinstance(arn, dict) and "Ref" in arn:
+                refs.add(arn["Ref"])
+            elif isinstance(arn, dict) and "Fn::If" in arn:
+                then = arn["Fn::If"][1]
                 if isinstance(then, dict) and "Ref" in then:
                     refs.add(then["Ref"])
     return refs
@@ -1526,7 +1526,8 @@ def test_a_secret_the_role_cannot_read_is_caught(template: Template) -> None:
     def drop_es_secret(t: Template) -> None:
         for statement in _role_statements(t, "AuditorRole"):
             if statement.get("Action") == "secretsmanager:GetSecretValue":
-                statement["Resource"] = [r for r in statement["Resource"] if "EsApiKeySecretArn" not in str(r)]
+                kept = [r for r in statement["Resource"] if "EsApiKeySecretArn" not in str(r)]
+                statement["Resource"] = kept
 
     assert check_secrets_readable(mutate(template, drop_es_secret)) == [
         "AuditorFunction reads EsApiKeySecretArn but its role cannot"

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 console = Console(stderr=True, soft_wrap=True)
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 DEFAULT_REGION = "us-east-1"
 APM_CAPTURE_TRANSPORT = "billing_local.apm_capture.CaptureTransport"
 # "now" for the emulators and the Biller: 20 minutes after the event's hour ended, inside every
@@ -108,8 +107,16 @@ def invoke_command(
         ),
     ] = None,
     template: Annotated[
-        Path, typer.Option("--template", "-t", exists=True, dir_okay=False, help="The SAM template.")
-    ] = TEMPLATE,
+        Path | None,
+        typer.Option(
+            "--template",
+            "-t",
+            exists=True,
+            dir_okay=False,
+            help="The SAM template (default: the project's, found from the working directory up, "
+            "or BILLING_TEMPLATE).",
+        ),
+    ] = None,
     customers: Annotated[
         int, typer.Option(min=1, help="Demo customers to seed when the embedded stack runs.")
     ] = 300,
@@ -119,8 +126,12 @@ def invoke_command(
     """Run a function's real handler once, in-process (see INVOKE_HELP)."""
     payload = _read_json(event, "--event")
     file_env = _read_json(env_vars, "--env-vars", mapping=True) if env_vars is not None else {}
-    from billing_local.template import function_config
+    from billing_local.template import TemplateNotFoundError, find_template, function_config
 
+    try:
+        template = template or find_template()
+    except TemplateNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--template") from None
     config = function_config(template, function.logical_id)
     overrides = env_overrides(file_env, config.logical_id)
     undeclared = sorted(set(overrides) - set(config.environment))

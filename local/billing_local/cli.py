@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
-import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path  # typer reads the annotations at run time
@@ -17,7 +15,6 @@ from rich.console import Console
 
 from billing_local import cli_invoke, cli_ops
 from billing_local.local_run import HourResult, parse_marketplaces
-from billing_local.runner import RunnerStats
 
 if TYPE_CHECKING:
     from billing.domain.model import Period
@@ -290,77 +287,9 @@ def _print_summary(result: HourResult, wall: float) -> None:
 
 
 def _write_report(path: Path, result: HourResult) -> None:
-    from billing.domain.model import LedgerState
+    from billing_local.render import hour_document
 
-    r = result.report
-    doc = {
-        "period": r.period,
-        "customers": r.customers,
-        "customer_hours": r.customers,
-        "billed": r.billed,
-        "unbilled": r.unbilled,
-        "marketplaces": {
-            mp: {
-                s.value: r.count(s, mp)
-                for s in (
-                    LedgerState.ACCEPTED,
-                    LedgerState.DUPLICATE,
-                    LedgerState.REJECTED,
-                    LedgerState.FAILED,
-                    LedgerState.SKIPPED,
-                    LedgerState.EXPIRED,
-                )
-            }
-            | _units(r, mp)
-            for mp in sorted(r.states)
-        },
-        "invocations": result.stats.invocations,
-        "concurrency": result.concurrency,
-        "makespan_s": round(result.stats.makespan, 4),
-        "ideal_makespan_s": _ideal_makespan(result),
-        **_duration_ratios(result.stats),
-    }
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def _units(r: Any, marketplace: str) -> dict[str, Any]:
-    q = r.quantities.get(marketplace)
-    if q is None:
-        return {}
-    return {"units_billed": q.billed, "units_expired": str(q.expired), "units_carried": str(q.carried)}
-
-
-def _ideal_makespan(result: HourResult) -> float | None:
-    """ceil(customers / consumers) × the marketplace's latency per call, when that latency is known."""
-    if not result.latency_s or not result.concurrency:
-        return None
-    return round(math.ceil(result.dispatch.dispatched / result.concurrency) * result.latency_s, 4)
-
-
-def _duration_ratios(stats: RunnerStats) -> dict[str, float | None]:
-    """Each invocation's recorded duration over its own work (the time inside the biller's code).
-
-    The recorded duration is the APM transaction's when the run captured APM events, else the runner's
-    own measure of the invocation. 1.0 means no transaction holds another message's wait.
-    """
-    from billing_local.apm_capture import CAPTURE
-
-    recorded = {
-        t["faas"]["trigger"]["request_id"]: t["duration"] / 1000
-        for t in CAPTURE.of_type("transaction")
-        if t.get("type") == "messaging" and t.get("faas", {}).get("trigger", {}).get("request_id")
-    }
-    ratios = sorted(
-        recorded.get(message_id, duration) / work
-        for message_id, duration, work in zip(stats.message_ids, stats.durations, stats.work, strict=True)
-        if work > 0
-    )
-    if not ratios:
-        return {"duration_ratio_p50": None, "duration_ratio_p99": None}
-    return {
-        "duration_ratio_p50": round(statistics.median(ratios), 4),
-        "duration_ratio_p99": round(ratios[min(len(ratios) - 1, math.ceil(0.99 * len(ratios)) - 1)], 4),
-    }
+    path.write_text(json.dumps(hour_document(result), indent=2) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

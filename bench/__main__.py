@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     with bench_stack() as bench:
         apm_client = None
         if {"scheduling", "cost"} & set(chosen):
-            from billing_local.cli import local_apm_client
+            from billing_local.local_run import local_apm_client
 
             apm_client = local_apm_client()
         for key in chosen:

@@ -3,8 +3,8 @@ billed clean; the marketplaces must end up holding the same quantities.
 
 ``python -m bench.chaos [--customer-hours 10000] [--hours 4] [--seed S]`` bills ``customer-hours / hours``
 synthetic customers (AWS, Google and Azure in turn) for ``hours`` consecutive hours, hour by hour with
-``billing_local.cli.run_hour`` (the dispatcher, then a fixed pool of consumers draining moto's SQS), twice,
-each time on a fresh database and a fresh local stack:
+``billing_local.local_run.run_hour`` (the dispatcher, then a fixed pool of consumers draining moto's SQS),
+twice, each time on a fresh database and a fresh local stack:
 
 - clean: no fault;
 - chaos, during each hour's first drain: marketplace calls answered 429, 500 or 503, never answered (a
@@ -385,7 +385,8 @@ def bill_hours(
     import billing_local.progress
     import billing_local.runner
     import billing_local.stack
-    from billing_local.cli import _seed, _subscribe_all
+    from billing_local.local_run import seed_database as _seed
+    from billing_local.local_run import subscribe_all as _subscribe_all
     from billing_local.migrate import migrate
     from billing_local.stack import environment, local_stack
 
@@ -443,7 +444,7 @@ def _bill_hour(
     concurrency: int,
 ) -> None:
     """The hour's scheduled run (chaos on, if any), then redrives until every customer-hour is settled."""
-    from billing_local.cli import run_hour
+    from billing_local.local_run import run_hour
 
     poison = _poison(hour, rates.poison_per_hour) if rates is not None else []
     if rates is not None:

@@ -494,7 +494,7 @@ def reconcile_command(
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        from billing_local.report import iter_lines
+        from billing_local.render import iter_lines
 
         for line in iter_lines(result):
             typer.echo(line)

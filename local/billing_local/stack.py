@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
 
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 REGION = "us-east-1"
 
 
@@ -38,10 +37,11 @@ class QueueSettings:
     max_receive_count: int = 5
 
     @classmethod
-    def from_template(cls, path: Path = TEMPLATE) -> QueueSettings:
-        from billing_local.template import stack_defaults
+    def from_template(cls, path: Path | None = None) -> QueueSettings:
+        """The template's values; ``path`` defaults to the project's (template.find_template)."""
+        from billing_local.template import find_template, stack_defaults
 
-        d = stack_defaults(path)
+        d = stack_defaults(path or find_template())
         return cls(
             max_concurrency=d.biller_max_concurrency,
             batch_size=d.biller_batch_size,

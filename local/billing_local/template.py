@@ -8,17 +8,78 @@ resolves to ``None``.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
 if TYPE_CHECKING:
-    import os
+    from collections.abc import Mapping
 
 Template = dict[str, Any]
+
+TEMPLATE_NAME = "template.yaml"
+TEMPLATE_ENV = "BILLING_TEMPLATE"
+DISTRIBUTION = "marketplace-billing"
+
+
+class TemplateNotFoundError(FileNotFoundError):
+    """No template.yaml where the project's root could be: say where it was looked for."""
+
+
+def find_template(start: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The project's template.yaml, however the package is installed.
+
+    In order: the ``BILLING_TEMPLATE`` environment variable (an explicit path, which must exist); the
+    first ``template.yaml`` in ``start`` (the working directory) or a directory above it, as ``sam``
+    itself finds it in the working directory; the project directory the distribution was installed
+    from, from its PEP 610 ``direct_url.json`` (``pip install -e .`` or ``pip install .``). A wheel
+    installed from a file records no source directory: run from the project's root or set the variable.
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get(TEMPLATE_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise TemplateNotFoundError(f"{TEMPLATE_ENV}={explicit}: no such file")
+        return path.resolve()
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / TEMPLATE_NAME
+        if candidate.is_file():
+            return candidate
+    installed = _installed_from()
+    if installed is not None and (installed / TEMPLATE_NAME).is_file():
+        return installed / TEMPLATE_NAME
+    raise TemplateNotFoundError(
+        f"no {TEMPLATE_NAME} in {here} or a directory above it, nor in the directory the "
+        f"{DISTRIBUTION} package was installed from: run from the project's root or set {TEMPLATE_ENV}"
+    )
+
+
+def _installed_from() -> Path | None:
+    """The local directory the distribution was installed from (PEP 610), if it was one."""
+    try:
+        text = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return None
+    if not text:
+        return None
+    try:
+        direct = json.loads(text)
+    except ValueError:
+        return None
+    url = urlsplit(str(direct.get("url", "")))
+    if url.scheme != "file" or "dir_info" not in direct:  # a wheel or an archive: no source tree
+        return None
+    return Path(unquote(url.path))
+
 
 DISPATCHER = "DispatcherFunction"
 BILLER = "BillerFunction"

@@ -1,8 +1,8 @@
 """Fault injection: whatever fails, the marketplaces end up holding what a run without faults gives them.
 
 Every case bills on a fresh database and local stack (embedded PostgreSQL, moto's SQS, the emulators of
-the three marketplaces) through the local runner, ``billing_local.cli.run_hour``, with its faults injected
-from outside the billing code:
+the three marketplaces) through the local runner, ``billing_local.local_run.run_hour``, with its faults
+injected from outside the billing code:
 
 - in front of each marketplace emulator, an aiohttp middleware (``Gate``) answers the calls a plan picks
   with an HTTP status, with no answer at all (a timeout), or does the work and then never answers (the
@@ -52,7 +52,6 @@ from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.domain.errors import TransientError
 from billing.domain.model import LedgerState, Period, hour_floor
-from billing_local.cli import HourResult, _seed, _subscribe_all, run_hour
 from billing_local.cli_ops import redrive, resolve_queue
 from billing_local.faults import (
     Proxy,
@@ -62,6 +61,9 @@ from billing_local.faults import (
     with_middleware,
 )
 from billing_local.lambda_shapes import LambdaContext, sqs_record
+from billing_local.local_run import HourResult, run_hour
+from billing_local.local_run import seed_database as _seed
+from billing_local.local_run import subscribe_all as _subscribe_all
 from billing_local.runner import Delivery
 from billing_local.stack import LocalStack, QueueSettings, environment, local_stack
 

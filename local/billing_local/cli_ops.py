@@ -382,13 +382,25 @@ def _settings(pool_max: int = 2) -> Any:
     return settings.model_copy(update={"db_pool_max": max(settings.db_pool_max, pool_max)})
 
 
-async def _status(period: Any) -> Any:
+async def _status(period: Any) -> tuple[Any, list[Any]]:
+    from billing.adapters.postgres import PostgresBillingRepository
     from billing.bootstrap import Runtime
+    from billing.domain.model import Marketplace
+    from billing_local.capacity import lane_capacities
     from billing_local.report import period_status
 
-    runtime = Runtime(_settings())
+    settings = _settings()
+    runtime = Runtime(settings)
     try:
-        return await period_status(await runtime.pool(), period)
+        pool = await runtime.pool()
+        status = await period_status(pool, period)
+        card = await PostgresBillingRepository(pool).rate_card()
+        lanes = lane_capacities(
+            {m.value: getattr(settings, f"{m.value}_quota_per_second") for m in Marketplace},
+            {m.value: len(card.dimensions(m)) for m in Marketplace},
+            {name: counts.customers for name, counts in status.report.marketplaces.items()},
+        )
+        return status, lanes
     finally:
         await runtime.close()
 
@@ -398,16 +410,22 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     limit: Annotated[int, typer.Option(min=1, help="Problems to list (all of them with --json).")] = 50,
 ) -> None:
-    """Check an hour: counts per marketplace and state, missing customers, failures with reasons.
+    """Check an hour: counts per marketplace and state, missing customers, failures with reasons, and
+    each lane's capacity at its quota (customers per hour, this hour's customers, the margin).
 
     Exits 1 when a billable customer has no complete ledger or a record failed or was rejected.
     """
-    status = asyncio.run(_status(_period(period)))
+    status, lanes = asyncio.run(_status(_period(period)))
     if as_json:
-        typer.echo(json.dumps(status.as_dict(), indent=2))
+        typer.echo(
+            json.dumps({**status.as_dict(), "lanes": {c.marketplace: c.as_dict() for c in lanes}}, indent=2)
+        )
     else:
         for line in _status_lines(status, limit):
             typer.echo(line)
+        # capacity at each lane's quota (BILLING_<MARKETPLACE>_QUOTA_PER_SECOND, the template's defaults)
+        for capacity in lanes:
+            typer.echo(capacity.line())
     if not status.ok:
         raise typer.Exit(1)
 

@@ -49,6 +49,7 @@ class LanesParams:
     throttle_s: float = 60.0  # every AWS call throttled for this long
     budget_s: float = 10.0  # BILLING_INVOCATION_BUDGET_SECONDS: how long a throttled bill keeps trying
     aws_quota: float = 10.0
+    requeue_delay_s: int = 10  # BILLING_REQUEUE_DELAY_SECONDS (30 by default): a shorter run
 
 
 def _dead_letters(stack: Any) -> int:
@@ -182,6 +183,7 @@ def run_lanes(params: LanesParams, log: Callable[[str], None]) -> Section:
                 "BILLING_AWS_QUOTA_PER_SECOND": f"{params.aws_quota:g}",
                 "BILLING_AWS_LANE_ENVIRONMENTS": "1",
                 "BILLING_INVOCATION_BUDGET_SECONDS": f"{params.budget_s:g}",
+                "BILLING_REQUEUE_DELAY_SECONDS": str(params.requeue_delay_s),
             }
             timer = None
             if label == "throttled":

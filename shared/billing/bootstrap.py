@@ -27,11 +27,6 @@ if TYPE_CHECKING:
     from billing.services.dispatch import DispatchResult
 
 
-# The least delay of a throttled message's copy: the throttle lasted the whole budget, so give the
-# marketplace's quota window time to open before the lane tries the customer again.
-REQUEUE_DELAY_S = 30.0
-
-
 def _secret(arn: str, *, fresh: bool = False) -> str:
     """A secret from Secrets Manager, cached by Powertools (read at cold start, refreshed hourly);
     ``fresh`` reads it now whatever the cache holds (the value held was refused: it may have been rotated)."""
@@ -244,7 +239,7 @@ class Runtime:
                 lease_seconds=self.settings.lease_seconds,
                 budget_seconds=self.settings.invocation_budget_seconds,
                 clock=self.clock,
-                requeue=self.requeue,
+                requeue=self.requeue if self.settings.requeue_throttled else None,
             )
 
     async def queue(self) -> SqsQueue:
@@ -262,9 +257,8 @@ class Runtime:
     async def requeue(self, message: BillMessageV1, lane: Marketplace, retry_after: float | None) -> None:
         """A fresh copy of a throttled message on its lane, delayed past Retry-After with jitter (SQS's
         DelaySeconds is at most 900)."""
-        delay = min(
-            900, math.ceil(max(retry_after or 0.0, REQUEUE_DELAY_S) + random.uniform(0, REQUEUE_DELAY_S))
-        )
+        least = self.settings.requeue_delay_seconds
+        delay = min(900, math.ceil(max(retry_after or 0.0, least) + random.uniform(0, least)))
         await (await self.queue()).send([message], lane=lane, delay_seconds=delay)
 
     async def dispatch(self, event: dict[str, Any]) -> DispatchResult:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     aws_quota_per_second: float = Field(default=10.0, ge=0)
     gcp_quota_per_second: float = Field(default=100_000.0, ge=0)
     azure_quota_per_second: float = Field(default=0.0, ge=0)
+    # The least delay of a throttled message's copy on its lane (its throttles lasted a whole budget: give
+    # the marketplace's quota time to recover before the lane tries the customer again); jittered up to 2x
+    requeue_delay_seconds: int = Field(default=30, ge=0, le=450)
+    # false: a bill throttled for its whole budget fails its item like any other (SQS redelivers it and,
+    # after maxReceiveCount, dead-letters it); the fault suite's outage scenarios count on that
+    requeue_throttled: bool = True
     # The pace stays this far under the quota, so that the network's and the event loop's jitter do not
     # push one call too many into a second (measured: `make bench`, section quota)
     pace_headroom: float = Field(default=0.9, gt=0, le=1)

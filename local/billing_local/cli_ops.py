@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -321,8 +322,24 @@ def redrive_command(
     wait_seconds: Annotated[
         int, typer.Option(min=0, max=20, help="Long-poll wait when moving by hand (no move-task API).")
     ] = 2,
+    lane: Annotated[
+        str | None,
+        typer.Option(
+            "--lane",
+            help="aws, gcp or azure: that lane's dead-letter queue (BILLING_<LANE>_DLQ_URL) to its own queue "
+            "(BILLING_<LANE>_QUEUE_URL).",
+        ),
+    ] = None,
 ) -> None:
     """Move the dead-letter queue's messages back to the billing queue (safe: billing is idempotent)."""
+    if lane is not None:
+        if lane not in ("aws", "gcp", "azure"):
+            raise typer.BadParameter("aws, gcp or azure", param_hint="--lane")
+        # each lane's DLQ goes back to its own queue, never to another marketplace's lane
+        dlq_url = os.environ.get(f"BILLING_{lane.upper()}_DLQ_URL", dlq_url if source_arn else None)
+        queue_url = os.environ.get(
+            f"BILLING_{lane.upper()}_QUEUE_URL", queue_url if destination_arn else None
+        )
     sqs, probe = _sqs_clients()
     dlq = resolve_queue(
         sqs, None if source_arn else dlq_url, source_arn, "dead-letter queue (BILLING_DLQ_URL)"

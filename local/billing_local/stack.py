@@ -253,6 +253,7 @@ def local_stack(database_url: str | None = None, lanes: bool = False) -> Iterato
             "BILLING_AZURE_METERING_URL": azure_server.url,
             "BILLING_AZURE_ACCESS_TOKEN": token,
             **{f"BILLING_{m.upper()}_QUEUE_URL": urls[0] for m, urls in lane_queues.items()},
+            **{f"BILLING_{m.upper()}_DLQ_URL": urls[1] for m, urls in lane_queues.items()},
         }
         yield LocalStack(
             database_url=dsn,

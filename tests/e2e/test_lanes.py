@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import boto3
 import pytest
@@ -69,3 +70,22 @@ def test_status_states_each_lanes_capacity_at_its_quota(lanes: LocalStack) -> No
     assert aws["customers_per_hour"] == QUOTA * 3600 // aws["units_per_customer"]
     assert aws["customers_this_hour"] == doc["marketplaces"]["aws"]["customers"] > 0
     assert aws["margin"] == aws["customers_per_hour"] - aws["customers_this_hour"]
+
+
+def test_redrive_moves_a_lanes_dead_letters_back_to_its_own_queue(lanes: LocalStack) -> None:
+    # Given a message in the AWS lane's dead-letter queue
+    sqs = boto3.client("sqs", endpoint_url=lanes.moto_url, region_name="us-east-1")
+    (aws_queue, aws_dlq), (gcp_queue, _gcp_dlq) = lanes.lanes["aws"], lanes.lanes["gcp"]
+    sqs.send_message(QueueUrl=aws_dlq, MessageBody='{"dead": "letter"}')
+    # When the AWS lane is redriven
+    result = CliRunner().invoke(app, ["redrive", "--lane", "aws", "--wait-seconds", "0"])
+    # Then the message is back on the AWS lane's queue, and no other lane got it
+    assert result.exit_code == 0, result.output
+    assert _count(sqs, aws_queue) == 1
+    assert _count(sqs, aws_dlq) == 0
+    assert _count(sqs, gcp_queue) == 0
+
+
+def _count(sqs: Any, url: str) -> int:
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+    return int(attrs["Attributes"]["ApproximateNumberOfMessages"])

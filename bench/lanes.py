@@ -50,6 +50,7 @@ class LanesParams:
     budget_s: float = 10.0  # BILLING_INVOCATION_BUDGET_SECONDS: how long a throttled bill keeps trying
     aws_quota: float = 10.0
     requeue_delay_s: int = 10  # BILLING_REQUEUE_DELAY_SECONDS (30 by default): a shorter run
+    latency_s: float = 0.25  # each Google and Azure call
 
 
 def _dead_letters(stack: Any) -> int:
@@ -179,6 +180,10 @@ def run_lanes(params: LanesParams, log: Callable[[str], None]) -> Section:
         ):
             _prepare(stack, params.customers, ("aws", "gcp", "azure"))
             stack.metering.quota.reset(rate=params.aws_quota)
+            # a marketplace's latency, so that a lane's makespan is seconds, not the event loop's jitter
+            stack.gcp.delay("check", params.latency_s)
+            stack.gcp.delay("report", params.latency_s)
+            stack.azure.delay(params.latency_s)
             env = {
                 "BILLING_AWS_QUOTA_PER_SECOND": f"{params.aws_quota:g}",
                 "BILLING_AWS_LANE_ENVIRONMENTS": "1",
@@ -206,15 +211,18 @@ def run_lanes(params: LanesParams, log: Callable[[str], None]) -> Section:
     worst = 0.0
     for lane in ("gcp", "azure"):
         base, hit = clean.lanes[lane], throttled.lanes[lane]
-        for customer, done in hit.completed.items():
-            if customer in base.completed:
-                delay = (done - hit.started) - (base.completed[customer] - base.started)
-                worst = max(worst, delay / max(base.makespan, 1e-9))
+        # Rank by rank: the k-th customer to finish in the throttled run against the k-th in the clean
+        # one. SQS hands messages out in no fixed order, so the same customer may be first in one run and
+        # last in the other; the k-th finish is what a lane's customers as a whole waited.
+        clean_ends = sorted(t - base.started for t in base.completed.values())
+        hit_ends = sorted(t - hit.started for t in hit.completed.values())
+        for before, after in zip(clean_ends, hit_ends, strict=False):
+            worst = max(worst, (after - before) / max(base.makespan, 1e-9))
         section.add(
             f"{lane} lane makespan, clean / AWS throttled", f"{base.makespan:.1f} / {hit.makespan:.1f}", "s"
         )
     section.add(
-        "most a Google or Azure customer finished later, / their lane's clean makespan",
+        "most the k-th Google or Azure customer finished later, / its lane's clean makespan",
         round(worst * 100, 1),
         "%",
         target="<= 10 %",

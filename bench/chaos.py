@@ -61,12 +61,15 @@ ALL = ("aws", "gcp", "azure")
 TIMEOUT_S = 2.0  # how long the marketplace clients wait for an answer in the chaos run
 HANG_S = TIMEOUT_S + 0.5  # how long a faulty emulator sits on a request
 LEASE_S = 2  # shorter than the runner's first redelivery delay (1 s, then 2 s, ...), as 120 s is to 360 s
+QUOTA = 50  # calls a second per account, project and publisher, enforced by the emulators
 ENV = {
     "POWERTOOLS_LOG_LEVEL": "CRITICAL",
     "POWERTOOLS_METRICS_DISABLED": "true",
     "BILLING_MARKETPLACE_ATTEMPTS": "3",
     "BILLING_GCP_TIMEOUT_SECONDS": str(TIMEOUT_S),
     "BILLING_AZURE_TIMEOUT_SECONDS": str(TIMEOUT_S),
+    # quotas on: each emulator refuses past QUOTA calls a second, and each lane is paced under it
+    **{f"BILLING_{m.upper()}_QUOTA_PER_SECOND": str(QUOTA) for m in ALL},
 }
 
 
@@ -416,6 +419,8 @@ def bill_hours(
             stack.metering.rng = _CountingRandom(rng.random())
             stack.metering.rng.injected = injected
             stack.metering.fault_kinds = ("throttle", "internal", "unprocessed")
+            for quota in (stack.metering.quota, stack.gcp.quota, stack.azure.quota):
+                quota.reset(rate=QUOTA)
             asyncio.run(_seed(dsn, customers, hours, seed, first.shifted(hours - 1), ALL))
             asyncio.run(_subscribe_all(stack))
             identities = asyncio.run(_identities(dsn))

@@ -6,7 +6,7 @@ it imports no CLI module, and prints nothing but its progress bars.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,22 @@ class HourResult:
     report: PeriodReport
     concurrency: int = 0
     latency_s: float | None = None  # the marketplace's latency per call, when the caller knows it
+    lanes: dict[str, RunnerStats] = field(default_factory=dict)  # per lane, when the stack has lanes
+
+
+def lane_pools(settings: Any, concurrency: int | None = None) -> dict[str, tuple[str, int]]:
+    """Each lane's queue and consumer count, when the settings give every marketplace its own queue: the
+    template's lane MaximumConcurrency, scaled so that the lanes sum to ``concurrency`` when it is given."""
+    from billing_local.stack import QueueSettings
+
+    urls = {m: getattr(settings, f"{m}_queue_url") for m in ("aws", "gcp", "azure")}
+    if not all(urls.values()):
+        return {}
+    caps = QueueSettings.from_template().lane_concurrency
+    if concurrency:
+        scale = concurrency / sum(caps.values())
+        caps = {m: max(1, round(c * scale)) for m, c in caps.items()}
+    return {m: (url, caps[m]) for m, url in urls.items() if url}
 
 
 def local_apm_client(service_name: str = "billing") -> Any:
@@ -73,31 +89,47 @@ async def run_hour(
     from billing.entrypoints.biller import bill_body
     from billing_local.progress import progress_bar
     from billing_local.report import period_report
-    from billing_local.runner import drain
+    from billing_local.runner import drain, drain_lanes, merged
 
-    # one process runs `concurrency` consumers: give them a connection each, as Lambda would
-    settings = load_settings().model_copy(update={"db_pool_max": concurrency})
+    settings = load_settings()
+    lanes = lane_pools(settings, concurrency)
+    total = sum(cap for _url, cap in lanes.values()) if lanes else concurrency
+    # one process runs every consumer: give them a connection each, as Lambda would
+    settings = settings.model_copy(update={"db_pool_max": total})
     runtime = Runtime(settings)
     if clock is not None:
         runtime.clock = clock  # before the biller is built: it takes the runtime's clock
+    lane_stats: dict[str, RunnerStats] = {}
     try:
         dispatched = await _dispatch(runtime, event, apm_client)
-        sqs = await runtime.aws_client("sqs", max_pool_connections=concurrency + 10)
-        assert settings.queue_url is not None
+        sqs = await runtime.aws_client("sqs", max_pool_connections=total + 10)
         with progress_bar("billing customers", total=dispatched.dispatched) as advance:
-            stats = await drain(
-                sqs,
-                settings.queue_url,
-                lambda d: bill_body(runtime, d.body, d.message_id, _sent(d.attributes)),
-                concurrency,
-                retry_delay_s=retry_delay_s,
-                progress=lambda s: advance(1),
-                apm_client=apm_client,
-            )
+            handle = lambda d: bill_body(runtime, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
+            if lanes:
+                lane_stats = await drain_lanes(
+                    sqs,
+                    lanes,
+                    handle,
+                    retry_delay_s=retry_delay_s,
+                    progress=lambda s: advance(1),
+                    apm_client=apm_client,
+                )
+                stats = merged(lane_stats.values())
+            else:
+                assert settings.queue_url is not None
+                stats = await drain(
+                    sqs,
+                    settings.queue_url,
+                    handle,
+                    concurrency,
+                    retry_delay_s=retry_delay_s,
+                    progress=lambda s: advance(1),
+                    apm_client=apm_client,
+                )
         if apm_client is not None:
             apm_client._transport.flush()
         report = await period_report(await runtime.pool(), dispatched.period)
-        return HourResult(dispatched, stats, report, concurrency, latency_s)
+        return HourResult(dispatched, stats, report, total, latency_s, lane_stats)
     finally:
         await runtime.close()
 

@@ -114,14 +114,17 @@ class BillingRepository(Protocol):
 class DispatchRepository(Protocol):
     async def start_run(self, period: Period) -> Run: ...
 
-    def customers_to_bill(self, period: Period, page_size: int) -> AsyncIterator[list[str]]: ...
+    def customers_to_bill(
+        self, period: Period, page_size: int
+    ) -> AsyncIterator[list[tuple[str, Marketplace]]]: ...
 
     async def finish_run(self, run_id: uuid.UUID, dispatched: int) -> None: ...
 
 
 class MessageQueue(Protocol):
-    async def send(self, messages: Sequence[BillMessageV1]) -> int:
-        """Send every message (10 a call, several calls in flight); return how many were sent."""
+    async def send(self, messages: Sequence[BillMessageV1], lane: Marketplace | None = None) -> int:
+        """Send every message to the marketplace's lane (its own queue; None: the default queue), 10 a
+        call, several calls in flight; return how many were sent."""
         ...
 
 

@@ -371,13 +371,16 @@ class PostgresDispatchRepository:
         assert row is not None
         return Run(id=row["id"], period=period, dispatched=row["dispatched"], completed=row["completed"])
 
-    async def customers_to_bill(self, period: Period, page_size: int) -> AsyncIterator[list[str]]:
-        """Keyset pages of the customers billable in the hour whose bill is not finished."""
+    async def customers_to_bill(
+        self, period: Period, page_size: int
+    ) -> AsyncIterator[list[tuple[str, Marketplace]]]:
+        """Keyset pages of the customers billable in the hour whose bill is not finished, with the
+        marketplace whose lane bills them."""
         after = ""
         while True:
             rows = await self._pool.fetch(
                 """
-                SELECT c.id FROM customers c
+                SELECT c.id, c.marketplace FROM customers c
                  WHERE c.id > $1 AND c.status = 'active'
                    AND c.active_from < $3 AND (c.active_until IS NULL OR c.active_until > $2)
                    AND (NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $2)
@@ -393,9 +396,8 @@ class PostgresDispatchRepository:
             )
             if not rows:
                 return
-            ids = [r["id"] for r in rows]
-            yield ids
-            after = ids[-1]
+            yield [(r["id"], Marketplace(r["marketplace"])) for r in rows]
+            after = rows[-1]["id"]
 
     async def finish_run(self, run_id: uuid.UUID, dispatched: int) -> None:
         await self._pool.execute(

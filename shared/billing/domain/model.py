@@ -196,6 +196,10 @@ class SubmitResult:
     state: LedgerState
     record_id: str | None = None
     reason: str | None = None
+    # a throttle answer (AWS ThrottlingException, HTTP 429): retried within the bill's budget, and a bill
+    # that stops on nothing but throttles goes back to its lane's queue instead of failing
+    throttled: bool = False
+    retry_after: float | None = None  # seconds, from a Retry-After header
 
     @property
     def retryable(self) -> bool:
@@ -212,6 +216,7 @@ class BillOutcome:
     entries: list[LedgerEntry] = field(default_factory=list)
     marketplace_calls: int = 0
     already_billed: bool = False
+    requeued: bool = False  # throttled until the budget ran out: a copy of the message waits in the lane
 
     def count(self, state: LedgerState) -> int:
         return sum(1 for e in self.entries if e.state is state)

@@ -9,6 +9,7 @@ import pytest
 from billing.adapters import postgres, postgres_reconcile
 from billing.adapters.postgres import STATE_PARAMETERS, Statement
 from billing.domain.model import REFUSED_STATES, UNFINISHED_STATES, CustomerStatus, LedgerState
+from billing.migrate import migration_files
 
 
 def statements() -> dict[str, Statement]:
@@ -68,3 +69,12 @@ def test_every_ledger_statement_is_a_named_statement() -> None:
     assert {"_LOAD", "_DECIDE", "_CLAIM", "_RECORD", "_EXPIRE", "_TO_BILL"} <= {
         n.rsplit(".", 1)[1] for n in statements() if n.startswith("billing.adapters.postgres.")
     }
+
+
+def test_the_ledger_table_accepts_exactly_the_enum_s_states() -> None:
+    # Given the schema the migrations build, When the ledger's state check is read, Then it lists exactly
+    # LedgerState's values: a state added to the enum without a migration (or the reverse) fails here
+    schema = "\n".join(sql for _, sql in migration_files())
+    checks = re.findall(r"state\s+text NOT NULL CHECK \(state IN \(([^)]*)\)\)", schema)
+    assert len(checks) == 1
+    assert set(re.findall(r"'([a-z]+)'", checks[0])) == {s.value for s in LedgerState}

@@ -11,7 +11,7 @@ so it is as atomic as the one SQL statement it stands for.
 
 ``FakeMarketplace`` follows the marketplaces' documented idempotency (AWS BatchMeterUsage: "an identical
 record is accepted again with its id", another quantity for the same customer, dimension and hour is a
-DuplicateRecord) and answers from a script: accepted, throttled, refused, an answer lost after the
+DuplicateRecord) and answers from a script: accepted, unavailable, refused, an answer lost after the
 marketplace took the record, the window closing during the call, or a call that never returns.
 """
 
@@ -274,7 +274,7 @@ class Answer(enum.Enum):
     """What the marketplace does with one call."""
 
     ACCEPT = "accept"  # takes the records (an identical one again: accepted with its id)
-    THROTTLE = "throttle"  # takes nothing and says so (429 / ThrottlingException): FAILED, retryable
+    UNAVAILABLE = "unavailable"  # takes nothing and says so (503, unprocessed records): FAILED, retryable
     REJECT = "reject"  # refuses the records for good (e.g. CustomerNotSubscribed): REJECTED
     LOSE_ANSWER = "lose answer"  # takes the records, but the answer never arrives: SUBMITTED, unknown
     WINDOW_CLOSED = "window closed"  # the hour fell out of its window during the call: WindowExpiredError
@@ -309,8 +309,8 @@ class FakeMarketplace:
             await asyncio.Event().wait()
         if answer is Answer.WINDOW_CLOSED:
             raise WindowExpiredError(f"{period} is outside the marketplace's window")
-        if answer is Answer.THROTTLE:
-            return [SubmitResult(e.dimension, LedgerState.FAILED, reason="throttled") for e in entries]
+        if answer is Answer.UNAVAILABLE:
+            return [SubmitResult(e.dimension, LedgerState.FAILED, reason="unavailable") for e in entries]
         if answer is Answer.REJECT:
             return [SubmitResult(e.dimension, LedgerState.REJECTED, reason="not subscribed") for e in entries]
         results = [self._take(customer, period, e) for e in entries]

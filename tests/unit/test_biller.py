@@ -27,7 +27,7 @@ How a bill ends, read from the code, and the test of each:
 - the window closes during the call
   test_the_window_closing_during_the_call_carries_the_hour
 - an answer not final (MarketplaceUnavailableError); resumed and claimed, the recorded quantities again
-  test_a_throttled_call_fails_and_the_redelivery_resends_the_recorded_quantities
+  test_an_unavailable_marketplace_fails_the_bill_and_a_redelivery_resends_the_same
   test_a_lost_answer_is_resent_with_the_same_quantity_and_charged_once
 - a refusal, recorded and final: test_a_refused_record_is_recorded_and_not_sent_again
 - resumed, another delivery holds the claim (ClaimHeldError)
@@ -333,9 +333,9 @@ async def test_the_window_closing_during_the_call_carries_the_hour() -> None:
     assert w.charged() == {}
 
 
-async def test_a_throttled_call_fails_and_the_redelivery_resends_the_recorded_quantities() -> None:
-    # Given a marketplace that throttles the first call
-    w = world(FakeMarketplace(answers=[Answer.THROTTLE]))
+async def test_an_unavailable_marketplace_fails_the_bill_and_a_redelivery_resends_the_same() -> None:
+    # Given a marketplace unavailable for the first call (it took nothing, and said so)
+    w = world(FakeMarketplace(answers=[Answer.UNAVAILABLE]))
     some_usage(w)
     # When the hour is billed
     with pytest.raises(MarketplaceUnavailableError, match="2 of 2 records not confirmed"):
@@ -401,8 +401,8 @@ async def test_a_refused_record_is_recorded_and_not_sent_again() -> None:
 
 
 async def test_a_redelivery_waits_while_another_delivery_holds_the_claim() -> None:
-    # Given an hour whose first submission was throttled, now claimed by another delivery
-    w = world(FakeMarketplace(answers=[Answer.THROTTLE]))
+    # Given an hour whose first submission was refused (unavailable), now claimed by another delivery
+    w = world(FakeMarketplace(answers=[Answer.UNAVAILABLE]))
     some_usage(w)
     with pytest.raises(MarketplaceUnavailableError):
         await w.biller.bill(message())
@@ -421,8 +421,8 @@ async def test_a_redelivery_waits_while_another_delivery_holds_the_claim() -> No
 
 
 async def test_a_resumed_hour_past_its_window_is_carried_without_a_call() -> None:
-    # Given an hour whose only submission was throttled (a refusal on record for every attempt)
-    w = world(FakeMarketplace(answers=[Answer.THROTTLE]))
+    # Given an hour whose only submission was refused as unavailable (a refusal on record for every attempt)
+    w = world(FakeMarketplace(answers=[Answer.UNAVAILABLE]))
     some_usage(w)
     with pytest.raises(MarketplaceUnavailableError):
         await w.biller.bill(message())
@@ -455,8 +455,8 @@ async def test_an_hour_the_marketplace_may_hold_is_never_carried_at_expiry() -> 
 
 
 async def test_an_expiry_waits_while_another_delivery_holds_the_lease() -> None:
-    # Given a throttled hour, claimed by another delivery, and its window closed
-    w = world(FakeMarketplace(answers=[Answer.THROTTLE]))
+    # Given an hour refused as unavailable, claimed by another delivery, and its window closed
+    w = world(FakeMarketplace(answers=[Answer.UNAVAILABLE]))
     some_usage(w)
     with pytest.raises(MarketplaceUnavailableError):
         await w.biller.bill(message())

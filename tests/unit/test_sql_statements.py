@@ -52,6 +52,12 @@ def test_a_missing_or_unknown_parameter_is_refused() -> None:
         statement.args(a=1, b=2)
 
 
+def test_a_ledger_state_cannot_be_passed_in_by_a_caller() -> None:
+    statement = Statement.of("UPDATE ledger SET state = :state_accepted")
+    with pytest.raises(TypeError, match="not from LedgerState"):
+        statement.args(state_accepted="accepted")
+
+
 def test_the_state_sets_are_what_the_domain_says() -> None:
     assert set(STATE_PARAMETERS["states_unfinished"]) == {s.value for s in LedgerState if not s.final}  # type: ignore[call-overload]
     assert set(STATE_PARAMETERS["states_refused"]) == {s.value for s in REFUSED_STATES}  # type: ignore[call-overload]

@@ -88,8 +88,12 @@ class Statement:
         given = {**STATE_PARAMETERS, **values}
         missing = [n for n in self.names if n not in given]
         unused = values.keys() - set(self.names)
-        if missing or unused:
-            raise TypeError(f"statement parameters: missing {missing}, unknown {sorted(unused)}")
+        overridden = values.keys() & STATE_PARAMETERS.keys()
+        if missing or unused or overridden:
+            raise TypeError(
+                f"statement parameters: missing {missing}, unknown {sorted(unused)}, "
+                f"ledger states not from LedgerState {sorted(overridden)}"
+            )
         return [given[n] for n in self.names]
 
 

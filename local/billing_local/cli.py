@@ -57,10 +57,11 @@ def _dsn() -> str:
 
 @db_app.command("migrate")
 def db_migrate() -> None:
-    """Apply the SQL migrations to DATABASE_URL (safe to run twice)."""
-    from billing_local.migrate import migrate
+    """Apply the SQL migrations to DATABASE_URL or the database secret (safe to run twice)."""
+    from billing.config import load_settings
+    from billing.migrate import migrate_configured
 
-    applied = asyncio.run(migrate(_dsn()))
+    applied = asyncio.run(migrate_configured(load_settings()))
     out.print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 from billing.domain.model import (
     Customer,
     LedgerEntry,
+    LedgerState,
     Period,
 )
 
@@ -87,25 +88,34 @@ class BillingRepository(Protocol):
         state: CustomerHourState,
         message: BillMessageV1,
         decision: Decision,
-        entry_states: Mapping[str, tuple[str, int]],
+        entry_states: Mapping[str, tuple[LedgerState, int]],
         owner: str,
         lease: timedelta,
     ) -> bool:
-        """Write the decision and claim it for submission; False if the customer's balances moved."""
+        """Write the decision, one row per dimension in ``entry_states``' (state, attempts), and claim the
+        rows with an attempt for ``owner`` until ``lease`` from now; False, with nothing written, if the
+        customer's billing version is no longer ``state.version`` (its balances moved). Raises
+        ConcurrentDecisionError if the hour already has rows."""
         ...
 
     async def claim(
         self, customer_id: str, period: Period, owner: str, lease: timedelta
     ) -> tuple[LedgerEntry, ...] | None:
-        """Claim the hour's unfinished rows for submission; None if another delivery holds them."""
+        """Claim the hour's unfinished rows whose lease is free, lapsed or ``owner``'s: each becomes SUBMITTED
+        with one more attempt (and unconfirmed if it was SUBMITTED already); None if there is none."""
         ...
 
     async def record_results(
         self, customer_id: str, period: Period, owner: str, results: Sequence[SubmitResult]
-    ) -> None: ...
+    ) -> None:
+        """Record the marketplace's answers on the rows ``owner`` holds, and release them; rows another
+        delivery holds now are left alone. A FAILED or REJECTED answer counts as a refused attempt."""
+        ...
 
     async def expire(self, customer_id: str, period: Period, owner: str, window: str) -> int:
-        """Settle an hour outside the marketplace's window: unsent quantities go back to the carry."""
+        """Settle an hour outside the marketplace's window: unfinished rows (lease free, lapsed or
+        ``owner``'s) every attempt of which was refused become EXPIRED and give their quantity back to the
+        carry; the others may have been received and become REJECTED. Returns how many were settled."""
         ...
 
     async def rate_card(self) -> RateCard: ...

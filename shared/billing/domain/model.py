@@ -58,6 +58,11 @@ FINAL_STATES = frozenset(
         LedgerState.EXPIRED,
     }
 )
+# Not settled yet: claimed again for another submission, or settled when the marketplace's window closes.
+UNFINISHED_STATES = frozenset(s for s in LedgerState if s not in FINAL_STATES)
+# An answer proving the marketplace did not take the record (throttled, unavailable, refused): only a row
+# whose every attempt ended in one of these may give its quantity back to the carry when its window closes.
+REFUSED_STATES = frozenset({LedgerState.FAILED, LedgerState.REJECTED})
 
 
 def hour_floor(moment: datetime) -> datetime:

@@ -230,14 +230,14 @@ class Biller:
             )
             if expired:
                 decision = _carry_everything(decision)
-        entry_states: dict[str, tuple[str, int]] = {}
+        entry_states: dict[str, tuple[LedgerState, int]] = {}
         for d in decision.dimensions:
             if expired:
-                entry_states[d.dimension] = (LedgerState.EXPIRED.value, 0)
+                entry_states[d.dimension] = (LedgerState.EXPIRED, 0)
             elif d.quantity == 0 and not client.rules.sends_zero:
-                entry_states[d.dimension] = (LedgerState.SKIPPED.value, 0)
+                entry_states[d.dimension] = (LedgerState.SKIPPED, 0)
             else:
-                entry_states[d.dimension] = (LedgerState.SUBMITTED.value, 1)
+                entry_states[d.dimension] = (LedgerState.SUBMITTED, 1)
         with span("ledger write"):
             decided = await self.repo.record_decision(state, message, decision, entry_states, owner, lease)
         if not decided:
@@ -250,7 +250,7 @@ class Biller:
                 d.dimension,
                 period,
                 d.quantity,
-                LedgerState(entry_states[d.dimension][0]),
+                entry_states[d.dimension][0],
                 attempts=entry_states[d.dimension][1],
             )
             for d in decision.dimensions

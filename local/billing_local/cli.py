@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,10 @@ from billing_local.report import PeriodReport
 from billing_local.runner import RunnerStats
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator
+
+    from billing.bootstrap import Runtime
+    from billing.config import Settings
     from billing.domain.model import Period
 
 # Never the local variables in a traceback: a failing `billing db migrate` would print the DSN, password
@@ -143,27 +148,37 @@ async def run_hour(
     retry_delay_s: int = 1,
     apm_client: Any = None,
     latency_s: float | None = None,
+    *,
+    runtime: Callable[[Settings], Runtime] | None = None,
+    drain: Callable[..., Awaitable[RunnerStats]] | None = None,
+    quiet: bool = False,
 ) -> HourResult:
-    """Dispatch an hour exactly as the scheduled rule would, then drain the queue with the runner."""
+    """Dispatch an hour exactly as the scheduled rule would, then drain the queue with the runner.
+
+    ``runtime`` builds the composition root from the run's settings (``Runtime`` by default); ``drain``
+    replaces the runner's drain (billing_local.faults.Drain wraps it with faults).
+    """
     from billing.bootstrap import Runtime
     from billing.config import load_settings
     from billing.entrypoints.biller import bill_body
     from billing_local.progress import progress_bar
     from billing_local.report import period_report
-    from billing_local.runner import drain
+    from billing_local.runner import drain as runner_drain
 
+    drain = drain or runner_drain
     # one process runs `concurrency` consumers: give them a connection each, as Lambda would
     settings = load_settings().model_copy(update={"db_pool_max": concurrency})
-    runtime = Runtime(settings)
+    built = (runtime or Runtime)(settings)
     try:
-        dispatched = await _dispatch(runtime, event, apm_client)
-        sqs = await runtime.aws_client("sqs", max_pool_connections=concurrency + 10)
+        dispatched = await _dispatch(built, event, apm_client)
+        sqs = await built.aws_client("sqs", max_pool_connections=concurrency + 10)
         assert settings.queue_url is not None
-        with progress_bar("billing customers", total=dispatched.dispatched) as advance:
+        bar = progress_bar if not quiet else _no_progress
+        with bar("billing customers", total=dispatched.dispatched) as advance:
             stats = await drain(
                 sqs,
                 settings.queue_url,
-                lambda d: bill_body(runtime, d.body, d.message_id, _sent(d.attributes)),
+                lambda d: bill_body(built, d.body, d.message_id, _sent(d.attributes)),
                 concurrency,
                 retry_delay_s=retry_delay_s,
                 progress=lambda s: advance(1),
@@ -171,10 +186,15 @@ async def run_hour(
             )
         if apm_client is not None:
             apm_client._transport.flush()
-        report = await period_report(await runtime.pool(), dispatched.period)
+        report = await period_report(await built.pool(), dispatched.period)
         return HourResult(dispatched, stats, report, concurrency, latency_s)
     finally:
-        await runtime.close()
+        await built.close()
+
+
+@contextlib.contextmanager
+def _no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
 
 
 def _sent(attributes: dict[str, Any]) -> int | None:

@@ -358,6 +358,7 @@ class FaultyUsage(Proxy):
         self.slow_s = slow_s
         self.calls: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
+        self.slow: list[float] = []  # how long each slow search took, seconds
 
     async def hourly_usage(self, customer_id: str, start: datetime, end: datetime) -> Any:
         from billing.domain.errors import TransientError
@@ -368,9 +369,13 @@ class FaultyUsage(Proxy):
             self.faults[fault] += 1
         if fault == "timeout":
             raise TransientError("usage search timed out")
+        began = time.monotonic()
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
-        return await self.inner.hourly_usage(customer_id, start, end)
+        usage = await self.inner.hourly_usage(customer_id, start, end)
+        if fault == "slow":
+            self.slow.append(time.monotonic() - began)
+        return usage
 
 
 class DyingQueue(Proxy):
@@ -485,6 +490,7 @@ class Termination:
     state: str  # pg_stat_activity.state when it was terminated
     query: str  # the statement it was running (or had run last)
     waiting: str | None  # wait_event_type: "Lock" while blocked behind a lock held by the killer
+    died: bool | None = None  # gone from pg_stat_activity while its statement could not have finished
 
 
 class ConnectionKiller:
@@ -538,6 +544,9 @@ class ConnectionKiller:
                     # polled: PostgreSQL tells no one when a statement starts waiting on a lock
                     while not await self.terminate(admin, limit=1, waiting_on_lock=True):  # noqa: ASYNC110
                         await asyncio.sleep(0.005)
+                    # still holding the lock, so its statement cannot have finished: gone means killed
+                    victim = self.killed[-1]
+                    self.killed[-1] = dataclasses.replace(victim, died=await _gone(admin, victim.pid))
 
         async with self._beside(loop):
             yield
@@ -558,6 +567,16 @@ class ConnectionKiller:
                 await task
             await locker.close()
             await admin.close()
+
+
+async def _gone(admin: Any, pid: int, within_s: float = 10.0) -> bool:
+    """Whether backend ``pid`` leaves pg_stat_activity within ``within_s`` (termination is asynchronous)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 class ShortPolls(Proxy):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from billing.bootstrap import Runtime
+from billing.bootstrap import Runtime, Wrappers
 from billing.config import load_settings
 from billing.domain.errors import (
     BadMessageError,
@@ -26,7 +26,7 @@ from billing.domain.errors import (
 )
 from billing.domain.model import LedgerState
 from billing.services.bill import Biller
-from billing_local.faults import Clock
+from billing_local.faults import AFTER_ACCEPT, Clock, Killed, KillingLedger
 from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, ledger, message, within_window
 
 
@@ -100,19 +100,25 @@ async def test_redelivered_message_makes_no_marketplace_call(biller: Biller, poo
 
 
 async def test_crash_between_submit_and_record_resubmits_the_recorded_decision(
-    biller: Biller, pool: Any, stack: Any, monkeypatch: pytest.MonkeyPatch
+    pool: Any, stack: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a biller that dies after AWS accepted the records but before the ledger recorded the answer
+    armed = [True]
+
+    def killing(repo: Any) -> KillingLedger:
+        return KillingLedger(repo, lambda step, customer: armed[0] and step == AFTER_ACCEPT)
+
+    monkeypatch.setenv("BILLING_MARKETPLACE_ATTEMPTS", "2")
+    stack.metering.clock = within_window
+    runtime = Runtime(load_settings(), clock=clock, wrappers=Wrappers(repository=killing))
+    await add_rates(pool)
+    stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb"})
+    biller = await runtime.biller()
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "5")
-
-    async def crash(*args: Any, **kwargs: Any) -> None:
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(biller.repo, "record_results", crash)
-    with pytest.raises(SystemExit):
+    with pytest.raises(Killed):
         await biller.bill(message("c1"))
-    monkeypatch.undo()
+    armed[0] = False
     first_ids = {r.dimension: r.record_id for r in stack.metering.accepted()}
     assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"submitted"}
     # and late usage arrives meanwhile (it must not change the recorded decision)
@@ -127,6 +133,7 @@ async def test_crash_between_submit_and_record_resubmits_the_recorded_decision(
         "DataTransferGb": ("accepted", 0, first_ids["DataTransferGb"]),
     }
     assert len(stack.metering.accepted()) == 2
+    await runtime.close()
 
 
 async def test_two_deliveries_at_the_same_moment_bill_once(biller: Biller, pool: Any, stack: Any) -> None:

@@ -112,6 +112,19 @@ def reset_connection(request: web.Request) -> None:
     transport.abort()
 
 
+def with_middleware(
+    create_app: Callable[[Any], web.Application], middleware: Callable[[], Any]
+) -> Callable[[Any], web.Application]:
+    """An emulator's ``create_app`` whose application runs ``middleware()`` in front of its handlers."""
+
+    def create(state: Any) -> web.Application:
+        app = create_app(state)
+        app.middlewares.append(middleware())
+        return app
+
+    return create
+
+
 @dataclass(frozen=True)
 class Call:
     """One request to a marketplace emulator, as a fault plan sees it, and what the gate did with it."""

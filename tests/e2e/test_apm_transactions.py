@@ -68,10 +68,9 @@ def handlers(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Modu
         stack.metering.subscribe(PRODUCT, f"aws-{c}")
     runtimes = []
     for module in (biller, dispatcher):
-        runtime = Runtime(load_settings())
+        runtime = Runtime(load_settings(), clock=within_window if module is biller else None)
         monkeypatch.setattr(module, "runtime", runtime)
         runtimes.append(runtime)
-    LOOP.run_until_complete(biller.runtime.biller()).clock = within_window
     CAPTURE.reset()
     yield biller, dispatcher
     for runtime in runtimes:
@@ -199,11 +198,6 @@ def test_the_local_runner_produces_the_same_transactions_without_queue_wait(stac
 
 async def _run_within_window(run_hour: Any, event: dict[str, Any], client: Any) -> Any:
     """run_hour with the biller's clock inside the marketplace window of the fixed test hour."""
-    from billing.services import bill
-
-    original = bill.Biller.clock
-    bill.Biller.clock = staticmethod(within_window)  # type: ignore[assignment]
-    try:
-        return await run_hour(event, concurrency=1, apm_client=client)
-    finally:
-        bill.Biller.clock = original  # type: ignore[method-assign]
+    return await run_hour(
+        event, concurrency=1, apm_client=client, runtime=lambda s: Runtime(s, clock=within_window)
+    )

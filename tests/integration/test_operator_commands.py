@@ -28,6 +28,7 @@ from billing.config import load_settings
 from billing.domain.model import Period
 from billing.services.bill import Biller
 from billing_local.cli_ops import BY_HAND, MOVE_TASK, QueueRef, redrive, register
+from billing_local.faults import Clock
 from billing_local.stack import REGION, aws_env
 from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, message, throttle_every_call
 
@@ -281,7 +282,8 @@ BOTH_HOURS_SETTLED = HOUR.shifted(1).end + timedelta(minutes=20)
 async def runtime(stack: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtime]:
     monkeypatch.setenv("BILLING_MARKETPLACE_ATTEMPTS", "2")
     stack.metering.clock = lambda: BOTH_HOURS_SETTLED
-    rt = Runtime(load_settings())
+    # the biller's clock: a Clock the tests move (biller.clock.now = ...)
+    rt = Runtime(load_settings(), clock=Clock(BOTH_HOURS_SETTLED))
     yield rt
     await rt.close()
 
@@ -290,9 +292,7 @@ async def runtime(stack: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
 async def biller(runtime: Runtime, pool: Any, stack: Any) -> Biller:
     await add_rates(pool)
     stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb"})
-    b = await runtime.biller()
-    b.clock = lambda: BOTH_HOURS_SETTLED
-    return b
+    return await runtime.biller()
 
 
 async def subscribed(pool: Any, stack: Any, customer_id: str) -> None:
@@ -528,7 +528,8 @@ async def test_reconcile_explains_an_expired_hour_billed_with_a_later_one(
         await bill_hour(biller, ["c1"])
     stack.metering.fault_rate = 0.0
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = stack.metering.clock = lambda: late
+    biller.clock.now = late
+    stack.metering.clock = lambda: late
     await biller.bill(message("c1"))
     await bill_hour(biller, ["c1"], HOUR.shifted(6))
     # When the seven hours are reconciled
@@ -554,7 +555,8 @@ async def expired_without_a_refusal_on_record(biller: Biller, pool: Any, stack: 
         await bill_hour(biller, ["c1"])
     stack.metering.fault_rate = 0.0
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = stack.metering.clock = lambda: late
+    biller.clock.now = late
+    stack.metering.clock = lambda: late
     await bill_hour(biller, ["c1"])
     await bill_hour(biller, ["c1"], HOUR.shifted(6))
     await pool.execute("UPDATE ledger SET refused_attempts = 0 WHERE period = $1", HOUR.start)
@@ -602,7 +604,8 @@ async def test_reconcile_flags_an_unconfirmed_hour_left_past_the_window_as_maybe
     with pytest.raises(Exception, match="InternalServiceErrorException"):
         await bill_hour(biller, ["c1"])
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = stack.metering.clock = lambda: late
+    biller.clock.now = late
+    stack.metering.clock = lambda: late
     await bill_hour(biller, ["c1"])
     # When the hour is reconciled
     result = await run_cli_async(*reconcile_args(), "--json")
@@ -619,7 +622,8 @@ async def test_reconcile_explains_late_usage_as_pending_for_the_next_hour(
     # Given the last complete hour billed, then 1.5 GB-hours of its usage arriving late
     hour = Period.last_complete_before(datetime.now(UTC), timedelta(minutes=15))
     after = hour.end + timedelta(minutes=20)
-    biller.clock = stack.metering.clock = lambda: after
+    biller.clock.now = after
+    stack.metering.clock = lambda: after
     await subscribed(pool, stack, "c1")
     await add_usage(pool, "c1", hour.start, "capacity_gb_hours", "2")
     await bill_hour(biller, ["c1"], hour)

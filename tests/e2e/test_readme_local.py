@@ -68,3 +68,43 @@ def test_the_readme_local_section_runs_as_written(tmp_path: Path) -> None:
     assert f"customers: {seeded} billable, {seeded} billed, 0 unbilled" in proc.stdout
     assert "local stack" in proc.stdout + proc.stderr and "stopped" in proc.stdout
     assert not (tmp_path / "state" / "state.json").exists()
+
+
+def test_local_up_in_the_foreground_stops_on_ctrl_c_and_deletes_its_database(tmp_path: Path) -> None:
+    import json
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "DATABASE_URL"))}
+    env |= {"BILLING_LOCAL_DIR": str(tmp_path / "state")}
+    billing = str(Path(sys.executable).with_name("billing"))
+    proc = subprocess.Popen(
+        [billing, "local", "up", "--foreground"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state_file = tmp_path / "state" / "state.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not state_file.exists():  # written once the stack answers
+            assert proc.poll() is None and time.monotonic() < deadline, "the stack did not start"
+            time.sleep(0.1)
+        database = json.loads(state_file.read_text())["env"]["DATABASE_URL"]
+        data_dir = Path(database.split("host=", 1)[1])
+        assert data_dir.exists()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in out + err
+    assert not state_file.exists() and not data_dir.exists()
+    gone = subprocess.run(
+        [billing, "local", "env"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert gone.returncode == 1
+    assert gone.stderr.strip().splitlines() == [gone.stderr.strip()]
+    assert "run `billing local up`" in gone.stderr

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from billing_local import cli_invoke, cli_ops
+from billing_local import cli_invoke, cli_local, cli_ops
 from billing_local.local_run import HourResult, parse_marketplaces
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database commands.", pretty_exceptions_show_locals=False)
 app.add_typer(db_app, name="db")
+app.add_typer(cli_local.local_app, name="local")
 cli_ops.register(app)
 cli_invoke.register(app)
 console = Console(stderr=True)
@@ -81,6 +82,7 @@ def seed_command(
     from billing_local.local_run import seed_database
 
     summary = asyncio.run(seed_database(_dsn(), customers, hours, seed, last, chosen))
+    cli_local.notify_stack()  # a running `billing local up` subscribes them with its emulators
     out.print(f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s)")
 
 
@@ -132,6 +134,7 @@ def run_command(
         event["resend_unbilled"] = True
     from billing_local.local_run import run_hour
 
+    cli_local.notify_stack()  # customers written by other means than `billing seed`
     result = asyncio.run(run_hour(event, cap, apm_client=apm))
     _finish_apm(apm_events, timeline)
     _print_summary(result, time.perf_counter() - began)

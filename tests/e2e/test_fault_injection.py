@@ -464,10 +464,12 @@ def test_a_dispatcher_killed_half_way_and_triggered_again_bills_everyone_once(la
         w.wrappers = Wrappers()
         # When the schedule triggers it again
         again = w.bill(H)
-        # Then it dispatches every customer again (none was billed), and the first ten twice in all
+        # Then it dispatches every customer again (none was billed), and the first ten twice in all: every
+        # message is handled once (a twin delivered while its sibling holds the claim fails once, and
+        # comes back)
         assert not again.dispatch.already_dispatched
         assert again.dispatch.dispatched == len(w.customers())
-        assert again.stats.invocations == len(w.customers()) + 10
+        assert again.stats.succeeded == len(w.customers()) + 10
 
     lab.prove(scenario)
 

@@ -78,10 +78,18 @@ def seed_command(
     """Write deterministic synthetic customers, rate card and usage to DATABASE_URL."""
     chosen = _marketplaces(marketplaces)
     last = _period(end) if end else _last_complete_hour()
+    if end and last.end > datetime.now(UTC):
+        raise typer.BadParameter(
+            f"{last} has not ended yet: usage of a future hour is not billable", param_hint="--end"
+        )
     from billing_local.local_run import seed_database
 
     summary = asyncio.run(seed_database(_dsn(), customers, hours, seed, last, chosen))
-    out.print(f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s)")
+    first = last.shifted(1 - hours)
+    out.print(
+        f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s): "
+        f"{first} to {last} (bill them with `billing run --period HOUR`)"
+    )
 
 
 def _marketplaces(text: str) -> tuple[str, ...]:

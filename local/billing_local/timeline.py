@@ -161,6 +161,12 @@ def write_timeline(
     """Render the NDJSON file at ``ndjson_path`` to ``html_path``; return the header figures."""
     run = _collect(load_events(ndjson_path))
     stats = _stats(run)
+    if not stats.transactions:
+        # an empty page with "0 transactions" looks like a run that did nothing, not a wrong file
+        raise TimelineInputError(
+            f"{ndjson_path}: no transaction events (an APM intake NDJSON, e.g. from --apm-events, has one "
+            "line per transaction)"
+        )
     page = _render(run, stats, title or f"{DEFAULT_TITLE}: {Path(ndjson_path).name}")
     Path(html_path).write_text(page, encoding="utf-8")
     return stats

@@ -80,3 +80,13 @@ async def test_allow_rejected_lets_a_run_that_rejects_on_purpose_exit_0(pool: An
     # Then it exits 0, still showing the rejected records
     assert result.exit_code == 0, result.output
     assert "rejected       2 record(s)" in result.stdout
+
+
+def test_seed_prints_the_hours_it_wrote(database_url: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["seed", "--customers", "3", "--hours", "3", "--end", "2026-11-26T13:00:00Z"],
+        env={"DATABASE_URL": database_url},
+    )
+    assert result.exit_code == 0, result.output
+    assert "over 3 hour(s): 2026-11-26T11:00:00Z to 2026-11-26T13:00:00Z" in result.stdout

@@ -87,7 +87,7 @@ async def run_hour(
     from billing.bootstrap import Runtime
     from billing.config import load_settings
     from billing.entrypoints.biller import bill_body
-    from billing_local.progress import progress_bar
+    from billing_local.progress import SettledProgress, progress_bar
     from billing_local.report import period_report
     from billing_local.runner import drain, drain_lanes, merged
 
@@ -103,7 +103,10 @@ async def run_hour(
     try:
         dispatched = await _dispatch(runtime, event, apm_client)
         sqs = await runtime.aws_client("sqs", max_pool_connections=total + 10)
-        with progress_bar("billing customers", total=dispatched.dispatched) as advance:
+        # this run's messages: a resend sends only the unfinished customers again
+        expected = dispatched.resent if dispatched.already_dispatched else dispatched.dispatched
+        with progress_bar("customer-hours billed", total=expected) as advance:
+            settled = SettledProgress(advance)
             handle = lambda d: bill_body(runtime, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
             if lanes:
                 lane_stats = await drain_lanes(
@@ -111,7 +114,7 @@ async def run_hour(
                     lanes,
                     handle,
                     retry_delay_s=retry_delay_s,
-                    progress=lambda s: advance(1),
+                    progress=settled,
                     apm_client=apm_client,
                 )
                 stats = merged(lane_stats.values())
@@ -123,7 +126,7 @@ async def run_hour(
                     handle,
                     concurrency,
                     retry_delay_s=retry_delay_s,
-                    progress=lambda s: advance(1),
+                    progress=settled,
                     apm_client=apm_client,
                 )
         if apm_client is not None:

@@ -105,7 +105,7 @@ async def run_hour(
         sqs = await runtime.aws_client("sqs", max_pool_connections=total + 10)
         # this run's messages: a resend sends only the unfinished customers again
         expected = dispatched.resent if dispatched.already_dispatched else dispatched.dispatched
-        with progress_bar("customer-hours billed", total=expected) as advance:
+        with progress_bar("customer-hours settled", total=expected) as advance:
             settled = SettledProgress(advance)
             handle = lambda d: bill_body(runtime, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
             if lanes:

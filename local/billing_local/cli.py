@@ -79,11 +79,19 @@ def seed_command(
     """Write deterministic synthetic customers, rate card and usage to DATABASE_URL."""
     chosen = _marketplaces(marketplaces)
     last = _period(end) if end else _last_complete_hour()
+    if end and last.end > datetime.now(UTC):
+        raise typer.BadParameter(
+            f"{last} has not ended yet: usage of a future hour is not billable", param_hint="--end"
+        )
     from billing_local.local_run import seed_database
 
     summary = asyncio.run(seed_database(_dsn(), customers, hours, seed, last, chosen))
     cli_local.notify_stack()  # a running `billing local up` subscribes them with its emulators
-    out.print(f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s)")
+    first = last.shifted(1 - hours)
+    out.print(
+        f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s): "
+        f"{first} to {last} (bill them with `billing run --period HOUR`)"
+    )
 
 
 def _marketplaces(text: str) -> tuple[str, ...]:
@@ -120,8 +128,16 @@ def run_command(
             "(after a purge or a lost message; billing is idempotent)."
         ),
     ] = False,
+    allow_rejected: Annotated[
+        bool,
+        typer.Option(
+            help="Exit 0 although records were rejected (a run that rejects on purpose); failed and "
+            "expired records still exit 1."
+        ),
+    ] = False,
 ) -> None:
-    """Dispatch an hour and drain the queue against the configured backends."""
+    """Dispatch an hour and drain the queue; exit 1 if a customer is unfinished or a record was
+    rejected, failed or expired."""
     from billing_local.stack import QueueSettings
 
     _quiet_by_default(verbose)
@@ -136,15 +152,32 @@ def run_command(
 
     cli_local.notify_stack()  # customers written by other means than `billing seed`
     result = asyncio.run(run_hour(event, cap, apm_client=apm))
+    wall = time.perf_counter() - began
     _finish_apm(apm_events, timeline)
-    _print_summary(result, time.perf_counter() - began)
+    _print_summary(result, wall)
     if report:
-        _write_report(report, result)
-    if result.report.unbilled:
+        _write_report(report, result, wall)
+    _exit_on_failures(result, allow_rejected)
+
+
+def _exit_on_failures(result: HourResult, allow_rejected: bool) -> None:
+    """Exit 1 when a customer is unfinished or a record was rejected (unless allowed), failed or expired."""
+    from billing.domain.model import LedgerState
+    from billing_local.accounting import run_failures
+
+    r = result.report
+    failures = run_failures({s: r.count(s) for s in LedgerState}, allow_rejected)
+    if r.unbilled:
         console.print(
-            f"[red]{len(result.report.unbilled)} customer(s) left unbilled[/red]: "
-            + ", ".join(result.report.unbilled[:10])
+            f"[red]{len(r.unbilled)} customer(s) left unfinished[/red]: " + ", ".join(r.unbilled[:10])
         )
+    if failures:
+        console.print(
+            "[red]not billed:[/red] "
+            + ", ".join(f"{n} record(s) {s.value}" for s, n in failures.items())
+            + " (`billing status --period HOUR` names each one and why)"
+        )
+    if r.unbilled or failures:
         raise typer.Exit(1)
 
 
@@ -195,6 +228,7 @@ def _demo(
     report: Path | None,
     apm: Any = None,
 ) -> None:
+    from billing.domain.model import LedgerState
     from billing_local.local_run import run_demo
 
     cap = concurrency or stack.queue.max_concurrency
@@ -209,7 +243,8 @@ def _demo(
         began = time.perf_counter()
 
     result = run_demo(stack, customers, seed, marketplaces, now, cap, apm_client=apm, on_start=starting)
-    _print_summary(result.first, time.perf_counter() - began)
+    wall = time.perf_counter() - began
+    _print_summary(result.first, wall)
     again = result.again
     out.print(
         f"same hour again: {'already dispatched, ' if again.dispatch.already_dispatched else ''}"
@@ -218,7 +253,17 @@ def _demo(
         f"({', '.join(f'{m} {n}' for m, n in sorted(result.held.items()))})"
     )
     if report:
-        _write_report(report, result.first)
+        _write_report(report, result.first, wall)
+    # the demo leaves one AWS customer in fifty unsubscribed on purpose (local_run.subscribe_all)
+    if result.first.report.count(LedgerState.REJECTED):
+        out.print(DEMO_REJECTS)
+    _exit_on_failures(result.first, allow_rejected=True)
+
+
+DEMO_REJECTS = (
+    "rejected records are expected here: the demo leaves one AWS customer in fifty unsubscribed to show "
+    "what a rejection looks like (`billing run` exits 1 on them unless --allow-rejected)"
+)
 
 
 def _quiet_by_default(verbose: bool) -> None:
@@ -291,10 +336,10 @@ def _print_summary(result: HourResult, wall: float) -> None:
     )
 
 
-def _write_report(path: Path, result: HourResult) -> None:
+def _write_report(path: Path, result: HourResult, wall: float) -> None:
     from billing_local.render import hour_document
 
-    path.write_text(json.dumps(hour_document(result), indent=2) + "\n")
+    path.write_text(json.dumps(hour_document(result, wall), indent=2) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

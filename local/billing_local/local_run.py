@@ -96,7 +96,7 @@ async def run_hour(
     from billing.bootstrap import Runtime
     from billing.config import load_settings
     from billing.entrypoints.biller import bill_body
-    from billing_local.progress import progress_bar
+    from billing_local.progress import SettledProgress, progress_bar
     from billing_local.report import period_report
     from billing_local.runner import drain as runner_drain
     from billing_local.runner import drain_lanes, merged
@@ -116,8 +116,11 @@ async def run_hour(
     try:
         dispatched = await _dispatch(built, event, apm_client)
         sqs = await built.aws_client("sqs", max_pool_connections=total + 10)
+        # this run's messages: a resend sends only the unfinished customers again
+        expected = dispatched.resent if dispatched.already_dispatched else dispatched.dispatched
         bar = progress_bar if not quiet else _no_progress
-        with bar("billing customers", total=dispatched.dispatched) as advance:
+        with bar("customer-hours settled", total=expected) as advance:
+            settled = SettledProgress(advance)
             handle = lambda d: bill_body(built, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
             if lanes:
                 lane_stats = await drain_lanes(
@@ -125,7 +128,7 @@ async def run_hour(
                     lanes,
                     handle,
                     retry_delay_s=retry_delay_s,
-                    progress=lambda s: advance(1),
+                    progress=settled,
                     apm_client=apm_client,
                 )
                 stats = merged(lane_stats.values())
@@ -137,7 +140,7 @@ async def run_hour(
                     handle,
                     concurrency,
                     retry_delay_s=retry_delay_s,
-                    progress=lambda s: advance(1),
+                    progress=settled,
                     apm_client=apm_client,
                 )
         if apm_client is not None:

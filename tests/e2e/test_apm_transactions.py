@@ -153,6 +153,31 @@ def test_each_transaction_has_a_span_per_query_and_marketplace_call(
         assert t["span_count"]["dropped"] == 0
 
 
+def test_a_bill_the_marketplace_rejected_says_so_in_its_result_and_labels(
+    handlers: tuple[ModuleType, ModuleType], stack: Any
+) -> None:
+    biller, dispatcher = handlers
+    # Given the hour dispatched, and AWS no longer knowing the first customer as subscribed
+    stack.metering.subscriptions[PRODUCT].discard(f"aws-{CUSTOMERS[0]}")
+    dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
+    # When every message is billed
+    for record in lambda_records(stack.queues.url):
+        assert biller.lambda_handler({"Records": [record]}, LambdaContext.of()) == {"batchItemFailures": []}
+    # Then the invocation succeeded, but its result and a label say its records were rejected
+    bills = {
+        t["context"]["tags"]["customer_id"]: t
+        for t in CAPTURE.of_type("transaction")
+        if t["type"] == "messaging"
+    }
+    rejected = bills.pop(CUSTOMERS[0])
+    assert (rejected["outcome"], rejected["result"]) == ("success", "rejected")
+    assert rejected["context"]["tags"]["records_rejected"] >= 1
+    assert {(t["result"], "records_rejected" in t["context"]["tags"]) for t in bills.values()} == {
+        ("billed", False)
+    }
+    _validate_against_intake_schemas()
+
+
 def test_a_failed_bill_is_a_failure_transaction_with_its_error(
     handlers: tuple[ModuleType, ModuleType], stack: Any
 ) -> None:

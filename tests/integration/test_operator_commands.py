@@ -420,6 +420,50 @@ async def test_reconcile_reports_a_rejected_quantity_as_money_not_collected(
     assert "1 unexplained difference(s)" in result.output
 
 
+async def test_reconcile_prints_totals_first_and_at_most_limit_details_unexplained_first(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given three unsubscribed customers whose usage AWS rejected, and a paying one with a carried half
+    for c in ("gone1", "gone2", "gone3"):
+        await add_aws_customer(pool, c)
+        await add_usage(pool, c, HOUR.start, "capacity_gb_hours", "3")
+    await subscribed(pool, stack, "paying")
+    await add_usage(pool, "paying", HOUR.start, "data_transfer_gb", "3")  # 1.5 units: 1 billed, 0.5 carried
+    await bill_hour(biller, ["gone1", "gone2", "gone3", "paying"])
+    # When the hour is reconciled with at most two detail blocks
+    result = await run_cli_async(*reconcile_args(), "--limit", "2")
+    lines = result.stdout.splitlines()
+    # Then the totals come before any detail (the rejected customers' zero-quantity DataTransferGb
+    # records and the paying customer's carried half are explained differences), and only two of the
+    # seven differences are detailed, both unexplained rejections although the listing order would
+    # put gone1's explained DataTransferGb second
+    assert result.exit_code == 1
+    totals = next(i for i, line in enumerate(lines) if line.startswith("totals: "))
+    assert lines[totals] == (
+        "totals: source 10.5, billed 1; 7 customer-dimension(s) with a difference: 3 unexplained, 4 explained"
+    )
+    details = [i for i, line in enumerate(lines) if " (aws): source " in line]
+    assert len(details) == 2 and totals < min(details)
+    assert all("CapacityGbHours (aws): source 3, billed 0" in lines[i] for i in details)
+    more = "... 5 more customer-dimension(s) with a difference (--limit N to show more, --json for all)"
+    assert more in lines
+    # and --json still lists every line
+    doc = json.loads((await run_cli_async(*reconcile_args(), "--json", "--limit", "2")).stdout)
+    assert sum(1 for x in doc["lines"] if x["differences"]) == 7
+
+
+async def test_reconcile_of_an_unknown_customer_is_an_error(biller: Biller, pool: Any, stack: Any) -> None:
+    # Given a billed customer
+    await subscribed(pool, stack, "c1")
+    await bill_hour(biller, ["c1"])
+    # When a customer that does not exist is reconciled
+    result = await run_cli_async(*reconcile_args(), "--customer", "nobody")
+    # Then it is a usage error naming it, not "clean: 0 of 0"
+    assert result.exit_code == 2
+    assert "no customer 'nobody' in the customers table" in result.output
+    assert "clean" not in result.output
+
+
 async def test_reconcile_reports_a_changed_ledger_quantity_as_unexplained(
     biller: Biller, pool: Any, stack: Any
 ) -> None:

@@ -65,7 +65,8 @@ def test_the_readme_local_section_runs_as_written(tmp_path: Path) -> None:
         if command.startswith("billing"):
             assert f"+ {command.split()[0]} {command.split()[1]}" in proc.stderr, command
     seeded = int(re.search(r"billing seed --customers (\d+)", block).group(1))  # type: ignore[union-attr]
-    assert f"customers: {seeded} billable, {seeded} billed, 0 unbilled" in proc.stdout
+    assert f"customers: {seeded} billable, {seeded} billed, 0 finished not billed" in proc.stdout
+    assert "(a record rejected or expired), 0 unfinished" in proc.stdout
     assert "local stack" in proc.stdout + proc.stderr and "stopped" in proc.stdout
     assert not (tmp_path / "state" / "state.json").exists()
 

@@ -189,3 +189,14 @@ def test_a_report_folder_that_does_not_exist_fails_before_any_work(
 def test_an_unknown_option_is_one_line_and_exit_2() -> None:
     proc = billing("seed", "--no-such-option", env=_clean_env())
     assert_one_error(proc, 2, "--no-such-option", "billing seed --help")
+
+
+@pytest.mark.parametrize("dsn", ["localhost:5432/billing", "postgresql://u:p@127.0.0.1:notaport/db"])
+async def test_the_pool_calls_a_dsn_that_is_not_one_a_configuration_error(dsn: str) -> None:
+    # a Lambda cold start with such a DSN must fail as misconfigured, not as a database that may come back
+    from billing.adapters.postgres import create_pool
+    from billing.domain.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="not a PostgreSQL DSN") as raised:
+        await create_pool(dsn, 1)
+    assert "u:p@" not in str(raised.value)

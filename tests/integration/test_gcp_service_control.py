@@ -450,3 +450,16 @@ async def test_customer_without_a_usage_reporting_id_is_a_permanent_error(client
         await client.submit(
             Customer(**{**CUSTOMER.__dict__, "gcp_usage_reporting_id": None}), PERIOD, [entry()]
         )
+
+
+@pytest.mark.parametrize("method", ["check", "report"])
+async def test_permission_denied_is_a_refusal_recorded_not_retried(client, emulator, method):
+    # Given Google answering 403 PERMISSION_DENIED to every call of one method: the caller lacks the
+    # permission (google.rpc.Code; cloud.google.com/service-usage/docs/troubleshooting), which retrying
+    # cannot change (AIP-194 retries only UNAVAILABLE)
+    emulator.fail_next(method, *[403] * 20)
+    # When the hour is submitted
+    (result,) = await client.submit(CUSTOMER, PERIOD, [entry()])
+    # Then it is REJECTED with Google's reason (not FAILED, which SQS would retry into the dead-letter queue)
+    assert result.state is LedgerState.REJECTED and "PERMISSION_DENIED" in (result.reason or "")
+    assert len(emulator.calls(method)) == 1

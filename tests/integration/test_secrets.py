@@ -318,7 +318,7 @@ async def test_a_rotated_google_key_is_read_again_when_the_old_one_is_refused(
     assert secrets.reads == [arn, arn]
 
 
-async def test_a_google_401_that_persists_after_one_reading_of_the_secret_fails_the_hour(
+async def test_a_google_401_that_persists_after_one_reading_of_the_secret_rejects_the_hour(
     secrets: Secrets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with google(secrets, monkeypatch) as (emulator, _, arn):
@@ -334,9 +334,9 @@ async def test_a_google_401_that_persists_after_one_reading_of_the_secret_fails_
             )
         finally:
             await runtime.close()
-    # Then the hour FAILED (nothing was taken, SQS tries again later), and the unchanged secret was read
-    # again once, not once per attempt
-    assert result.state is LedgerState.FAILED and "401" in (result.reason or "")
+    # Then the hour is REJECTED with Google's answer (nothing was taken, and retrying cannot change it: SQS
+    # would only retry it into the dead-letter queue), and the unchanged secret was read again once
+    assert result.state is LedgerState.REJECTED and "401" in (result.reason or "")
     assert secrets.reads == [arn, arn]
 
 

@@ -304,7 +304,12 @@ class AzureMeteringClient:
             }  # fmt: skip
         reason = f"batchUsageEvent: {_http_reason(status, body)}"
         if status in (401, 403):
-            return every(LedgerState.FAILED, reason)  # still refused after a fresh token: nothing was taken
+            # Still refused after a fresh token and one reading of the client secret: the token is wrong for
+            # this API or the offer was published with another Entra app id (Microsoft: 403 "The
+            # authorization token isn't provided, is invalid or expired"; ResourceNotAuthorized). Nothing was
+            # taken, and retrying cannot change it: recorded as a refusal with Microsoft's reason, not FAILED
+            # and retried into the dead-letter queue
+            return every(LedgerState.REJECTED, reason)
         if status == 429:
             # Too Many Requests: not processed; the same request may be sent after Retry-After
             wait = retry_after_seconds(headers.get("retry-after"))

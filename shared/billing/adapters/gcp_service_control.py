@@ -380,7 +380,9 @@ class GcpServiceControlClient:
                         verdict = _Verdict((_http_reason(status, body),), self._monotonic())
                         self._verdicts[key] = verdict
                         return verdict
-                    return failure  # 401/403 after a refresh: our credentials, not the customer
+                    # 401/403 after a refresh and a reading of the credentials: a refusal that retrying
+                    # cannot change (see _report_once); not cached, so fixed credentials count at once
+                    return _Verdict((_http_reason(status, body),), self._monotonic())
         except _RetryError:
             pass
         if cached is not None and self._monotonic() - cached.at < CHECK_STALE:
@@ -426,7 +428,13 @@ class GcpServiceControlClient:
             }
         reason = f"services.report: {_http_reason(status, body)}"
         if status in (401, 403):
-            return every(LedgerState.FAILED, reason)  # our credentials were refused: nothing was processed
+            # Still refused after a fresh token (401) and one reading of the credentials. UNAUTHENTICATED /
+            # PERMISSION_DENIED refuse the call before it runs ("the caller does not have permission to
+            # execute the specified operation", google.rpc.Code), "the caller doesn't have the right IAM
+            # permission" (cloud.google.com/service-usage/docs/troubleshooting), and AIP-194 retries only
+            # UNAVAILABLE. Recorded as a refusal with Google's reason, not FAILED: SQS would only retry it
+            # into the dead-letter queue
+            return every(LedgerState.REJECTED, reason)
         if status == 429:
             # RESOURCE_EXHAUSTED: the project's quota. A failed RPC is non-deterministic (ReportResponse),
             # so the records stay SUBMITTED; retried after Retry-After, if Google sends one

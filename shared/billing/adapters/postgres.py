@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import asyncpg
 
 from billing.adapters.postgres_tls import DatabaseTls
-from billing.domain.errors import ConcurrentDecisionError, TransientError
+from billing.domain.errors import ConcurrentDecisionError, ConfigurationError, TransientError
 from billing.domain.model import (
     REFUSED_STATES,
     UNFINISHED_STATES,
@@ -167,8 +167,14 @@ async def create_pool(dsns: DsnSource | str, max_size: int, tls: DatabaseTls | N
             server_settings={"timezone": "UTC", "application_name": "marketplace-billing"},
             command_timeout=30,
         )
-    except TRANSIENT_DB_ERRORS as exc:
+    except asyncpg.exceptions.ClientConfigurationError as exc:
+        # a DSN that is not one (an InterfaceError, which the next clause would call transient)
+        raise ConfigurationError(f"the database DSN is not a PostgreSQL DSN: {exc}") from None
+    except TRANSIENT_DB_ERRORS as exc:  # before ValueError: a TLS verification error is both
         raise TransientError(f"database unavailable: {type(exc).__name__}") from exc
+    except ValueError as exc:
+        # asyncpg's parser raises a plain ValueError for a port that is not a number
+        raise ConfigurationError(f"the database DSN is not a PostgreSQL DSN: {exc}") from None
     return pool
 
 

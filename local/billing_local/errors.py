@@ -1,0 +1,183 @@
+"""Expected failures of the `billing` command line as one or two lines a person can act on.
+
+`main` runs the typer app; an exception that `explain` recognises (settings missing, a database that is
+unreachable, refuses the login or is not migrated, a missing queue, no AWS credentials) is printed as
+its explanation on stderr and ends the process with exit 1 (runtime) or 2 (configuration / usage),
+without a traceback. `--debug` (or `BILLING_DEBUG=1`) keeps the traceback. Anything not recognised is a
+bug and still gets its traceback. The explanations look through the exception's causes and through
+exception groups (asyncio task groups wrap the failure of one task).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+USAGE = 2
+RUNTIME = 1
+
+
+@dataclass(frozen=True)
+class Explanation:
+    message: str
+    exit_code: int
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, its causes and contexts, and the members of every exception group among them."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(reversed(current.exceptions))
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                stack.append(linked)
+
+
+def _database_place() -> str:
+    """host:port (or the socket directory) of DATABASE_URL, never its password."""
+    dsn = os.environ.get("DATABASE_URL", "")
+    if not dsn:
+        return "the configured database"
+    try:
+        parts = urlsplit(dsn)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "the configured database"
+    if not host:
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        host = query.get("host", "localhost")
+        port = int(query["port"]) if query.get("port", "").isdigit() else port
+    return f"{host}:{port or 5432}"
+
+
+def _database_name() -> tuple[str, str]:
+    try:
+        parts = urlsplit(os.environ.get("DATABASE_URL", ""))
+        return (parts.path.lstrip("/") or "?", parts.username or "?")
+    except ValueError:
+        return ("?", "?")
+
+
+def explain(exc: BaseException) -> Explanation | None:
+    """What went wrong and what to do, for a failure a person can fix; None for a bug."""
+    for each in _chain(exc):
+        found = _explain_one(each)
+        if found is not None:
+            return found
+    return None
+
+
+def _explain_one(exc: BaseException) -> Explanation | None:
+    import asyncpg
+    import botocore.exceptions
+
+    from billing.domain.errors import ConfigurationError
+
+    if isinstance(exc, ConfigurationError):
+        return Explanation(f"configuration error: {exc}", USAGE)
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        return Explanation(
+            f"configuration error: DATABASE_URL is not a PostgreSQL DSN ({exc}); "
+            "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE",
+            USAGE,
+        )
+    db, user = _database_name()
+    place = _database_place()
+    if isinstance(exc, asyncpg.exceptions.InvalidPasswordError):
+        return Explanation(
+            f"the database at {place} refused the password of role {user!r}: fix DATABASE_URL's password",
+            RUNTIME,
+        )
+    if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError):
+        return Explanation(
+            f"database {db!r} does not exist at {place}: create it or fix DATABASE_URL's database name",
+            RUNTIME,
+        )
+    if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):
+        return Explanation(
+            f"the database at {place} refused role {user!r} ({exc}): fix DATABASE_URL's user", RUNTIME
+        )
+    if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
+        return Explanation(
+            f"the database at {place} is not migrated ({exc}): run `billing db migrate`", RUNTIME
+        )
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return Explanation(
+            "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); "
+            'for the local stack: eval "$(billing local env)"',
+            RUNTIME,
+        )
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}:
+            return Explanation(
+                f"the queue does not exist ({exc.response.get('Error', {}).get('Message', code)}): "
+                "check BILLING_QUEUE_URL / BILLING_<MARKETPLACE>_QUEUE_URL",
+                RUNTIME,
+            )
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return Explanation(f"{exc}: check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_SQS", RUNTIME)
+    if isinstance(exc, ConnectionRefusedError | TimeoutError) or (
+        isinstance(exc, OSError) and exc.errno is None and "connect" in str(exc).lower()
+    ):
+        return Explanation(
+            f"database unreachable at {place} ({type(exc).__name__}): is PostgreSQL running there? "
+            "(check DATABASE_URL)",
+            RUNTIME,
+        )
+    return None
+
+
+def debugging(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("BILLING_DEBUG", "").lower() in {"1", "true", "yes"}
+
+
+def run(app: Callable[..., object], argv: list[str] | None = None) -> None:
+    """Run the app; an expected failure becomes its explanation and exit code (a traceback with --debug)."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = debugging(args)
+    if "--debug" in args:
+        # a global flag wherever it is written: typer's own parser never sees it
+        sys.argv[1:] = [a for a in args if a != "--debug"]
+    # typer (0.22+) carries its own copy of click; its exception classes are those the app raises
+    import typer
+    from typer._click import exceptions as click_errors
+
+    try:
+        # click's standalone mode would print a usage error as a framed box of five lines or more; here
+        # it is one line, with where to look next
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        raise SystemExit(exc.exit_code) from None  # typer has printed the help already
+    except click_errors.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "billing"
+        sys.stderr.write(f"error: {exc.format_message()}\n(see `{where} --help`)\n")
+        raise SystemExit(USAGE) from None
+    except click_errors.ClickException as exc:
+        sys.stderr.write(f"error: {exc.format_message()}\n")
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        raise SystemExit(1) from None
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        found = explain(exc)
+        if found is None or debug:
+            raise
+        sys.stderr.write(f"error: {found.message}\n")
+        raise SystemExit(found.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -1,0 +1,53 @@
+"""Each command's `--help` ends with the environment variables it reads (README "Configuration").
+
+Applied once to the app's registered commands (`document_environment`), so a command keeps its own help
+text and no command has to repeat the list; commands not listed here are left alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import typer
+
+_DATABASE = "DATABASE_URL (or BILLING_DATABASE_SECRET_ARN; BILLING_DB_TLS_VERIFY, BILLING_DB_CA_BUNDLE)"
+_AWS = "AWS credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE), AWS_DEFAULT_REGION"
+_QUEUES = (
+    "BILLING_QUEUE_URL or each lane's BILLING_AWS_QUEUE_URL, BILLING_GCP_QUEUE_URL, BILLING_AZURE_QUEUE_URL"
+)
+_MARKETPLACES = (
+    "AWS_ENDPOINT_URL_MARKETPLACE_METERING; BILLING_GCP_SERVICE_CONTROL_URL and "
+    "GOOGLE_APPLICATION_CREDENTIALS (or BILLING_GCP_ACCESS_TOKEN); BILLING_AZURE_METERING_URL and "
+    "AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, "
+    "AZURE_TENANT_ID (or BILLING_AZURE_ACCESS_TOKEN)"
+)
+
+ENVIRONMENT: dict[str, str] = {
+    "db migrate": _DATABASE,
+    "seed": _DATABASE,
+    "run": f"{_DATABASE}; {_QUEUES}; {_AWS}, AWS_ENDPOINT_URL_SQS; {_MARKETPLACES}",
+    "demo": "none: it starts its own embedded stack (DATABASE_URL, if set, is used for PostgreSQL)",
+    "status": f"{_DATABASE}; the lanes' BILLING_<MARKETPLACE>_QUOTA_PER_SECOND",
+    "reconcile": f"{_DATABASE}; BILLING_USAGE_SOURCE (and BILLING_ES_URL, BILLING_ES_API_KEY)",
+    "redrive": (
+        f"{_AWS}, AWS_ENDPOINT_URL_SQS; BILLING_<LANE>_DLQ_URL and BILLING_<LANE>_QUEUE_URL with --lane"
+    ),
+    "invoke": "the function's Environment in template.yaml, --env-vars; none needed for the sample events",
+    "timeline": "none",
+}
+
+
+def _epilog(names: str) -> str:
+    return f"Environment: {names}. Add --debug for a traceback on failure."
+
+
+def document_environment(app: typer.Typer, prefix: str = "") -> None:
+    """Give every command listed in ENVIRONMENT an epilog naming its variables (and its sub-apps')."""
+    for command in app.registered_commands:
+        name = f"{prefix}{command.name or ''}"
+        if name in ENVIRONMENT and command.epilog is None:
+            command.epilog = _epilog(ENVIRONMENT[name])
+    for group in app.registered_groups:
+        if group.typer_instance is not None and group.name:
+            document_environment(group.typer_instance, f"{prefix}{group.name} ")

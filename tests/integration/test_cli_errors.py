@@ -1,0 +1,202 @@
+"""Every expected failure of the `billing` command line is one or two lines on stderr, with an exit code.
+
+Each test runs the installed `billing` entry point in a subprocess against a real failure: no settings,
+a closed port, a real PostgreSQL refusing a password, a role or a database, an unmigrated database,
+moto's SQS without the queue, no AWS credentials, a DSN that is not one, an hour not yet ended, a
+report folder that does not exist. Exit 2 is a usage or configuration error, exit 1 a runtime one;
+no traceback unless `--debug`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from tests.tls_postgres import server_binaries
+
+from billing.domain.model import hour_floor
+from billing_local.stack import aws_env
+
+if TYPE_CHECKING:
+    from tests.conftest import Queues
+
+BILLING = str(Path(sys.executable).parent / "billing")
+HOUR = "2026-11-26T13:00:00Z"
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any billing, database or AWS settings of the caller's."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BILLING_", "AWS_", "DATABASE_", "ELASTIC_APM", "POWERTOOLS_"))
+    }
+    # no credentials from files or the instance metadata service either
+    env |= {
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
+        "AWS_CONFIG_FILE": "/nonexistent/config",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "COLUMNS": "200",
+    }
+    return env | extra
+
+
+def billing(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([BILLING, *args], env=env, capture_output=True, text=True, timeout=180, check=False)
+
+
+def assert_one_error(proc: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
+    """Exit ``code``, no traceback, one or two lines on stderr starting "error:" that say ``fragments``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert 1 <= len(lines) <= 2, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def _database(dsn: str, name: str, user: str | None = None) -> str:
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if user is not None:
+        netloc = f"{user}@{netloc.rsplit('@', 1)[-1]}"
+    return urlunsplit(parts._replace(path=f"/{name}", netloc=netloc))
+
+
+def test_settings_missing_names_the_variable() -> None:
+    proc = billing("seed", "--customers", "1", env=_clean_env())
+    assert_one_error(proc, 2, "DATABASE_URL")
+
+
+def test_debug_keeps_the_traceback() -> None:
+    proc = billing("--debug", "seed", "--customers", "1", env=_clean_env())
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConfigurationError" in proc.stderr
+
+
+def test_database_unreachable_names_host_and_port() -> None:
+    # port 1 on loopback: nothing listens there, the connection is refused at once
+    proc = billing("seed", "--customers", "1", env=_clean_env(DATABASE_URL="postgresql://u:p@127.0.0.1:1/db"))
+    assert_one_error(proc, 1, "unreachable", "127.0.0.1:1")
+
+
+def test_a_dsn_that_is_not_a_dsn_is_a_configuration_error() -> None:
+    proc = billing("seed", "--customers", "1", env=_clean_env(DATABASE_URL="localhost:5432/billing"))
+    assert_one_error(proc, 2, "configuration error", "not a PostgreSQL DSN")
+
+
+def test_a_database_that_does_not_exist(postgres_server: str) -> None:
+    dsn = _database(postgres_server, f"missing_{uuid.uuid4().hex[:8]}")
+    proc = billing("seed", "--customers", "1", env=_clean_env(DATABASE_URL=dsn))
+    assert_one_error(proc, 1, "does not exist", "DATABASE_URL")
+
+
+def test_a_role_that_does_not_exist(postgres_server: str) -> None:
+    dsn = _database(postgres_server, "postgres", user="nobody_here")
+    proc = billing("seed", "--customers", "1", env=_clean_env(DATABASE_URL=dsn))
+    assert_one_error(proc, 1, "'nobody_here'", "DATABASE_URL's user")
+
+
+@pytest.mark.skipif(server_binaries() is None, reason="Debian's PostgreSQL server (make postgres-server)")
+def test_a_wrong_password() -> None:
+    # the embedded server trusts every login; Debian's server checks scram passwords on its socket
+    from tests.tls_postgres import CertificateAuthority, tls_postgres
+
+    ca = CertificateAuthority.create("test CA")
+    cert, key = ca.server_certificate(["localhost"])
+    with tls_postgres(cert, key) as server:
+
+        async def create_role() -> None:
+            conn = await asyncpg.connect(server.admin_dsn())
+            try:
+                await conn.execute("CREATE ROLE billing LOGIN PASSWORD 'right-password'")
+            finally:
+                await conn.close()
+
+        asyncio.run(create_role())
+        dsn = f"postgresql://billing:wrong-password@/postgres?host={server.socket_dir}&port={server.port}"
+        proc = billing("seed", "--customers", "1", env=_clean_env(DATABASE_URL=dsn))
+    stderr = assert_one_error(proc, 1, "refused the password", "'billing'", str(server.port))
+    assert "wrong-password" not in stderr
+
+
+def test_an_unmigrated_database_says_run_db_migrate(postgres_server: str) -> None:
+    name = f"bare_{uuid.uuid4().hex[:8]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_server)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    try:
+        proc = billing(
+            "seed", "--customers", "1", env=_clean_env(DATABASE_URL=_database(postgres_server, name))
+        )
+    finally:
+        asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
+    assert_one_error(proc, 1, "not migrated", "billing db migrate")
+
+
+def test_a_queue_that_does_not_exist(database_url: str, moto_url: str) -> None:
+    missing = f"{moto_url}/123456789012/no-such-queue-{uuid.uuid4().hex[:8]}"
+    env = _clean_env(**aws_env(moto_url), DATABASE_URL=database_url, BILLING_QUEUE_URL=missing)
+    proc = billing("run", "--period", HOUR, "--concurrency", "1", env=env)
+    assert_one_error(proc, 1, "queue does not exist", "BILLING_QUEUE_URL")
+
+
+def test_no_aws_credentials(database_url: str, moto_url: str, queues: Queues) -> None:
+    env = _clean_env(
+        AWS_ENDPOINT_URL_SQS=moto_url,
+        AWS_DEFAULT_REGION="us-east-1",
+        DATABASE_URL=database_url,
+        BILLING_QUEUE_URL=queues.url,
+    )
+    proc = billing("run", "--period", HOUR, "--concurrency", "1", env=env)
+    assert_one_error(proc, 1, "no AWS credentials", "AWS_ACCESS_KEY_ID")
+
+
+@pytest.mark.parametrize("hours_ahead", [1, 24 * 365])
+def test_an_hour_not_yet_ended_is_a_usage_error(hours_ahead: int) -> None:
+    # the next hour (or one a year away) cannot have ended by the time the command reads its clock
+    hour = hour_floor(datetime.now(UTC)) + timedelta(hours=hours_ahead)
+    proc = billing("run", "--period", hour.strftime("%Y-%m-%dT%H:%M:%SZ"), env=_clean_env())
+    assert_one_error(proc, 2, "has not ended yet", "--period")
+
+
+@pytest.mark.parametrize("command", [["run", "--period", HOUR], ["demo"]])
+def test_a_report_folder_that_does_not_exist_fails_before_any_work(
+    command: list[str], tmp_path: Path
+) -> None:
+    # no database is configured: had the command started work, it would fail on that (or start a stack)
+    proc = billing(*command, "--report", str(tmp_path / "no-such-folder" / "r.json"), env=_clean_env())
+    assert_one_error(proc, 2, "--report", "no-such-folder", "does not exist")
+
+
+def test_an_unknown_option_is_one_line_and_exit_2() -> None:
+    proc = billing("seed", "--no-such-option", env=_clean_env())
+    assert_one_error(proc, 2, "--no-such-option", "billing seed --help")
+
+
+@pytest.mark.parametrize("dsn", ["localhost:5432/billing", "postgresql://u:p@127.0.0.1:notaport/db"])
+async def test_the_pool_calls_a_dsn_that_is_not_one_a_configuration_error(dsn: str) -> None:
+    # a Lambda cold start with such a DSN must fail as misconfigured, not as a database that may come back
+    from billing.adapters.postgres import create_pool
+    from billing.domain.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="not a PostgreSQL DSN") as raised:
+        await create_pool(dsn, 1)
+    assert "u:p@" not in str(raised.value)

@@ -124,6 +124,7 @@ class Customer:
     aws_customer_identifier: str | None = None
     aws_account_id: str | None = None
     aws_product_code: str | None = None
+    aws_license_arn: str | None = None  # 2026 listings: with aws_account_id, and no product code
     # GCP
     gcp_usage_reporting_id: str | None = None
     gcp_service_name: str | None = None
@@ -212,6 +213,7 @@ class BillOutcome:
     entries: list[LedgerEntry] = field(default_factory=list)
     marketplace_calls: int = 0
     already_billed: bool = False
+    stale_final_bill: bool = False  # a final bill whose end instant the database no longer records
 
     def count(self, state: LedgerState) -> int:
         return sum(1 for e in self.entries if e.state is state)

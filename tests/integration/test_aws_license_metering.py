@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from billing.adapters import aws_subscriptions
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.domain.model import Customer, CustomerStatus, LedgerEntry, LedgerState, Marketplace
+from billing.domain.subscriptions import EventSource, LifecycleKind, billable_during, fold
 from billing.ports import MarketplaceClient
+from billing_local.emulators.aws_events import registration_request
 from testkit import HOUR, PRODUCT, within_window
 
 ACCOUNT = "845735284135"
@@ -182,3 +185,63 @@ async def test_resolve_customer_through_the_real_client(runtime: Runtime, stack:
         with pytest.raises(ClientError) as refused:
             await client.resolve_customer(RegistrationToken=bad)
         assert refused.value.response["Error"]["Code"] == code
+
+
+# -- registration: the fulfillment URL POST -> ResolveCustomer -> a REGISTRATION LifecycleEvent ---------
+
+
+async def test_a_license_registration_links_the_license_subject_to_the_sellers_tenant(
+    runtime: Runtime, stack: Any
+) -> None:
+    client = await runtime.aws_client("meteringmarketplace", retries={"total_max_attempts": 1})
+    token = stack.metering.issue_token(PRODUCT, ACCOUNT, license_arn=LICENSE_A)
+    form = aws_subscriptions.registration_form(registration_request(token, "tenant-0001"))
+    event = await aws_subscriptions.register(form, client, HOUR.start)
+    assert event.key == aws_subscriptions.license_subject(LICENSE_A)
+    assert (event.kind, event.tenant_id, event.effective_at) == (
+        LifecycleKind.ACTIVE,
+        "tenant-0001",
+        HOUR.start,
+    )
+    assert event.source is EventSource.AWS_REGISTRATION
+    assert (event.identity.aws_account_id, event.identity.aws_license_arn) == (ACCOUNT, LICENSE_A)
+    assert event.identity.aws_customer_identifier is None
+    # the subject, once registered, meters by the license the registration gave
+    state = fold(event.key, [event])
+    assert billable_during(state, HOUR)
+
+
+async def test_a_legacy_registration_without_a_tenant_gets_a_derived_one(
+    runtime: Runtime, stack: Any
+) -> None:
+    client = await runtime.aws_client("meteringmarketplace", retries={"total_max_attempts": 1})
+    token = stack.metering.issue_token(PRODUCT, ACCOUNT, customer_identifier="X01EXAMPLEX")
+    event = await aws_subscriptions.register(
+        aws_subscriptions.registration_form(registration_request(token)), client, HOUR.start
+    )
+    assert event.key == aws_subscriptions.legacy_subject("X01EXAMPLEX", PRODUCT)
+    assert event.tenant_id == "aws-X01EXAMPLEX"
+    assert (event.identity.aws_customer_identifier, event.identity.aws_product_code) == (
+        "X01EXAMPLEX",
+        PRODUCT,
+    )
+
+
+async def test_a_forged_or_reused_registration_token_is_refused(runtime: Runtime, stack: Any) -> None:
+    client = await runtime.aws_client("meteringmarketplace", retries={"total_max_attempts": 1})
+    token = stack.metering.issue_token(PRODUCT, ACCOUNT, license_arn=LICENSE_A)
+    await aws_subscriptions.register(aws_subscriptions.RegistrationForm(token, None), client, HOUR.start)
+    for bad in (token, "forged-token"):
+        with pytest.raises(aws_subscriptions.RegistrationRefusedError) as refused:
+            await aws_subscriptions.register(
+                aws_subscriptions.RegistrationForm(bad, "t1"), client, HOUR.start
+            )
+        assert refused.value.status == 401
+
+
+async def test_resolve_customer_failing_is_unavailable_not_refused(runtime: Runtime, stack: Any) -> None:
+    client = await runtime.aws_client("meteringmarketplace", retries={"total_max_attempts": 1})
+    token = stack.metering.issue_token(PRODUCT, ACCOUNT, license_arn=LICENSE_A)
+    stack.metering.faults.append("throttle")
+    with pytest.raises(aws_subscriptions.RegistrationUnavailableError):
+        await aws_subscriptions.register(aws_subscriptions.RegistrationForm(token, "t1"), client, HOUR.start)

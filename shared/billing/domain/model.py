@@ -124,7 +124,9 @@ class Customer:
     aws_customer_identifier: str | None = None
     aws_account_id: str | None = None
     aws_product_code: str | None = None
-    aws_license_arn: str | None = None  # 2026 listings: with aws_account_id, and no product code
+    # since June 2026 (AWS "Concurrent Agreements"): one subject per license, metered by LicenseArn
+    # with aws_account_id and no product code; see billing.adapters.aws_metering.identity
+    aws_license_arn: str | None = None
     # GCP
     gcp_usage_reporting_id: str | None = None
     gcp_service_name: str | None = None

@@ -80,3 +80,7 @@ CREATE TABLE IF NOT EXISTS subscription_state (
     PRIMARY KEY (marketplace, subject_id)
 );
 CREATE INDEX IF NOT EXISTS subscription_state_billable ON subscription_state USING gist (billable);
+
+-- AWS agreement events name only the agreement: its license is found through earlier events
+CREATE INDEX IF NOT EXISTS subscription_events_aws_agreement ON subscription_events ((identity->>'aws_agreement_id'))
+    WHERE marketplace = 'aws';

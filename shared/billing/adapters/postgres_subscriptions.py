@@ -8,6 +8,7 @@ and, once the subject is linked to a tenant and its identity is complete, its cu
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,22 @@ def customer_columns(state: SubscriptionState) -> dict[str, Any] | str:
     return cols
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def default_tenant(state: SubscriptionState) -> str:
+    """The tenant id of a subject no registration linked: stable per subject, in the customer id alphabet.
+    AWS's matches the fulfillment-URL registration's own default (aws_subscriptions.derived_tenant_id)."""
+    ident, key = state.identity, state.key
+    if key.marketplace is Marketplace.AWS and ident.aws_license_arn and ident.aws_account_id:
+        raw = f"aws-{ident.aws_account_id}-{key.subject_id}"
+    elif key.marketplace is Marketplace.AWS and ident.aws_customer_identifier:
+        raw = f"aws-{ident.aws_customer_identifier}"
+    else:
+        raw = f"{key.marketplace.value}-{key.subject_id}"
+    return _UNSAFE.sub("_", raw)[:128]
+
+
 _CUSTOMER_STATUS = {
     SubscriptionStatus.ACTIVE: "active",
     SubscriptionStatus.SUSPENDED: "suspended",
@@ -204,7 +221,7 @@ class PostgresSubscriptionRepository:
                 key.subject_id,
             )
             state = fold(key, [_event_from_row(r) for r in rows])
-            customer_id, problem = await self._link(conn, state, linked)
+            customer_id, problem, drop = await self._link(conn, state, linked)
             await conn.execute(
                 """
                 UPDATE subscription_state
@@ -235,32 +252,49 @@ class PostgresSubscriptionRepository:
                 problem,
                 len(rows),
             )
+            if drop is not None:  # relinked before any bill: the default tenant's row goes
+                await conn.execute("DELETE FROM balances WHERE customer_id = $1", drop)
+                await conn.execute("DELETE FROM customers WHERE id = $1", drop)
         return Recorded(state, appended is not None, customer_id, problem)
 
     async def _link(
         self, conn: asyncpg.Connection, state: SubscriptionState, linked: str | None
-    ) -> tuple[str | None, str | None]:
-        """Write the subject's customers row (its id is the tenant id) when it can be billed."""
-        customer_id = linked or state.tenant_id
-        if customer_id is None:
-            return None, "no tenant id linked yet (registration pending)"
+    ) -> tuple[str | None, str | None, str | None]:
+        """Write the subject's customers row (its id is the tenant id) when it can be billed.
+
+        Returns (customer id, problem, a previous customer id to drop). The tenant is the one a
+        registration named, else :func:`default_tenant`. A registration naming another tenant after the
+        subject was linked to its default moves the link while nothing has been billed yet; after that
+        the link stays (the ledger's rows are the default tenant's) and the conflict is reported.
+        """
+        explicit = state.tenant_id
+        target = linked or explicit or default_tenant(state)
+        problem: str | None = None
+        drop: str | None = None
+        if linked is not None and explicit is not None and explicit != linked:
+            billed = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM ledger WHERE customer_id = $1)", linked
+            )
+            if billed:
+                problem = f"a registration names tenant {explicit}, but {linked} has been billed already"
+            else:
+                target, drop = explicit, linked
         intervals = state.billable_intervals
         if not intervals:
-            return linked, "never active yet"
+            return linked, "never active yet", None
         cols = customer_columns(state)
         if isinstance(cols, str):
-            return linked, cols
-        if linked is None:
+            return linked, cols, None
+        if target != linked:
             owner = await conn.fetchrow(
                 "SELECT c.id, s.marketplace, s.subject_id FROM customers c"
                 " LEFT JOIN subscription_state s ON s.customer_id = c.id WHERE c.id = $1",
-                customer_id,
+                target,
             )
             if owner is not None:
                 other = f"{owner['marketplace']}:{owner['subject_id']}" if owner["subject_id"] else "seeded"
-                return None, f"tenant {customer_id} is already billed as another subject ({other})"
+                return linked, f"tenant {target} is already billed as another subject ({other})", None
         values = {c: cols.get(c) for c in _ALL_IDENTITY_COLUMNS}
-        ends = state.ends_at
         await conn.execute(
             f"""
             INSERT INTO customers (id, marketplace, status, active_from, active_until,
@@ -270,14 +304,14 @@ class PostgresSubscriptionRepository:
                 active_until = excluded.active_until,
                 {", ".join(f"{c} = excluded.{c}" for c in _ALL_IDENTITY_COLUMNS)}
             """,
-            customer_id,
+            target,
             state.key.marketplace.value,
             _CUSTOMER_STATUS[state.status],
             intervals[0][0],
-            ends,
+            state.ends_at,
             *values.values(),
         )
-        return customer_id, None
+        return target, problem, drop
 
     async def subjects(self, marketplace: str | None = None, limit: int = 1000) -> list[SubjectRow]:
         rows = await self._pool.fetch(
@@ -296,6 +330,17 @@ class PostgresSubscriptionRepository:
             ident,
         )
         return _subject(row) if row else None
+
+    async def license_for_agreement(self, agreement_id: str) -> str | None:
+        """The license ARN an AWS agreement's earlier events or registration named (agreement events
+        name only the agreement)."""
+        value = await self._pool.fetchval(
+            "SELECT identity->>'aws_license_arn' FROM subscription_events"
+            " WHERE marketplace = 'aws' AND identity->>'aws_agreement_id' = $1"
+            " AND identity ? 'aws_license_arn' ORDER BY id DESC LIMIT 1",
+            agreement_id,
+        )
+        return str(value) if value is not None else None
 
     async def history(self, marketplace: str, subject_id: str) -> list[HistoryRow]:
         rows = await self._pool.fetch(

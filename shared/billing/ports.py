@@ -169,3 +169,7 @@ class SubscriptionRepository(Protocol):
     async def record(self, event: LifecycleEvent) -> Recorded:
         """Append the event once and apply it, in one transaction."""
         ...
+
+    async def finished_hours(self, customer_id: str, start: datetime, end: datetime) -> set[datetime]:
+        """The hours in [start, end] whose every ledger row for the customer is final."""
+        ...

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from billing.domain.model import Marketplace
+from billing.domain.model import FINAL_STATES, Marketplace
 from billing.domain.subscriptions import (
     EventSource,
     Identity,
@@ -330,6 +330,17 @@ class PostgresSubscriptionRepository:
             ident,
         )
         return _subject(row) if row else None
+
+    async def finished_hours(self, customer_id: str, start: datetime, end: datetime) -> set[datetime]:
+        rows = await self._pool.fetch(
+            "SELECT period FROM ledger WHERE customer_id = $1 AND period BETWEEN $2 AND $3"
+            " GROUP BY period HAVING bool_and(state = ANY($4::text[]))",
+            customer_id,
+            start,
+            end,
+            [s.value for s in FINAL_STATES],
+        )
+        return {r["period"] for r in rows}
 
     async def license_for_agreement(self, agreement_id: str) -> str | None:
         """The license ARN an AWS agreement's earlier events or registration named (agreement events

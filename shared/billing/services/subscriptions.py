@@ -104,6 +104,12 @@ class SubscriptionService:
         if recorded.customer_id is not None:
             messages = final_messages(state, recorded.customer_id, now, self.lookback_hours)
         if messages:
+            # hours billed already need no message (a replayed end, or hours the dispatcher reached)
+            done = await self.repo.finished_hours(
+                recorded.customer_id or "", messages[0].period, messages[-1].period
+            )
+            messages = [m for m in messages if m.period not in done]
+        if messages:
             await self.queue.send(messages)
         deadline = None
         if state.ends_at is not None:

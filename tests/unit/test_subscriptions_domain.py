@@ -183,3 +183,17 @@ def test_applying_an_event_twice_changes_nothing(events: list[LifecycleEvent]) -
     state = fold(KEY, events)
     for event in events:
         assert apply(state, event) == state
+
+
+def test_a_late_registration_links_the_tenant_but_never_revives_an_ended_subscription() -> None:
+    ended = fold(
+        KEY,
+        [
+            ev(LifecycleKind.ACTIVE, eff=timedelta(0)),
+            ev(LifecycleKind.ENDED, eff=timedelta(hours=1)),
+            ev(LifecycleKind.REGISTERED, eff=timedelta(hours=2), tenant_id="tenant-9"),
+        ],
+    )
+    assert ended.tenant_id == "tenant-9"
+    assert ended.status is SubscriptionStatus.ENDED
+    assert not billable_during(ended, hour(2))

@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS subscription_events (
     marketplace   text NOT NULL CHECK (marketplace IN ('aws', 'gcp', 'azure')),
     subject_id    text NOT NULL CHECK (char_length(subject_id) BETWEEN 1 AND 1024),
     event_id      text NOT NULL CHECK (char_length(event_id) BETWEEN 1 AND 512),
-    kind          text NOT NULL CHECK (kind IN ('requested', 'active', 'plan_changed', 'quantity_changed',
+    kind          text NOT NULL CHECK (kind IN ('registered', 'requested', 'active', 'plan_changed', 'quantity_changed',
                                                 'suspended', 'reinstated', 'ending', 'ended')),
     source        text NOT NULL,
     effective_at  timestamptz NOT NULL,

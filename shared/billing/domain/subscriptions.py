@@ -39,6 +39,8 @@ JsonValue = Any
 class LifecycleKind(enum.StrEnum):
     """What an event says happened to a subscription."""
 
+    REGISTERED = "registered"  # a registration: links the subject to a tenant/identity, no status change
+    #                            (a late registration must never revive an ended subscription)
     REQUESTED = "requested"  # asked for, not yet approved/activated (Google creation requested, Azure
     #                          PendingFulfillmentStart): not billable
     ACTIVE = "active"  # subscribed and billable from effective_at
@@ -73,6 +75,7 @@ _STATUS_OF: dict[LifecycleKind, SubscriptionStatus] = {
 # Tie-break between two events with the same ordering: the more final one is taken as the newer, so a
 # subscription never stays billable because two events carried the same timestamp.
 _PRECEDENCE: dict[LifecycleKind, int] = {
+    LifecycleKind.REGISTERED: -1,
     LifecycleKind.REQUESTED: 0,
     LifecycleKind.ACTIVE: 1,
     LifecycleKind.REINSTATED: 2,

@@ -261,3 +261,23 @@ async def test_resolve_customer_failing_is_unavailable_not_refused(runtime: Runt
     stack.metering.faults.append("throttle")
     with pytest.raises(aws_subscriptions.RegistrationUnavailableError):
         await aws_subscriptions.register(aws_subscriptions.RegistrationForm(token, "t1"), client, HOUR.start)
+
+
+async def test_a_legacy_customers_final_hour_is_accepted_within_the_hour_after_unsubscribe_pending(
+    aws: MarketplaceClient, stack: Any
+) -> None:
+    # unsubscribe-pending at 13:40: the partial hour 13:00 is billable until 14:40, the hour 14:00 never
+    stack.metering.subscribe(PRODUCT, "X01EXAMPLEX")
+    stack.metering.unsubscribe(PRODUCT, "X01EXAMPLEX", HOUR.start + timedelta(minutes=40))
+    legacy = customer("leaving", aws_customer_identifier="X01EXAMPLEX", aws_product_code=PRODUCT)
+    stack.metering.clock = lambda: HOUR.start + timedelta(minutes=45)
+    final = await aws.submit(legacy, HOUR, entries("leaving", CapacityGbHours=1))
+    stack.metering.clock = lambda: HOUR.start + timedelta(minutes=70)
+    later = await aws.submit(legacy, HOUR.shifted(1), entries("leaving", CapacityGbHours=1))
+    stack.metering.clock = lambda: HOUR.start + timedelta(minutes=101)
+    too_late = await aws.submit(legacy, HOUR, entries("leaving", DataTransferGb=1))
+    assert [r.state for r in final + later + too_late] == [
+        LedgerState.ACCEPTED,
+        LedgerState.REJECTED,
+        LedgerState.REJECTED,
+    ]

@@ -9,6 +9,8 @@ the documented behaviour (see billing.adapters.azure_metering for the sources).
   24 hours before the clock), ``ResourceNotFound``, ``ResourceNotAuthorized``, ``ResourceNotActive``,
   ``InvalidDimension``, ``InvalidQuantity`` (<= 0), ``BadArgument``, and ``Error`` when injected. The single
   event API answers a duplicate with 409 Conflict and the same ``additionalInfo``.
+- The SaaS fulfillment API and the webhook signer's JWK Set when ``fulfillment``/``webhook_signer`` are set
+  (billing_local.emulators.azure_fulfillment).
 - ``POST /{tenant}/oauth2/v2.0/token`` (client credentials, scope ``<marketplace resource>/.default``, what
   azure-identity sends) and the v1 ``POST /{tenant}/oauth2/token`` (``resource=…``, what Microsoft's
   marketplace pages show). azure-identity accepts only an https authority, so this app is served over TLS by
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from billing_local.emulators.azure_fulfillment import Fulfillment, WebhookSigner, add_jwks_route, add_routes
 from billing_local.emulators.server import BackgroundServer
 
 if TYPE_CHECKING:
@@ -114,6 +117,10 @@ class AzureEmulator:
     exchanges: list[Exchange] = field(default_factory=list)
     token_requests: int = 0
     fixed_tokens: set[str] = field(default_factory=set)
+    # the SaaS fulfillment API (same host and tokens as metering) and the key the webhook sender signs with
+    # (its JWK Set at /{tenant}/discovery/v2.0/keys)
+    fulfillment: Fulfillment | None = None
+    webhook_signer: WebhookSigner | None = None
     _tokens: dict[str, float] = field(default_factory=dict)
     _http_faults: deque[int] = field(default_factory=deque)
     _item_faults: dict[str, deque[str]] = field(default_factory=dict)
@@ -249,6 +256,10 @@ def create_app(emulator: AzureEmulator) -> web.Application:
     app = web.Application()
     app.router.add_post("/api/batchUsageEvent", batch)
     app.router.add_post("/api/usageEvent", single)
+    if emulator.fulfillment is not None:
+        add_routes(app, emulator.fulfillment, emulator._authorized)
+    if emulator.webhook_signer is not None:
+        add_jwks_route(app, emulator.webhook_signer)
     return app
 
 

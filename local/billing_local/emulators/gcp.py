@@ -3,6 +3,8 @@ token endpoint, following the documented behaviour (see billing.adapters.gcp_ser
 
 - ``POST /token``: the JWT bearer grant a service-account key file's ``token_uri`` receives. The assertion's
   RS256 signature is verified against the public half of a key made by ``make_service_account_key``.
+- ``/v1/providers/…`` (the Partner Procurement API) when ``procurement`` is set, ``GET /oauth2/v1/certs``
+  (the push signer's certificate) when ``push_signer`` is set: billing_local.emulators.gcp_procurement.
 - ``POST /v1/services/{service}:check`` and ``…:report``: a bearer token from ``/token`` (or a fixed one) is
   required, 401 UNAUTHENTICATED otherwise. A report is validated like Google does (unknown fields, missing
   times, duplicate metric values: 400 INVALID_ARGUMENT for the whole request); each operation is then
@@ -27,6 +29,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+
+from billing_local.emulators.gcp_procurement import Procurement, PushSigner, add_certs_route, add_routes
 
 REPORT_WITHIN = timedelta(hours=1)
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"  # google-auth's ``aud``, whatever the token_uri
@@ -120,6 +124,10 @@ class GcpEmulator:
     exchanges: list[Exchange] = field(default_factory=list)
     token_requests: int = 0
     fixed_tokens: set[str] = field(default_factory=set)
+    # the Partner Procurement API (served beside Service Control, with the same tokens) and the key the
+    # Pub/Sub push sender signs with (its certificate served at /oauth2/v1/certs)
+    procurement: Procurement | None = None
+    push_signer: PushSigner | None = None
     _public_keys: dict[str, Any] = field(default_factory=dict)
     _tokens: dict[str, float] = field(default_factory=dict)
     _http_faults: dict[str, deque[int]] = field(default_factory=dict)
@@ -286,6 +294,10 @@ def create_app(emulator: GcpEmulator) -> web.Application:
     app = web.Application()
     app.router.add_post("/token", token)
     app.router.add_post("/v1/services/{call}", api)
+    if emulator.procurement is not None:
+        add_routes(app, emulator.procurement, emulator._authorized)
+    if emulator.push_signer is not None:
+        add_certs_route(app, emulator.push_signer)
     return app
 
 

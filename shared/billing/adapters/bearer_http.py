@@ -110,6 +110,20 @@ async def post_json(
     """POST ``body`` with a bearer token; on a ``refresh_on`` status the token is refreshed once and the
     call repeated, and if that is refused too (or no token can be had) the credentials are read again once
     (a rotated secret). Raises NotSentError or MaybeSentError when there is no answer."""
+    return await request_json(session, "POST", url, body, tokens, refresh_on)
+
+
+async def request_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: Mapping[str, Any] | None,
+    tokens: TokenSource,
+    refresh_on: Collection[int],
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, Any]:
+    """``post_json`` for any method (GET and PATCH of the marketplaces' subscription APIs); ``body`` None
+    sends no body."""
     refresh = reloaded = False
     while True:
         try:
@@ -120,7 +134,8 @@ async def post_json(
                 continue
             raise NotSentError(f"no access token: {exc}") from exc
         try:
-            async with session.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as response:
+            sent = {**(headers or {}), "Authorization": f"Bearer {token}"}
+            async with session.request(method, url, json=body, headers=sent) as response:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:

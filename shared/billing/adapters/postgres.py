@@ -134,6 +134,7 @@ def _customer(row: Mapping[str, Any]) -> Customer:
         aws_customer_identifier=row["aws_customer_identifier"],
         aws_account_id=row["aws_account_id"],
         aws_product_code=row["aws_product_code"],
+        aws_license_arn=row["aws_license_arn"],
         gcp_usage_reporting_id=row["gcp_usage_reporting_id"],
         gcp_service_name=row["gcp_service_name"],
         azure_resource_id=row["azure_resource_id"],
@@ -378,8 +379,14 @@ class PostgresDispatchRepository:
             rows = await self._pool.fetch(
                 """
                 SELECT c.id FROM customers c
-                 WHERE c.id > $1 AND c.status = 'active'
-                   AND c.active_from < $3 AND (c.active_until IS NULL OR c.active_until > $2)
+                  LEFT JOIN subscription_state s ON s.customer_id = c.id
+                 WHERE c.id > $1
+                   -- a subject the marketplaces manage: billed for an hour it was ACTIVE during (a
+                   -- suspension's hours and every hour after its end are not); a seeded customer without
+                   -- a subscription: its status and active range, as before
+                   AND CASE WHEN s.customer_id IS NOT NULL THEN s.billable && tstzrange($2, $3)
+                            ELSE c.status = 'active' AND c.active_from < $3
+                                 AND (c.active_until IS NULL OR c.active_until > $2) END
                    AND (NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $2)
                         OR EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $2
                                       AND l.state = ANY($5::text[])))

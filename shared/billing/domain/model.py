@@ -215,6 +215,7 @@ class BillOutcome:
     entries: list[LedgerEntry] = field(default_factory=list)
     marketplace_calls: int = 0
     already_billed: bool = False
+    stale_final_bill: bool = False  # a final bill whose end instant the database no longer records
 
     def count(self, state: LedgerState) -> int:
         return sum(1 for e in self.entries if e.state is state)

@@ -126,6 +126,8 @@ class Identity:
     aws_license_arn: str | None = None
     aws_customer_identifier: str | None = None
     aws_product_code: str | None = None
+    # agreement events name only the agreement; license events and ResolveCustomer name both
+    aws_agreement_id: str | None = None
     # Google (usageReportingId is what Service Control takes as consumerId)
     gcp_entitlement_id: str | None = None
     gcp_account_id: str | None = None

@@ -19,9 +19,9 @@ from billing.adapters import aws_subscriptions
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.domain.model import Customer, CustomerStatus, LedgerEntry, LedgerState, Marketplace
-from billing.domain.subscriptions import EventSource, LifecycleKind, billable_during, fold
+from billing.domain.subscriptions import EventSource, billable_during, fold
 from billing.ports import MarketplaceClient
-from billing_local.emulators.aws_events import registration_request
+from billing_local.emulators.aws_events import agreement_event, registration_request
 from testkit import HOUR, PRODUCT, within_window
 
 ACCOUNT = "845735284135"
@@ -198,17 +198,33 @@ async def test_a_license_registration_links_the_license_subject_to_the_sellers_t
     form = aws_subscriptions.registration_form(registration_request(token, "tenant-0001"))
     event = await aws_subscriptions.register(form, client, HOUR.start)
     assert event.key == aws_subscriptions.license_subject(LICENSE_A)
-    assert (event.kind, event.tenant_id, event.effective_at) == (
-        LifecycleKind.ACTIVE,
-        "tenant-0001",
-        HOUR.start,
-    )
+    assert (event.tenant_id, event.effective_at) == ("tenant-0001", HOUR.start)
     assert event.source is EventSource.AWS_REGISTRATION
     assert (event.identity.aws_account_id, event.identity.aws_license_arn) == (ACCOUNT, LICENSE_A)
     assert event.identity.aws_customer_identifier is None
-    # the subject, once registered, meters by the license the registration gave
-    state = fold(event.key, [event])
+    # registering alone bills nothing: AWS's License Updated event is what makes the license billable,
+    # and a registration never revives a license that has been deprovisioned
+    assert not billable_during(fold(event.key, [event]), HOUR)
+    updated, gone = (
+        aws_subscriptions.parse_eventbridge(
+            agreement_event(
+                detail_type,
+                agreement_id="agmt-1",
+                account_id=ACCOUNT,
+                at=HOUR.start - timedelta(minutes=minutes),
+                license_arn=LICENSE_A,
+                product_code=PRODUCT,
+            )
+        )
+        for detail_type, minutes in (
+            ("License Updated - Manufacturer", 2),
+            ("License Deprovisioned - Manufacturer", 1),
+        )
+    )
+    state = fold(event.key, [updated, event])
     assert billable_during(state, HOUR)
+    assert (state.tenant_id, state.identity.aws_license_arn) == ("tenant-0001", LICENSE_A)
+    assert not billable_during(fold(event.key, [updated, gone, event]), HOUR)
 
 
 async def test_a_legacy_registration_without_a_tenant_gets_a_derived_one(
@@ -245,3 +261,23 @@ async def test_resolve_customer_failing_is_unavailable_not_refused(runtime: Runt
     stack.metering.faults.append("throttle")
     with pytest.raises(aws_subscriptions.RegistrationUnavailableError):
         await aws_subscriptions.register(aws_subscriptions.RegistrationForm(token, "t1"), client, HOUR.start)
+
+
+async def test_a_legacy_customers_final_hour_is_accepted_within_the_hour_after_unsubscribe_pending(
+    aws: MarketplaceClient, stack: Any
+) -> None:
+    # unsubscribe-pending at 13:40: the partial hour 13:00 is billable until 14:40, the hour 14:00 never
+    stack.metering.subscribe(PRODUCT, "X01EXAMPLEX")
+    stack.metering.unsubscribe(PRODUCT, "X01EXAMPLEX", HOUR.start + timedelta(minutes=40))
+    legacy = customer("leaving", aws_customer_identifier="X01EXAMPLEX", aws_product_code=PRODUCT)
+    stack.metering.clock = lambda: HOUR.start + timedelta(minutes=45)
+    final = await aws.submit(legacy, HOUR, entries("leaving", CapacityGbHours=1))
+    stack.metering.clock = lambda: HOUR.start + timedelta(minutes=70)
+    later = await aws.submit(legacy, HOUR.shifted(1), entries("leaving", CapacityGbHours=1))
+    stack.metering.clock = lambda: HOUR.start + timedelta(minutes=101)
+    too_late = await aws.submit(legacy, HOUR, entries("leaving", DataTransferGb=1))
+    assert [r.state for r in final + later + too_late] == [
+        LedgerState.ACCEPTED,
+        LedgerState.REJECTED,
+        LedgerState.REJECTED,
+    ]

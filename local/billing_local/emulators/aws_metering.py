@@ -76,6 +76,7 @@ class MeteringState:
     dimensions: dict[str, set[str]] = field(default_factory=dict)  # product code -> dimensions ({} = any)
     records: dict[tuple[str, str, str, datetime], Record] = field(default_factory=dict)
     licenses: dict[str, License] = field(default_factory=dict)
+    unsubscribed: dict[tuple[str, str], datetime] = field(default_factory=dict)  # legacy: pending end
     customer_accounts: dict[str, str] = field(default_factory=dict)  # CustomerIdentifier -> account id
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)  # registration token -> answer
     token_issued: dict[str, datetime] = field(default_factory=dict)
@@ -102,6 +103,13 @@ class MeteringState:
     def subscribe(self, product_code: str, customer: str) -> None:
         with self.lock:
             self.subscriptions.setdefault(product_code, set()).add(customer)
+
+    def unsubscribe(self, product_code: str, customer: str, at: datetime) -> None:
+        """unsubscribe-pending at ``at``: usage up to it is accepted for FINAL_METERING more ("you have
+        one hour to meter any remaining usage", Seller Guide, SaaS subscriptions), then the customer is
+        CustomerNotSubscribed."""
+        with self.lock:
+            self.unsubscribed[(product_code, customer)] = at
 
     def add_license(
         self, product_code: str, account_id: str, license_arn: str, agreement_id: str | None = None
@@ -298,7 +306,11 @@ def _batch_meter_usage(state: MeteringState, body: dict[str, Any], unprocessed: 
         }
         echo["Timestamp"] = raw["Timestamp"]
         with state.lock:
-            if not license_arn and customer not in state.subscriptions[record_product]:
+            ended = state.unsubscribed.get((record_product, customer))
+            if not license_arn and (
+                customer not in state.subscriptions[record_product]
+                or (ended is not None and (timestamp > ended or now > ended + FINAL_METERING))
+            ):
                 results.append({"UsageRecord": echo, "Status": "CustomerNotSubscribed"})
                 continue
             # AWS meters by the hour: records in one hour for the same subject and dimension collide;

@@ -419,9 +419,18 @@ def derived_tenant_id(answer: Mapping[str, Any]) -> str:
     return f"aws-{answer['CustomerIdentifier']}"[:128]
 
 
+# A registration links a subject to a tenant and gives its identity; it does not make the subject
+# billable. AWS: "don't activate the customer's account until you receive subscribe-success" (Seller
+# Guide, "SaaS customer onboarding" / SNS notifications), and for 2026 listings the entitlement is what
+# License Updated - Manufacturer announces. So it must not revive a subject that has ended either (a
+# stale page posting later). The contract's REGISTERED kind when it has one (requested from subs-core),
+# else PLAN_CHANGED with no plan: both leave the status timeline alone and only add tenant and identity.
+REGISTRATION_KIND: LifecycleKind = getattr(LifecycleKind, "REGISTERED", LifecycleKind.PLAN_CHANGED)
+
+
 async def register(form: RegistrationForm, client: Any, now: datetime) -> LifecycleEvent:
     """Resolve the token with ResolveCustomer (``client``: an aiobotocore meteringmarketplace client
-    with the shipped 2026 model) and link the subject to a tenant.
+    with the shipped 2026 model) and link the subject to a tenant (no status change: REGISTRATION_KIND).
 
     InvalidTokenException / ExpiredTokenException (a forged, stale or reused token) ->
     RegistrationRefusedError (401, nothing written); any other failure -> RegistrationUnavailableError.
@@ -458,7 +467,7 @@ async def register(form: RegistrationForm, client: Any, now: datetime) -> Lifecy
     # the registration of a subject to a tenant is one fact: the same link registered again is a replay
     return LifecycleEvent(
         key=key,
-        kind=LifecycleKind.ACTIVE,
+        kind=REGISTRATION_KIND,
         effective_at=now,
         ordering=now,
         event_id=f"aws-registration:{key.subject_id}:{tenant}",

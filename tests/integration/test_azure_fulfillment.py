@@ -312,3 +312,23 @@ async def test_a_fulfillment_api_that_refuses_us_is_503(emulator, signer, sessio
     )
     assert status == 503
     assert [e.kind for e in endpoint.written] == [LifecycleKind.ACTIVE]
+
+
+async def test_visiting_the_landing_page_again_links_the_tenant_but_revives_nothing(
+    emulator, signer, session, endpoint, clock
+):
+    fulfillment = emulator.fulfillment
+    token = fulfillment.purchase("offer-1", "silver", 5)
+    subscription_id = fulfillment.purchase_tokens[token]
+    endpoint.written.append(await endpoint.subscriptions.register(token, tenant_id="tenant-42"))
+    clock.advance(minutes=50)
+    status, _ = await signer.send(session, endpoint.url, fulfillment.notify(subscription_id, "Suspend"))
+    assert status == 200
+    clock.advance(hours=2)
+    again = await endpoint.subscriptions.register(token, tenant_id="tenant-43")
+    endpoint.written.append(again)
+    assert fulfillment.activations == [subscription_id]  # activated once
+    state = fold(SubjectKey(Marketplace.AZURE, subscription_id), endpoint.written)
+    assert state.tenant_id == "tenant-43"
+    assert not billable_during(state, Period(datetime(2026, 11, 26, 16, tzinfo=UTC)))
+    assert {span.plan for span in state.plans} == {"silver"}

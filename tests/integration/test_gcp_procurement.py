@@ -350,3 +350,12 @@ async def test_a_late_notice_starts_billing_and_plans_when_they_started(
     assert plan_at(premium_at - timedelta(seconds=1)) == "standard"
     assert plan_at(enterprise_at - timedelta(seconds=1)) == "premium"
     assert plan_at(enterprise_at) == "enterprise"
+
+
+async def test_the_api_gateway_event_of_a_push_verifies(emulator, signer, endpoint):
+    """The emulator's API Gateway (payload 2.0) form of a push, as the Subscriptions function gets it."""
+    data = emulator.procurement.purchase("ent-1", "acct-1", product="saas.example.com", plan="standard")
+    event = signer.http_api_event(data)
+    assert event["requestContext"]["http"]["path"] == "/gcp/pubsub"
+    events = await endpoint.subscriptions.receive(event["headers"]["authorization"], event["body"])
+    assert [e.kind for e in events] == [LifecycleKind.REQUESTED]

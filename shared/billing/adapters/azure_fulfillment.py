@@ -361,7 +361,9 @@ class AzureSubscriptions:
         return LifecycleEvent(kind=_LINK_ONLY, event_id=f"register:{subscription_id}:{tenant_id}", **common)
 
 
-async def create(stack: contextlib.AsyncExitStack, secret: SecretRead) -> AzureSubscriptions:
+async def create(
+    stack: contextlib.AsyncExitStack, secret: SecretRead, clock: Callable[[], datetime] | None = None
+) -> AzureSubscriptions:
     """Build from the environment: the metering adapter's marketplace credentials (the same resource), the
     webhook's tenant/audience; the HTTP session and credential close with ``stack``."""
     from billing.adapters.azure_metering import (
@@ -385,7 +387,10 @@ async def create(stack: contextlib.AsyncExitStack, secret: SecretRead) -> AzureS
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.answer_within))
     stack.push_async_callback(session.close)
     client = FulfillmentClient(session, tokens, settings.fulfillment_url)
-    return AzureSubscriptions(settings, client, WebhookTokenVerifier(settings))
+    verifier = WebhookTokenVerifier(settings)
+    if clock is None:
+        return AzureSubscriptions(settings, client, verifier)
+    return AzureSubscriptions(settings, client, verifier, clock=clock)
 
 
 def _time(value: Any) -> datetime:

@@ -32,7 +32,7 @@ from billing.adapters.bearer_http import FixedToken
 from billing.domain.model import Marketplace, Period
 from billing.domain.subscriptions import LifecycleKind, SubjectKey, billable_during, fold
 from billing_local.emulators.azure import AzureEmulator, AzureResource, create_app
-from billing_local.emulators.azure_fulfillment import Fulfillment, WebhookSigner
+from billing_local.emulators.azure_fulfillment import Fulfillment, WebhookSigner, landing_page_event
 from billing_local.emulators.server import BackgroundServer
 
 TENANT = "11111111-2222-3333-4444-555555555555"
@@ -312,3 +312,38 @@ async def test_a_fulfillment_api_that_refuses_us_is_503(emulator, signer, sessio
     )
     assert status == 503
     assert [e.kind for e in endpoint.written] == [LifecycleKind.ACTIVE]
+
+
+async def test_visiting_the_landing_page_again_links_the_tenant_but_revives_nothing(
+    emulator, signer, session, endpoint, clock
+):
+    fulfillment = emulator.fulfillment
+    token = fulfillment.purchase("offer-1", "silver", 5)
+    subscription_id = fulfillment.purchase_tokens[token]
+    endpoint.written.append(await endpoint.subscriptions.register(token, tenant_id="tenant-42"))
+    clock.advance(minutes=50)
+    status, _ = await signer.send(session, endpoint.url, fulfillment.notify(subscription_id, "Suspend"))
+    assert status == 200
+    clock.advance(hours=2)
+    again = await endpoint.subscriptions.register(token, tenant_id="tenant-43")
+    endpoint.written.append(again)
+    assert fulfillment.activations == [subscription_id]  # activated once
+    state = fold(SubjectKey(Marketplace.AZURE, subscription_id), endpoint.written)
+    assert state.tenant_id == "tenant-43"
+    assert not billable_during(state, Period(datetime(2026, 11, 26, 16, tzinfo=UTC)))
+    assert {span.plan for span in state.plans} == {"silver"}
+
+
+async def test_the_api_gateway_events_of_the_landing_page_and_webhook_verify(emulator, signer, endpoint):
+    """The emulator's API Gateway (payload 2.0) forms, as the Subscriptions function gets them."""
+    from urllib.parse import parse_qs
+
+    fulfillment = emulator.fulfillment
+    token = fulfillment.purchase("offer-1", "silver", 5)
+    landing = landing_page_event(token, "tenant-42")
+    form = parse_qs(landing["body"])
+    registered = await endpoint.subscriptions.register(form["token"][0], form["tenant_id"][0])
+    assert (registered.kind, registered.tenant_id) == (LifecycleKind.ACTIVE, "tenant-42")
+    webhook = signer.http_api_event(fulfillment.notify(fulfillment.purchase_tokens[token], "Suspend"))
+    events = await endpoint.subscriptions.receive(webhook["headers"]["authorization"], webhook["body"])
+    assert [e.kind for e in events] == [LifecycleKind.SUSPENDED]

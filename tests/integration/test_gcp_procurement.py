@@ -312,3 +312,50 @@ async def test_a_procurement_api_that_refuses_us_is_503_so_pubsub_redelivers(
     status, _ = await signer.push(http, endpoint.url, data)
     assert status == 503
     assert endpoint.written == []
+
+
+async def test_a_late_notice_starts_billing_and_plans_when_they_started(
+    emulator, signer, http, endpoint, clock
+):
+    """Pub/Sub may deliver a notice after the entitlement changed again: the activation and each plan change
+    take effect at their own notice's time (and the plan the notice names), not at the later state's."""
+    procurement = emulator.procurement
+    procurement.purchase("ent-1", "acct-1", product="saas.example.com", plan="standard")
+    status, _ = await signer.push(http, endpoint.url, procurement.published[0])  # approved here
+    assert status == 204
+    activated_at = clock.now
+    clock.advance(minutes=30)
+    procurement.request_plan_change("ent-1", "premium")  # before the ENTITLEMENT_ACTIVE notice arrives
+    sent = await deliver_all(emulator, signer, http, endpoint, 1)
+    active = next(e for e in endpoint.written if e.kind is LifecycleKind.ACTIVE)
+    assert (active.effective_at, active.plan) == (activated_at, "standard")
+
+    clock.advance(hours=1)
+    premium_at = clock.now
+    procurement.effect_plan_change("ent-1")
+    clock.advance(hours=1)
+    procurement.request_plan_change("ent-1", "enterprise")
+    procurement.approvals.clear()
+    await signer.push(http, endpoint.url, procurement.published[-1])  # approved here
+    procurement.effect_plan_change("ent-1")
+    enterprise_at = clock.now
+    await deliver_all(emulator, signer, http, endpoint, sent)
+    changes = [(e.effective_at, e.plan) for e in endpoint.written if e.kind is LifecycleKind.PLAN_CHANGED]
+    assert changes == [(premium_at, "premium"), (enterprise_at, "enterprise")]
+    state = fold(active.key, endpoint.written)
+
+    def plan_at(moment: datetime) -> str | None:
+        return [span.plan for span in state.plans if span.start <= moment][-1]
+
+    assert plan_at(premium_at - timedelta(seconds=1)) == "standard"
+    assert plan_at(enterprise_at - timedelta(seconds=1)) == "premium"
+    assert plan_at(enterprise_at) == "enterprise"
+
+
+async def test_the_api_gateway_event_of_a_push_verifies(emulator, signer, endpoint):
+    """The emulator's API Gateway (payload 2.0) form of a push, as the Subscriptions function gets it."""
+    data = emulator.procurement.purchase("ent-1", "acct-1", product="saas.example.com", plan="standard")
+    event = signer.http_api_event(data)
+    assert event["requestContext"]["http"]["path"] == "/gcp/pubsub"
+    events = await endpoint.subscriptions.receive(event["headers"]["authorization"], event["body"])
+    assert [e.kind for e in events] == [LifecycleKind.REQUESTED]

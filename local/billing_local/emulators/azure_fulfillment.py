@@ -34,9 +34,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
+
+from billing_local.emulators.gcp_procurement import _http_api_event
 
 API_VERSION = "2018-08-31"
 MARKETPLACE_APP_ID = "20e940b3-4c77-4b0b-9a53-9e16a1b010a7"
@@ -340,6 +343,11 @@ class WebhookSigner:
                 claims[name] = value
         return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
 
+    def http_api_event(self, payload: Mapping[str, Any], path: str = "/azure/webhook") -> dict[str, Any]:
+        """The webhook call as the Subscriptions function receives it from API Gateway."""
+        headers = {"authorization": f"Bearer {self.token()}"}
+        return _http_api_event(json.dumps(dict(payload)), headers, path, "application/json", None)
+
     async def send(
         self, session: aiohttp.ClientSession, url: str, payload: Mapping[str, Any], token: str | None = None
     ) -> tuple[int, str]:
@@ -347,6 +355,13 @@ class WebhookSigner:
         headers = {"Authorization": f"Bearer {token or self.token()}"}
         async with session.post(url, json=dict(payload), headers=headers) as response:
             return response.status, await response.text()
+
+
+def landing_page_event(token: str, tenant_id: str, path: str = "/azure/register") -> dict[str, Any]:
+    """The seller's landing page posting the purchase token (and the seller's tenant id) to the Subscriptions
+    function, as API Gateway hands it over."""
+    body = urlencode({"token": token, "tenant_id": tenant_id})
+    return _http_api_event(body, {}, path, "application/x-www-form-urlencoded", None)
 
 
 def add_jwks_route(app: web.Application, signer: WebhookSigner) -> None:

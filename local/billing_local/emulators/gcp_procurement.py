@@ -301,6 +301,10 @@ class PushSigner:
             "subscription": self.subscription,
         }
 
+    def http_api_event(self, data: dict[str, Any], path: str = "/gcp/pubsub") -> dict[str, Any]:
+        """The push of ``data`` as the Subscriptions function receives it from API Gateway."""
+        return http_api_event(self.envelope(data), f"Bearer {self.token()}", path)
+
     async def push(
         self, session: aiohttp.ClientSession, url: str, data: dict[str, Any], token: str | None = None
     ) -> tuple[int, str]:
@@ -359,3 +363,41 @@ def _error(status: int, message: str, name: str | None = None) -> tuple[int, dic
 
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def http_api_event(
+    body: dict[str, Any], authorization: str, path: str = "/gcp/pubsub", at: datetime | None = None
+) -> dict[str, Any]:
+    """A push request as API Gateway HTTP API (payload format 2.0) hands it to a Lambda function."""
+    return _http_api_event(json.dumps(body), {"authorization": authorization}, path, "application/json", at)
+
+
+def _http_api_event(
+    body: str, headers: dict[str, str], path: str, content_type: str, at: datetime | None
+) -> dict[str, Any]:
+    moment = at or datetime.now(UTC)
+    return {
+        "version": "2.0",
+        "routeKey": f"POST {path}",
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"content-type": content_type, "host": "subscriptions.example.com", **headers},
+        "requestContext": {
+            "apiId": "local",
+            "domainName": "subscriptions.example.com",
+            "http": {
+                "method": "POST",
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "198.51.100.9",
+                "userAgent": "APIs-Google; (+https://developers.google.com/webmasters/APIs-Google.html)",
+            },
+            "requestId": str(uuid.uuid4()),
+            "routeKey": f"POST {path}",
+            "stage": "$default",
+            "time": moment.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+            "timeEpoch": int(moment.timestamp() * 1000),
+        },
+        "body": body,
+        "isBase64Encoded": False,
+    }

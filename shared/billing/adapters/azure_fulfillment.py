@@ -64,6 +64,9 @@ _KINDS = {
     "ChangeQuantity": LifecycleKind.QUANTITY_CHANGED,
 }
 _CHANGES = frozenset({"ChangePlan", "ChangeQuantity"})
+# An event that only links a tenant: REGISTERED once the contract has it (asked for by subs-aws); until then a
+# PLAN_CHANGED with no plan, dimensions or quantity, which moves neither status nor plan.
+_LINK_ONLY = getattr(LifecycleKind, "REGISTERED", LifecycleKind.PLAN_CHANGED)
 
 
 class RequestRejectedError(Exception):
@@ -323,30 +326,44 @@ class AzureSubscriptions:
         RequestRejectedError(403) for a token Microsoft does not know."""
         if not marketplace_token or len(marketplace_token) > 4096:
             raise RequestRejectedError(400, "no marketplace token")
+        if not tenant_id or len(tenant_id) > 256 or not tenant_id.isprintable():
+            raise RequestRejectedError(400, "a tenant id is 1 to 256 printable characters")
         resolved = await self._client.resolve(marketplace_token)
         if resolved is None or not isinstance(resolved.get("id"), str) or not resolved.get("planId"):
             raise RequestRejectedError(403, "the marketplace token does not resolve")
         subscription_id = resolved["id"].lower()
         quantity = resolved.get("quantity")
         quantity = quantity if isinstance(quantity, int) else None
-        await self._client.activate(subscription_id, str(resolved["planId"]), quantity)
+        subscription = resolved.get("subscription")
+        status = subscription.get("saasSubscriptionStatus") if isinstance(subscription, dict) else None
         now = self._clock()
-        return LifecycleEvent(
-            key=SubjectKey(Marketplace.AZURE, subscription_id),
-            kind=LifecycleKind.ACTIVE,
-            effective_at=now,
-            ordering=now,
-            event_id=f"activate:{subscription_id}",
-            source=EventSource.AZURE_REGISTRATION,
-            plan=str(resolved["planId"]),
-            quantity=quantity,
-            tenant_id=tenant_id,
-            identity=Identity(azure_subscription_id=subscription_id),
-            raw={"resolve": resolved},
-        )
+        common: dict[str, Any] = {
+            "key": SubjectKey(Marketplace.AZURE, subscription_id),
+            "effective_at": now,
+            "ordering": now,
+            "source": EventSource.AZURE_REGISTRATION,
+            "tenant_id": tenant_id,
+            "identity": Identity(azure_subscription_id=subscription_id),
+            "raw": {"resolve": resolved},
+        }
+        if status == "PendingFulfillmentStart":
+            await self._client.activate(subscription_id, str(resolved["planId"]), quantity)
+            return LifecycleEvent(
+                kind=LifecycleKind.ACTIVE,
+                event_id=f"activate:{subscription_id}",
+                plan=str(resolved["planId"]),
+                quantity=quantity,
+                **common,
+            )
+        # Already activated (the landing page visited again), suspended or unsubscribed: only the tenant link
+        # is news. An ACTIVE stamped now would be newer than a Suspend or Unsubscribe and revive the
+        # subscription; a link-only event changes no status and no plan.
+        return LifecycleEvent(kind=_LINK_ONLY, event_id=f"register:{subscription_id}:{tenant_id}", **common)
 
 
-async def create(stack: contextlib.AsyncExitStack, secret: SecretRead) -> AzureSubscriptions:
+async def create(
+    stack: contextlib.AsyncExitStack, secret: SecretRead, clock: Callable[[], datetime] | None = None
+) -> AzureSubscriptions:
     """Build from the environment: the metering adapter's marketplace credentials (the same resource), the
     webhook's tenant/audience; the HTTP session and credential close with ``stack``."""
     from billing.adapters.azure_metering import (
@@ -370,7 +387,10 @@ async def create(stack: contextlib.AsyncExitStack, secret: SecretRead) -> AzureS
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.answer_within))
     stack.push_async_callback(session.close)
     client = FulfillmentClient(session, tokens, settings.fulfillment_url)
-    return AzureSubscriptions(settings, client, WebhookTokenVerifier(settings))
+    verifier = WebhookTokenVerifier(settings)
+    if clock is None:
+        return AzureSubscriptions(settings, client, verifier)
+    return AzureSubscriptions(settings, client, verifier, clock=clock)
 
 
 def _time(value: Any) -> datetime:

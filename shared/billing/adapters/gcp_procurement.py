@@ -304,7 +304,7 @@ def lifecycle_event(
     updated = _time(entitlement.get("updateTime")) or notification.update_time
     if updated is None:
         raise ProcurementUnavailableError("the entitlement has no updateTime")
-    effective = updated
+    effective = ordering = updated
     plan = entitlement.get("plan") or None
     kind: LifecycleKind
     if state == "ENTITLEMENT_ACTIVATION_REQUESTED":
@@ -315,11 +315,16 @@ def lifecycle_event(
         "ENTITLEMENT_PENDING_PLAN_CHANGE_APPROVAL",
     ):
         # a requested or approved plan change is not in force yet: the current plan stays
-        kind = (
-            LifecycleKind.PLAN_CHANGED
-            if notification.event_type == "ENTITLEMENT_PLAN_CHANGED"
-            else LifecycleKind.ACTIVE
-        )
+        changed = notification.event_type == "ENTITLEMENT_PLAN_CHANGED"
+        kind = LifecycleKind.PLAN_CHANGED if changed else LifecycleKind.ACTIVE
+        noticed = notification.update_time
+        if noticed is not None and noticed <= updated:
+            # the change this notice is about happened at the notice's updateTime: delivered late (after
+            # a later change of the entitlement), billing or the new plan must not start later than it did
+            effective = ordering = noticed
+            notice_plan = notification.data.get("entitlement", {}).get("newPlan")
+            if changed and isinstance(notice_plan, str) and notice_plan:
+                plan = notice_plan
     elif state == "ENTITLEMENT_PENDING_CANCELLATION":
         end = _time(entitlement.get("subscriptionEndTime"))
         # billed until the end of the billing cycle; with no end time known it stays active until Google
@@ -337,7 +342,7 @@ def lifecycle_event(
         key=key,
         kind=kind,
         effective_at=effective,
-        ordering=updated,
+        ordering=ordering,
         event_id=notification.event_id,
         source=EventSource.GCP_PUBSUB,
         plan=plan,

@@ -101,7 +101,7 @@ class Subscriptions:
             from billing.adapters import azure_fulfillment
             from billing.bootstrap import _secret
 
-            self._azure = await azure_fulfillment.create(self._stack, _secret)
+            self._azure = await azure_fulfillment.create(self._stack, _secret, clock=self.runtime.clock)
         return self._azure
 
     async def record(self, events: list[LifecycleEvent]) -> list[RecordOutcome]:

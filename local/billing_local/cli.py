@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from billing.services.dispatch import DispatchResult
-from billing_local import cli_invoke, cli_ops
+from billing_local import cli_customers, cli_invoke, cli_ops
 from billing_local.report import PeriodReport
 from billing_local.runner import RunnerStats
 
@@ -36,6 +36,7 @@ db_app = typer.Typer(no_args_is_help=True, help="Database commands.", pretty_exc
 app.add_typer(db_app, name="db")
 cli_ops.register(app)
 cli_invoke.register(app)
+cli_customers.register(app)
 console = Console(stderr=True)
 out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 80 columns
 

@@ -180,81 +180,89 @@ class PostgresSubscriptionRepository:
 
     async def record(self, event: LifecycleEvent) -> Recorded:
         """Append the event (once) and bring the subject's state and customers row up to date."""
-        key = event.key
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO subscription_state (marketplace, subject_id, status) VALUES ($1, $2, 'pending')"
-                " ON CONFLICT DO NOTHING",
-                key.marketplace.value,
-                key.subject_id,
-            )
-            # one writer per subject at a time: the fold below sees every event committed before it
-            linked = await conn.fetchval(
-                "SELECT customer_id FROM subscription_state WHERE marketplace = $1 AND subject_id = $2"
-                " FOR UPDATE",
-                key.marketplace.value,
-                key.subject_id,
-            )
-            appended = await conn.fetchval(
-                f"INSERT INTO subscription_events ({_EVENT_COLUMNS})"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14::jsonb)"
-                " ON CONFLICT (marketplace, event_id) DO NOTHING RETURNING id",
-                key.marketplace.value,
-                key.subject_id,
-                event.event_id,
-                event.kind.value,
-                event.source.value,
-                event.effective_at,
-                event.ordering,
-                event.sequence,
-                event.plan,
-                list(event.dimensions) if event.dimensions is not None else None,
-                event.quantity,
-                event.tenant_id,
-                json.dumps(event.identity.as_dict()),
-                json.dumps(event.raw) if event.raw is not None else None,
-            )
-            rows = await conn.fetch(
-                f"SELECT {_EVENT_COLUMNS} FROM subscription_events"
-                " WHERE marketplace = $1 AND subject_id = $2 ORDER BY id",
-                key.marketplace.value,
-                key.subject_id,
-            )
-            state = fold(key, [_event_from_row(r) for r in rows])
-            customer_id, problem, drop = await self._link(conn, state, linked)
-            await conn.execute(
-                """
-                UPDATE subscription_state
-                   SET customer_id = $3, tenant_id = $4, status = $5, billable = $6::text::tstzmultirange,
-                       ends_at = $7, plans = $8::jsonb, identity = $9::jsonb, link_problem = $10,
-                       events = $11, updated_at = now()
-                 WHERE marketplace = $1 AND subject_id = $2
-                """,
-                key.marketplace.value,
-                key.subject_id,
-                customer_id,
-                state.tenant_id,
-                state.status.value,
-                multirange_literal(state),
-                state.ends_at,
-                json.dumps(
-                    [
-                        {
-                            "start": p.start.isoformat(),
-                            "plan": p.plan,
-                            "dimensions": list(p.dimensions) if p.dimensions is not None else None,
-                            "quantity": p.quantity,
-                        }
-                        for p in state.plans
-                    ]
-                ),
-                json.dumps(state.identity.as_dict()),
-                problem,
-                len(rows),
-            )
-            if drop is not None:  # relinked before any bill: the default tenant's row goes
-                await conn.execute("DELETE FROM balances WHERE customer_id = $1", drop)
-                await conn.execute("DELETE FROM customers WHERE id = $1", drop)
+            return await self._record(conn, event)
+
+    async def record_all(self, events: Sequence[LifecycleEvent]) -> list[Recorded]:
+        """Every event in one transaction: all recorded, or (on any error) none (an import)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            return [await self._record(conn, event) for event in events]
+
+    async def _record(self, conn: asyncpg.Connection, event: LifecycleEvent) -> Recorded:
+        key = event.key
+        await conn.execute(
+            "INSERT INTO subscription_state (marketplace, subject_id, status) VALUES ($1, $2, 'pending')"
+            " ON CONFLICT DO NOTHING",
+            key.marketplace.value,
+            key.subject_id,
+        )
+        # one writer per subject at a time: the fold below sees every event committed before it
+        linked = await conn.fetchval(
+            "SELECT customer_id FROM subscription_state WHERE marketplace = $1 AND subject_id = $2"
+            " FOR UPDATE",
+            key.marketplace.value,
+            key.subject_id,
+        )
+        appended = await conn.fetchval(
+            f"INSERT INTO subscription_events ({_EVENT_COLUMNS})"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14::jsonb)"
+            " ON CONFLICT (marketplace, event_id) DO NOTHING RETURNING id",
+            key.marketplace.value,
+            key.subject_id,
+            event.event_id,
+            event.kind.value,
+            event.source.value,
+            event.effective_at,
+            event.ordering,
+            event.sequence,
+            event.plan,
+            list(event.dimensions) if event.dimensions is not None else None,
+            event.quantity,
+            event.tenant_id,
+            json.dumps(event.identity.as_dict()),
+            json.dumps(event.raw) if event.raw is not None else None,
+        )
+        rows = await conn.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM subscription_events"
+            " WHERE marketplace = $1 AND subject_id = $2 ORDER BY id",
+            key.marketplace.value,
+            key.subject_id,
+        )
+        state = fold(key, [_event_from_row(r) for r in rows])
+        customer_id, problem, drop = await self._link(conn, state, linked)
+        await conn.execute(
+            """
+            UPDATE subscription_state
+               SET customer_id = $3, tenant_id = $4, status = $5, billable = $6::text::tstzmultirange,
+                   ends_at = $7, plans = $8::jsonb, identity = $9::jsonb, link_problem = $10,
+                   events = $11, updated_at = now()
+             WHERE marketplace = $1 AND subject_id = $2
+            """,
+            key.marketplace.value,
+            key.subject_id,
+            customer_id,
+            state.tenant_id,
+            state.status.value,
+            multirange_literal(state),
+            state.ends_at,
+            json.dumps(
+                [
+                    {
+                        "start": p.start.isoformat(),
+                        "plan": p.plan,
+                        "dimensions": list(p.dimensions) if p.dimensions is not None else None,
+                        "quantity": p.quantity,
+                    }
+                    for p in state.plans
+                ]
+            ),
+            json.dumps(state.identity.as_dict()),
+            problem,
+            len(rows),
+        )
+        if drop is not None:  # relinked before any bill: the default tenant's row goes
+            await conn.execute("DELETE FROM balances WHERE customer_id = $1", drop)
+            await conn.execute("DELETE FROM customers WHERE id = $1", drop)
         return Recorded(state, appended is not None, customer_id, problem)
 
     async def _link(

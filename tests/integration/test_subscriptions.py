@@ -16,7 +16,8 @@ import aioboto3
 import asyncpg
 import pytest
 
-from billing.adapters.postgres import PostgresDispatchRepository
+from billing.adapters.postgres import PostgresDispatchRepository, PostgresUsageSource
+from billing.adapters.postgres_reconcile import PostgresReconcileReader
 from billing.adapters.postgres_subscriptions import PostgresSubscriptionRepository
 from billing.adapters.sqs import SqsQueue
 from billing.bootstrap import Runtime
@@ -32,6 +33,7 @@ from billing.domain.subscriptions import (
     SubjectKey,
 )
 from billing.services.dispatch import dispatch
+from billing.services.reconcile import reconcile
 from billing.services.subscriptions import SubscriptionService
 from testkit import PRODUCT, add_rates, add_usage
 
@@ -274,6 +276,22 @@ async def test_an_end_mid_hour_bills_the_partial_hour_at_once_with_usage_up_to_t
         await runtime.close()
     accepted = [(r.dimension, r.quantity) for r in stack.metering.accepted() if r.timestamp.hour == 13]
     assert sorted(accepted) == [("CapacityGbHours", 4), ("DataTransferGb", 0)]
+    # and reconcile reports the 100 GB-hours after the end as unbillable, never sent, and nothing lost
+    result = await reconcile(
+        PostgresReconcileReader(pool),
+        PostgresUsageSource(pool),
+        Period(T0 + timedelta(hours=3)),
+        Period(T0 + timedelta(hours=4)),
+        lookback_hours=24,
+        settle=timedelta(minutes=15),
+        now=NOW + timedelta(hours=2),
+    )
+    line = next(x for x in result.lines if x.dimension == "CapacityGbHours")
+    assert (line.source, line.billed) == (4, 4)
+    after = [d for d in line.differences if d.kind == "unbillable after end"]
+    assert [(d.amount, d.explained, d.in_sum) for d in after] == [(100, True, False)]
+    assert "never sent" in after[0].reason
+    assert result.clean
 
 
 async def test_a_final_bill_before_its_end_instant_or_after_a_reinstatement_bills_nothing(

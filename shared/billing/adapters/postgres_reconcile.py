@@ -26,7 +26,9 @@ SELECT c.id, c.marketplace, c.status, c.active_from, c.active_until FROM custome
    AND ((c.status = 'active' AND c.active_from < $2
          AND (c.active_until IS NULL OR c.active_until > $1))
         OR EXISTS (SELECT 1 FROM ledger l
-                    WHERE l.customer_id = c.id AND l.period >= $1 AND l.period < $2))
+                    WHERE l.customer_id = c.id AND l.period >= $1 AND l.period < $2)
+        -- ended before the range's end: usage recorded after the end is reported (unbillable after end)
+        OR (c.active_until IS NOT NULL AND c.active_until < $2))
  ORDER BY c.id
 """
 

@@ -187,3 +187,36 @@ async def test_legacy_sns_unsubscribe_pending_bills_the_final_partial_hour(
     # the legacy request: ProductCode + CustomerIdentifier, never a LicenseArn
     assert all(b.get("ProductCode") == PRODUCT for b in stack.metering.last_bodies)
     assert SELLER_ACCOUNT  # the events were built for the seller's account
+
+
+async def test_forged_aws_registration_and_foreign_topic_messages_are_refused_and_write_nothing(
+    world: tuple[Subscriptions, Clock, Any], stack: Any, pool: asyncpg.Pool
+) -> None:
+    subs, clock, _ = world
+    # a token AWS never issued, and a genuine one presented a second time (ResolveCustomer redeems once)
+    forged = await handle(subs, registration_request("f" * 64, "acme", at=clock.now))
+    assert forged["statusCode"] == 401
+    token = stack.metering.issue_token(PRODUCT, ACCOUNT, license_arn=L1)
+    assert (await handle(subs, registration_request(token, "acme", at=clock.now)))["statusCode"] == 200
+    events = await pool.fetchval("SELECT count(*) FROM subscription_events")
+    assert (await handle(subs, registration_request(token, "evil", at=clock.now)))["statusCode"] == 401
+    # a malformed body is a 400
+    broken = registration_request(token, "acme", at=clock.now)
+    broken["body"], broken["isBase64Encoded"] = "not a form", False
+    assert (await handle(subs, broken))["statusCode"] == 400
+    # an SNS message from a topic that is not the seller's is refused (the record fails, nothing written)
+    subs.settings = type(subs.settings)(
+        BILLING_AWS_SNS_TOPIC_ARNS="arn:aws:sns:us-east-1:287250355862:aws-mp-subscription-notification-billingdemo0001"
+    )
+    foreign = sqs_event(
+        sns_envelope(
+            "subscribe-success",
+            "CUST-X",
+            PRODUCT,
+            T10,
+            topic_arn="arn:aws:sns:us-east-1:999999999999:aws-mp-subscription-notification-evil",
+        )
+    )
+    assert len((await handle(subs, foreign))["batchItemFailures"]) == 1
+    assert await pool.fetchval("SELECT count(*) FROM subscription_events") == events
+    assert await pool.fetchval("SELECT count(*) FROM customers WHERE id = 'evil'") == 0

@@ -347,3 +347,19 @@ async def test_the_api_gateway_events_of_the_landing_page_and_webhook_verify(emu
     webhook = signer.http_api_event(fulfillment.notify(fulfillment.purchase_tokens[token], "Suspend"))
     events = await endpoint.subscriptions.receive(webhook["headers"]["authorization"], webhook["body"])
     assert [e.kind for e in events] == [LifecycleKind.SUSPENDED]
+
+
+async def test_an_auto_activated_subscription_is_subscribed_by_its_webhook(
+    emulator, signer, session, endpoint
+):
+    fulfillment = emulator.fulfillment
+    token = fulfillment.purchase("offer-1", "silver", 3)
+    subscription_id = fulfillment.purchase_tokens[token]
+    status, text = await signer.send(session, endpoint.url, fulfillment.notify(subscription_id, "Subscribe"))
+    assert status == 200, text
+    [event] = endpoint.written
+    assert (event.kind, event.plan, event.quantity) == (LifecycleKind.ACTIVE, "silver", 3)
+    # the landing page visited afterwards only links the tenant
+    linked = await endpoint.subscriptions.register(token, tenant_id="tenant-7")
+    assert linked.kind is not LifecycleKind.ACTIVE
+    assert fulfillment.activations == []

@@ -44,6 +44,7 @@ from billing_local.emulators.gcp_procurement import _http_api_event
 API_VERSION = "2018-08-31"
 MARKETPLACE_APP_ID = "20e940b3-4c77-4b0b-9a53-9e16a1b010a7"
 _STATUS_AFTER = {
+    "Subscribe": "Subscribed",  # auto-activation: Microsoft activates the subscription and notifies
     "Suspend": "Suspended",
     "Reinstate": "Subscribed",
     "Renew": "Subscribed",

@@ -363,3 +363,34 @@ async def test_an_auto_activated_subscription_is_subscribed_by_its_webhook(
     linked = await endpoint.subscriptions.register(token, tenant_id="tenant-7")
     assert linked.kind is not LifecycleKind.ACTIVE
     assert fulfillment.activations == []
+
+
+async def test_after_unsubscribe_metering_takes_the_final_hour_and_nothing_later(
+    emulator, signer, session, endpoint, azure, clock
+):
+    subscription_id = await subscribed(emulator, endpoint)
+    clock.now = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)
+    status, _ = await signer.send(
+        session, endpoint.url, emulator.fulfillment.notify(subscription_id, "Unsubscribe")
+    )
+    assert status == 200
+    assert emulator.resources[subscription_id].ended_at == clock.now
+
+    async def meter(hour: int) -> dict[str, Any]:
+        event = {
+            "resourceId": subscription_id,
+            "quantity": 3,
+            "dimension": "api_calls",
+            "effectiveStartTime": f"2026-11-26T{hour:02}:00:00Z",
+            "planId": "silver",
+        }
+        url = f"{azure.url}/api/batchUsageEvent?api-version=2018-08-31"
+        async with session.post(
+            url, json={"request": [event]}, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as r:
+            assert r.status == 200
+            return (await r.json())["result"][0]
+
+    clock.now = datetime(2026, 11, 26, 16, 20, tzinfo=UTC)
+    assert (await meter(15))["status"] == "Accepted"  # the final partial hour, begun before the end
+    assert (await meter(16))["status"] == "ResourceNotActive"

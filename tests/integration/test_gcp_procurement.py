@@ -408,3 +408,27 @@ async def test_with_a_jwk_set_forged_tokens_are_refused_too(emulator, signer, ht
     status, _ = await signer.push(http, endpoint.url, data)
     assert status == 204
     assert [e.kind for e in endpoint.written] == [LifecycleKind.REQUESTED]
+
+
+async def test_service_control_knows_the_entitlements_usage_reporting_ids(
+    emulator, signer, http, endpoint, google
+):
+    """The Service Control double beside the Procurement double: an entitlement's usageReportingId is a
+    consumer, billable (empty checkErrors) while the entitlement is active."""
+    procurement = emulator.procurement
+    procurement.purchase("ent-1", "acct-1", product="saas.example.com", plan="standard")
+    consumer = procurement.entitlements["ent-1"].usage_reporting_id
+
+    async def check() -> list[str]:
+        body = {"operation": {"operationId": "op-1", "consumerId": consumer, "operationName": "check"}}
+        url = f"{google.url}/v1/services/saas.example.com:check"
+        emulator.services = {"saas.example.com": None}
+        async with http.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            assert response.status == 200
+            return [e["code"] for e in (await response.json()).get("checkErrors", [])]
+
+    assert await check() == ["SERVICE_NOT_ACTIVATED"]  # not approved yet
+    await deliver_all(emulator, signer, http, endpoint)
+    assert await check() == []
+    procurement.cancel("ent-1")
+    assert await check() == ["SERVICE_NOT_ACTIVATED"]

@@ -57,6 +57,7 @@ class MeteredResource(Protocol):
 
     status: str
     plan_id: str
+    ended_at: datetime | None
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SaasSubscription:
     beneficiary_tenant: str
     status: str = "PendingFulfillmentStart"
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    ended_at: datetime | None = None  # when it was unsubscribed
 
     def resource(self, publisher: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -169,6 +171,7 @@ class Fulfillment:
         self.operations[operation.id] = operation
         if action in _STATUS_AFTER:
             subscription.status = _STATUS_AFTER[action]
+            subscription.ended_at = operation.time_stamp if action == "Unsubscribe" else None
             self._sync(subscription)
         return self.webhook_payload(operation.id)
 
@@ -195,6 +198,7 @@ class Fulfillment:
         resource = self.resources.get(subscription.id.lower())
         if resource is not None:
             resource.status, resource.plan_id = subscription.status, subscription.plan_id
+            resource.ended_at = subscription.ended_at
 
     # the API's side
     def _resolve(self, token: str | None) -> tuple[int, Any]:

@@ -87,6 +87,7 @@ class Procurement:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
     entitlements: dict[str, Entitlement] = field(default_factory=dict)
+    deleted: dict[str, Entitlement] = field(default_factory=dict)
     published: list[dict[str, Any]] = field(default_factory=list)  # message data, in publish order
     approvals: list[tuple[str, str]] = field(default_factory=list)  # (method, id) approvals received
 
@@ -145,9 +146,20 @@ class Procurement:
     def delete(self, entitlement: str) -> dict[str, Any]:
         item = self.entitlements.pop(entitlement)
         item.update_time = self.clock()
+        self.deleted[entitlement] = item
         return self._publish(
             "ENTITLEMENT_DELETED", entitlement={"id": entitlement, "updateTime": _rfc3339(item.update_time)}
         )
+
+    def consumer_state(self, usage_reporting_id: str) -> str | None:
+        """The state of the entitlement metered as ``usage_reporting_id`` (Service Control's consumerId);
+        None when no entitlement ever had it."""
+        for item in self.entitlements.values():
+            if item.usage_reporting_id == usage_reporting_id:
+                return item.state
+        if any(item.usage_reporting_id == usage_reporting_id for item in self.deleted.values()):
+            return "DELETED"
+        return None
 
     def _touch(self, entitlement: str, state: str) -> Entitlement:
         item = self.entitlements[entitlement]

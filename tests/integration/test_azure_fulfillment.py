@@ -347,3 +347,50 @@ async def test_the_api_gateway_events_of_the_landing_page_and_webhook_verify(emu
     webhook = signer.http_api_event(fulfillment.notify(fulfillment.purchase_tokens[token], "Suspend"))
     events = await endpoint.subscriptions.receive(webhook["headers"]["authorization"], webhook["body"])
     assert [e.kind for e in events] == [LifecycleKind.SUSPENDED]
+
+
+async def test_an_auto_activated_subscription_is_subscribed_by_its_webhook(
+    emulator, signer, session, endpoint
+):
+    fulfillment = emulator.fulfillment
+    token = fulfillment.purchase("offer-1", "silver", 3)
+    subscription_id = fulfillment.purchase_tokens[token]
+    status, text = await signer.send(session, endpoint.url, fulfillment.notify(subscription_id, "Subscribe"))
+    assert status == 200, text
+    [event] = endpoint.written
+    assert (event.kind, event.plan, event.quantity) == (LifecycleKind.ACTIVE, "silver", 3)
+    # the landing page visited afterwards only links the tenant
+    linked = await endpoint.subscriptions.register(token, tenant_id="tenant-7")
+    assert linked.kind is not LifecycleKind.ACTIVE
+    assert fulfillment.activations == []
+
+
+async def test_after_unsubscribe_metering_takes_the_final_hour_and_nothing_later(
+    emulator, signer, session, endpoint, azure, clock
+):
+    subscription_id = await subscribed(emulator, endpoint)
+    clock.now = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)
+    status, _ = await signer.send(
+        session, endpoint.url, emulator.fulfillment.notify(subscription_id, "Unsubscribe")
+    )
+    assert status == 200
+    assert emulator.resources[subscription_id].ended_at == clock.now
+
+    async def meter(hour: int) -> dict[str, Any]:
+        event = {
+            "resourceId": subscription_id,
+            "quantity": 3,
+            "dimension": "api_calls",
+            "effectiveStartTime": f"2026-11-26T{hour:02}:00:00Z",
+            "planId": "silver",
+        }
+        url = f"{azure.url}/api/batchUsageEvent?api-version=2018-08-31"
+        async with session.post(
+            url, json={"request": [event]}, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as r:
+            assert r.status == 200
+            return (await r.json())["result"][0]
+
+    clock.now = datetime(2026, 11, 26, 16, 20, tzinfo=UTC)
+    assert (await meter(15))["status"] == "Accepted"  # the final partial hour, begun before the end
+    assert (await meter(16))["status"] == "ResourceNotActive"

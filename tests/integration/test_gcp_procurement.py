@@ -22,6 +22,7 @@ from aiohttp import web
 
 from billing.adapters.bearer_http import FixedToken
 from billing.adapters.gcp_procurement import (
+    CachedCerts,
     GcpSubscriptions,
     ProcurementClient,
     ProcurementSettings,
@@ -359,3 +360,75 @@ async def test_the_api_gateway_event_of_a_push_verifies(emulator, signer, endpoi
     assert event["requestContext"]["http"]["path"] == "/gcp/pubsub"
     events = await endpoint.subscriptions.receive(event["headers"]["authorization"], event["body"])
     assert [e.kind for e in events] == [LifecycleKind.REQUESTED]
+
+
+class Monotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_google_certificates_are_fetched_once_and_again_for_a_rotated_key(
+    emulator, signer, http, endpoint
+):
+    monotonic = Monotonic()
+    endpoint.subscriptions._certs = CachedCerts(monotonic=monotonic)
+    procurement = emulator.procurement
+    procurement.purchase("ent-1", "acct-1", product="saas.example.com", plan="standard")
+    procurement.purchase("ent-2", "acct-1", product="saas.example.com", plan="standard")
+    sent = await deliver_all(emulator, signer, http, endpoint)
+    assert sent == 4
+    assert signer.certs_requests == 1
+
+    signer.rotate()  # a token under a key the cached set does not hold
+    data = procurement.cancel("ent-1")
+    status, _ = await signer.push(http, endpoint.url, data)
+    assert status == 401  # the set was fetched less than a minute ago: not again (forged key ids cost little)
+    assert signer.certs_requests == 1
+    monotonic.now += 61
+    status, _ = await signer.push(http, endpoint.url, data)
+    assert status == 204
+    assert signer.certs_requests == 2
+    assert endpoint.written[-1].kind is LifecycleKind.ENDED
+
+
+@pytest.mark.parametrize("forged", ["another-key", "other-audience"])
+async def test_with_a_jwk_set_forged_tokens_are_refused_too(emulator, signer, http, endpoint, google, forged):
+    """Google also publishes its keys as a JWK Set (v3): google-auth then verifies with PyJWT, whose errors
+    are not ValueErrors."""
+    endpoint.subscriptions._push = endpoint.subscriptions._push.model_copy(
+        update={"certs_url": f"{google.url}/oauth2/v3/certs"}
+    )
+    data = emulator.procurement.purchase("ent-1", "acct-1", product="saas.example.com", plan="standard")
+    token = _forge_other_key(signer) if forged == "another-key" else signer.token(aud="https://x.example.com")
+    status, _ = await signer.push(http, endpoint.url, data, token=token)
+    assert status == 401
+    status, _ = await signer.push(http, endpoint.url, data)
+    assert status == 204
+    assert [e.kind for e in endpoint.written] == [LifecycleKind.REQUESTED]
+
+
+async def test_service_control_knows_the_entitlements_usage_reporting_ids(
+    emulator, signer, http, endpoint, google
+):
+    """The Service Control double beside the Procurement double: an entitlement's usageReportingId is a
+    consumer, billable (empty checkErrors) while the entitlement is active."""
+    procurement = emulator.procurement
+    procurement.purchase("ent-1", "acct-1", product="saas.example.com", plan="standard")
+    consumer = procurement.entitlements["ent-1"].usage_reporting_id
+
+    async def check() -> list[str]:
+        body = {"operation": {"operationId": "op-1", "consumerId": consumer, "operationName": "check"}}
+        url = f"{google.url}/v1/services/saas.example.com:check"
+        emulator.services = {"saas.example.com": None}
+        async with http.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            assert response.status == 200
+            return [e["code"] for e in (await response.json()).get("checkErrors", [])]
+
+    assert await check() == ["SERVICE_NOT_ACTIVATED"]  # not approved yet
+    await deliver_all(emulator, signer, http, endpoint)
+    assert await check() == []
+    procurement.cancel("ent-1")
+    assert await check() == ["SERVICE_NOT_ACTIVATED"]

@@ -55,6 +55,8 @@ class AzureResource:
     dimensions: Iterable[str]
     status: str = "Subscribed"  # anything else answers ResourceNotActive
     authorized: bool = True  # False: published with another Entra app id (ResourceNotAuthorized)
+    # when an Unsubscribed resource ended: usage for hours that began before it is still taken (below)
+    ended_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ class AzureEmulator:
             return _Outcome("ResourceNotFound", f"resource {key} not found")
         if not resource.authorized:
             return _Outcome("ResourceNotAuthorized", "not authorized to emit usage for this resource")
-        if resource.status != "Subscribed":
+        if resource.status != "Subscribed" and not _before_the_end(resource, effective):
             return _Outcome("ResourceNotActive", f"the resource is {resource.status}")
         if plan_id != resource.plan_id:
             return _Outcome("BadArgument", f"planId {plan_id} is not the resource's plan")
@@ -378,6 +380,17 @@ async def _answer(
     if emulator._delay:
         await asyncio.sleep(emulator._delay)
     return web.json_response(answer, status=status)
+
+
+def _before_the_end(resource: AzureResource, effective: datetime) -> bool:
+    """Usage of an unsubscribed resource for an hour that began before the unsubscription. Microsoft documents
+    events "against an active resource (subscribed)" and a 24-hour delay for every event ("if a usage event
+    occurs at 1 PM on a day, you have until 1 PM on the next day", metered billing FAQ); this double reads the
+    two together as the project does: the hours the customer was subscribed stay billable for 24 hours, the
+    final partial hour included, and nothing after the end is taken. Not confirmed against Azure itself."""
+    if resource.status != "Unsubscribed" or resource.ended_at is None:
+        return False
+    return effective.replace(minute=0, second=0, microsecond=0) < resource.ended_at
 
 
 def _item(event: Any, outcome: _Outcome) -> dict[str, Any]:

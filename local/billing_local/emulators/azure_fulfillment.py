@@ -44,6 +44,7 @@ from billing_local.emulators.gcp_procurement import _http_api_event
 API_VERSION = "2018-08-31"
 MARKETPLACE_APP_ID = "20e940b3-4c77-4b0b-9a53-9e16a1b010a7"
 _STATUS_AFTER = {
+    "Subscribe": "Subscribed",  # auto-activation: Microsoft activates the subscription and notifies
     "Suspend": "Suspended",
     "Reinstate": "Subscribed",
     "Renew": "Subscribed",
@@ -56,6 +57,7 @@ class MeteredResource(Protocol):
 
     status: str
     plan_id: str
+    ended_at: datetime | None
 
 
 @dataclass
@@ -67,6 +69,7 @@ class SaasSubscription:
     beneficiary_tenant: str
     status: str = "PendingFulfillmentStart"
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    ended_at: datetime | None = None  # when it was unsubscribed
 
     def resource(self, publisher: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -168,6 +171,7 @@ class Fulfillment:
         self.operations[operation.id] = operation
         if action in _STATUS_AFTER:
             subscription.status = _STATUS_AFTER[action]
+            subscription.ended_at = operation.time_stamp if action == "Unsubscribe" else None
             self._sync(subscription)
         return self.webhook_payload(operation.id)
 
@@ -194,6 +198,7 @@ class Fulfillment:
         resource = self.resources.get(subscription.id.lower())
         if resource is not None:
             resource.status, resource.plan_id = subscription.status, subscription.plan_id
+            resource.ended_at = subscription.ended_at
 
     # the API's side
     def _resolve(self, token: str | None) -> tuple[int, Any]:

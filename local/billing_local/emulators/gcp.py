@@ -180,6 +180,24 @@ class GcpEmulator:
         lifetime = self.token_lifetime if self.advertised_lifetime is None else self.advertised_lifetime
         return {"access_token": token, "expires_in": lifetime, "token_type": "Bearer"}
 
+    def _consumer_codes(self, consumer: str) -> list[str] | None:
+        """The CheckError codes of a known consumer ([] when it may be billed); None when unknown. With the
+        Procurement double, every entitlement's usageReportingId is a consumer: billable while the entitlement
+        is active (a pending cancellation or plan change included); reports for a cancelled one are still
+        taken (Google: usage after a cancellation is reported with a time before it)."""
+        if consumer in self.consumers:
+            return list(self.consumers[consumer])
+        state = self.procurement.consumer_state(consumer) if self.procurement is not None else None
+        if state is None:
+            return None
+        active = (
+            "ENTITLEMENT_ACTIVE",
+            "ENTITLEMENT_PENDING_CANCELLATION",
+            "ENTITLEMENT_PENDING_PLAN_CHANGE",
+            "ENTITLEMENT_PENDING_PLAN_CHANGE_APPROVAL",
+        )
+        return [] if state in active else ["SERVICE_NOT_ACTIVATED"]
+
     def _check(self, service: str, body: Any) -> tuple[int, Any]:
         operation = body.get("operation") if isinstance(body, dict) else None
         if not isinstance(operation, dict) or not operation.get("consumerId"):
@@ -189,7 +207,8 @@ class GcpEmulator:
             "operationId": operation.get("operationId", ""),
             "serviceConfigId": "emulated-1",
         }
-        codes = list(self.consumers.get(consumer, ())) if consumer in self.consumers else ["NOT_FOUND"]
+        known = self._consumer_codes(consumer)
+        codes = known if known is not None else ["NOT_FOUND"]
         if codes:
             answer["checkErrors"] = [
                 {"code": code, "subject": f"project:{consumer}", "detail": f"emulated {code} for {consumer}"}
@@ -222,7 +241,7 @@ class GcpEmulator:
                     code = forced.popleft()
                     errors.append(_report_error(op_id, code, f"emulated {code}"))
                     continue
-                if operation["consumerId"] not in self.consumers:
+                if self._consumer_codes(operation["consumerId"]) is None:
                     errors.append(_report_error(op_id, "INVALID_ARGUMENT", "unknown consumerId"))
                     continue
                 if allowed is not None and metric not in allowed:

@@ -20,8 +20,8 @@ notifications, following the documented behaviour:
   ``Authorization: Bearer <OIDC token>``, an RS256 JWT signed by Google with ``iss``
   ``https://accounts.google.com``, ``aud`` the configured audience, ``email`` the push service account and
   ``email_verified`` true. Google publishes its keys at ``https://www.googleapis.com/oauth2/v1/certs`` as
-  ``{kid: x509 PEM}``; ``PushSigner`` signs with a local key and ``GET /oauth2/v1/certs`` serves its
-  certificate in that format.
+  ``{kid: x509 PEM}`` (and at ``…/oauth2/v3/certs`` as a JWK Set); ``PushSigner`` signs with a local key,
+  ``GET /oauth2/v1/certs`` and ``/oauth2/v3/certs`` serve its keys in those formats.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class Procurement:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
     entitlements: dict[str, Entitlement] = field(default_factory=dict)
+    deleted: dict[str, Entitlement] = field(default_factory=dict)
     published: list[dict[str, Any]] = field(default_factory=list)  # message data, in publish order
     approvals: list[tuple[str, str]] = field(default_factory=list)  # (method, id) approvals received
 
@@ -145,9 +146,20 @@ class Procurement:
     def delete(self, entitlement: str) -> dict[str, Any]:
         item = self.entitlements.pop(entitlement)
         item.update_time = self.clock()
+        self.deleted[entitlement] = item
         return self._publish(
             "ENTITLEMENT_DELETED", entitlement={"id": entitlement, "updateTime": _rfc3339(item.update_time)}
         )
+
+    def consumer_state(self, usage_reporting_id: str) -> str | None:
+        """The state of the entitlement metered as ``usage_reporting_id`` (Service Control's consumerId);
+        None when no entitlement ever had it."""
+        for item in self.entitlements.values():
+            if item.usage_reporting_id == usage_reporting_id:
+                return item.state
+        if any(item.usage_reporting_id == usage_reporting_id for item in self.deleted.values()):
+            return "DELETED"
+        return None
 
     def _touch(self, entitlement: str, state: str) -> Entitlement:
         item = self.entitlements[entitlement]
@@ -254,15 +266,32 @@ class PushSigner:
         subscription: str = "projects/emulated-project/subscriptions/procurement-push",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        self.audience, self.email, self.subscription, self._clock = audience, email, subscription, clock
+        self.certs_requests = 0
+        self._published: dict[str, Any] = {}  # kid -> private key, every key still published
+        self.rotate()
+
+    def rotate(self) -> None:
+        """Sign with a new key from now on; the old ones stay published (Google rotates with an overlap)."""
         from cryptography.hazmat.primitives.asymmetric import rsa
 
-        self.audience, self.email, self.subscription, self._clock = audience, email, subscription, clock
         self.kid = secrets.token_hex(20)
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self._certificate = _certificate(self._key)
+        self._published[self.kid] = self._key
 
     def certs(self) -> dict[str, str]:
-        return {self.kid: self._certificate}
+        """``https://www.googleapis.com/oauth2/v1/certs``: key id -> x509 certificate (PEM)."""
+        return {kid: _certificate(key) for kid, key in self._published.items()}
+
+    def jwks(self) -> dict[str, Any]:
+        """``https://www.googleapis.com/oauth2/v3/certs``: the same keys as a JWK Set."""
+        from jwt.algorithms import RSAAlgorithm
+
+        keys = []
+        for kid, key in self._published.items():
+            jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+            keys.append({**jwk, "kid": kid, "use": "sig", "alg": "RS256"})
+        return {"keys": keys}
 
     def token(self, **overrides: Any) -> str:
         """The OIDC token; ``overrides`` replace claims (``None`` removes one), for tests of forgeries."""
@@ -316,9 +345,15 @@ class PushSigner:
 
 def add_certs_route(app: web.Application, signer: PushSigner) -> None:
     async def certs(request: web.Request) -> web.Response:
+        signer.certs_requests += 1
         return web.json_response(signer.certs())
 
+    async def jwks(request: web.Request) -> web.Response:
+        signer.certs_requests += 1
+        return web.json_response(signer.jwks())
+
     app.router.add_get("/oauth2/v1/certs", certs)
+    app.router.add_get("/oauth2/v3/certs", jwks)
 
 
 def _certificate(key: Any) -> str:

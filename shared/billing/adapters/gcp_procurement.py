@@ -38,6 +38,8 @@ import binascii
 import functools
 import json
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -142,35 +144,86 @@ def bearer(authorization: str | None) -> str:
     return token.strip()
 
 
+class CachedCerts:
+    """A google-auth transport for ``id_token.verify_token`` that keeps Google's certificates for a while.
+
+    Without it every push costs a TLS connection and a GET of the certificates. Google rotates its keys with
+    an overlap, so a cached set verifies new tokens for days; a token under a key not yet cached fails once,
+    and ``forget`` lets the caller fetch the set again (at most once a minute, so forged key ids cost little).
+    """
+
+    def __init__(
+        self, ttl: float = 3600.0, monotonic: Callable[[], float] = time.monotonic, request: Any = None
+    ) -> None:
+        self._ttl = ttl
+        self._monotonic = monotonic
+        self._request = request
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, url: str, method: str = "GET", **kwargs: Any) -> Any:
+        with self._lock:
+            hit = self._cache.get(url) if method == "GET" else None
+        if hit is not None and self._monotonic() - hit[0] < self._ttl:
+            return hit[1]
+        if self._request is None:
+            from google.auth.transport.requests import Request
+
+            self._request = Request()
+        kwargs.setdefault("timeout", 10)
+        response = self._request(url, method=method, **kwargs)
+        if method == "GET" and response.status == 200:
+            with self._lock:
+                self._cache[url] = (self._monotonic(), response)
+        return response
+
+    def forget(self, url: str, older_than: float = 60.0) -> bool:
+        """Drop the cached set if it is older than ``older_than`` seconds; whether it was dropped."""
+        with self._lock:
+            hit = self._cache.get(url)
+            if hit is None or self._monotonic() - hit[0] < older_than:
+                return False
+            del self._cache[url]
+            return True
+
+
 def verify_push_token(
     authorization: str | None, settings: PushSettings, request: Any = None
 ) -> Mapping[str, Any]:
     """The verified claims of the push request's OIDC token; PushRejectedError(401/403) otherwise.
 
-    ``request`` is a google-auth transport (default: its requests transport). Synchronous: it fetches the
+    ``request`` is a google-auth transport (default: a fresh ``CachedCerts``). Synchronous: it fetches the
     certificates over HTTP, so async callers run it in a thread (``verify_push_token_async``)."""
+    token = bearer(authorization)
+    certs = request if request is not None else CachedCerts()
+    try:
+        claims = _verify_signature(token, settings, certs)
+    except PushRejectedError:
+        if not isinstance(certs, CachedCerts) or not certs.forget(settings.certs_url):
+            raise
+        claims = _verify_signature(token, settings, certs)  # signed with a key newer than the cached set?
+    if claims.get("iss") not in GOOGLE_ISSUERS:
+        raise PushRejectedError(401, "the push token was not issued by Google")
+    if claims.get("email") != settings.service_account or claims.get("email_verified") is not True:
+        raise PushRejectedError(403, "the push token is not the push subscription's service account")
+    return claims
+
+
+def _verify_signature(token: str, settings: PushSettings, request: Any) -> Mapping[str, Any]:
+    import jwt
     from google.auth import exceptions as auth_exceptions
     from google.oauth2 import id_token
 
-    token = bearer(authorization)
-    if request is None:
-        from google.auth.transport.requests import Request
-
-        request = Request()
     try:
         claims: Mapping[str, Any] = id_token.verify_token(
             token, request, audience=settings.audience, certs_url=settings.certs_url
         )
     except auth_exceptions.TransportError as exc:
         raise ProcurementUnavailableError(f"Google's certificates could not be read: {exc}") from exc
-    except (ValueError, auth_exceptions.GoogleAuthError) as exc:
+    except (ValueError, auth_exceptions.GoogleAuthError, jwt.PyJWTError) as exc:
         # google-auth raises ValueError subclasses for a bad signature, an unknown key id, a wrong audience
-        # and an expired token; PyJWT's errors (JWKS format) are ValueErrors too
+        # and an expired token with x509 certificates; with a JWK Set it lets PyJWT's own errors through
         raise PushRejectedError(401, f"the push token does not verify: {type(exc).__name__}") from None
-    if claims.get("iss") not in GOOGLE_ISSUERS:
-        raise PushRejectedError(401, "the push token was not issued by Google")
-    if claims.get("email") != settings.service_account or claims.get("email_verified") is not True:
-        raise PushRejectedError(403, "the push token is not the push subscription's service account")
     return claims
 
 
@@ -364,17 +417,21 @@ class GcpSubscriptions:
         push: PushSettings,
         procurement: ProcurementSettings,
         client: ProcurementClient,
-        verify: Callable[[str | None, PushSettings], Awaitable[Mapping[str, Any]]] = verify_push_token_async,
+        verify: Callable[
+            [str | None, PushSettings, Any], Awaitable[Mapping[str, Any]]
+        ] = verify_push_token_async,
+        certs: CachedCerts | None = None,
     ) -> None:
         self._push = push
         self._settings = procurement
         self._client = client
         self._verify = verify
+        self._certs = certs or CachedCerts()  # kept across pushes (a warm Lambda environment)
 
     async def receive(self, authorization: str | None, body: bytes | str) -> list[LifecycleEvent]:
         """The events of one push request. Raises PushRejectedError (answer its status, write nothing) or
         ProcurementUnavailableError (answer 503: Pub/Sub delivers it again)."""
-        await self._verify(authorization, self._push)
+        await self._verify(authorization, self._push, self._certs)
         notification = parse_push(body)
         if notification.provider_id and notification.provider_id != self._settings.provider_id:
             raise PushRejectedError(403, "the notification is for another provider")

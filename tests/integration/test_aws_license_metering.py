@@ -202,6 +202,7 @@ async def test_a_license_registration_links_the_license_subject_to_the_sellers_t
     assert event.source is EventSource.AWS_REGISTRATION
     assert (event.identity.aws_account_id, event.identity.aws_license_arn) == (ACCOUNT, LICENSE_A)
     assert event.identity.aws_customer_identifier is None
+    assert event.identity.aws_agreement_id == stack.metering.licenses[LICENSE_A].agreement_id
     # registering alone bills nothing: AWS's License Updated event is what makes the license billable,
     # and a registration never revives a license that has been deprovisioned
     assert not billable_during(fold(event.key, [event]), HOUR)

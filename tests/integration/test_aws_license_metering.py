@@ -22,7 +22,7 @@ from billing.domain.model import Customer, CustomerStatus, LedgerEntry, LedgerSt
 from billing.domain.subscriptions import EventSource, billable_during, fold
 from billing.ports import MarketplaceClient
 from billing_local.emulators.aws_events import agreement_event, registration_request
-from testkit import HOUR, PRODUCT, within_window
+from testkit import HOUR, PRODUCT, add_rates, add_usage, ledger, message, within_window
 
 ACCOUNT = "845735284135"
 LICENSE_A = "arn:aws:license-manager::794222239362:license:l-e52ca6f38bf84d0fafb8802ca15ac11a"
@@ -202,6 +202,7 @@ async def test_a_license_registration_links_the_license_subject_to_the_sellers_t
     assert event.source is EventSource.AWS_REGISTRATION
     assert (event.identity.aws_account_id, event.identity.aws_license_arn) == (ACCOUNT, LICENSE_A)
     assert event.identity.aws_customer_identifier is None
+    assert event.identity.aws_agreement_id == stack.metering.licenses[LICENSE_A].agreement_id
     # registering alone bills nothing: AWS's License Updated event is what makes the license billable,
     # and a registration never revives a license that has been deprovisioned
     assert not billable_during(fold(event.key, [event]), HOUR)
@@ -281,3 +282,49 @@ async def test_a_legacy_customers_final_hour_is_accepted_within_the_hour_after_u
         LedgerState.REJECTED,
         LedgerState.REJECTED,
     ]
+
+
+# -- through the biller: PostgreSQL customers, the ledger, the real client, the emulator ---------------
+
+
+async def add_license_customer(pool: Any, customer_id: str, license_arn: str) -> None:
+    await pool.execute(
+        """INSERT INTO customers (id, marketplace, status, active_from, aws_account_id, aws_license_arn)
+           VALUES ($1, 'aws', 'active', $2, $3, $4)""",
+        customer_id,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        ACCOUNT,
+        license_arn,
+    )
+
+
+async def test_the_biller_bills_two_licenses_of_one_account_as_two_subjects(
+    runtime: Runtime, pool: Any, stack: Any
+) -> None:
+    # Given one AWS account with two agreements (licenses) of one product, each its own customer row
+    await add_rates(pool)
+    stack.metering.add_license(PRODUCT, ACCOUNT, LICENSE_A)
+    stack.metering.add_license(PRODUCT, ACCOUNT, LICENSE_B)
+    await add_license_customer(pool, "acct-team-1", LICENSE_A)
+    await add_license_customer(pool, "acct-team-2", LICENSE_B)
+    await add_usage(pool, "acct-team-1", HOUR.start + timedelta(minutes=5), "capacity_gb_hours", "2")
+    await add_usage(pool, "acct-team-2", HOUR.start + timedelta(minutes=7), "capacity_gb_hours", "5")
+    biller = await runtime.biller()
+    biller.clock = within_window
+    # When the hour is billed for both
+    await biller.bill(message("acct-team-1"))
+    await biller.bill(message("acct-team-2"))
+    # Then AWS holds each license's own records, sent by LicenseArn without ProductCode, and the ledger
+    # has each one's record id
+    held = sorted((r.license_arn, r.dimension, r.quantity) for r in stack.metering.accepted())
+    assert held == [
+        (LICENSE_A, "CapacityGbHours", 2),
+        (LICENSE_A, "DataTransferGb", 0),
+        (LICENSE_B, "CapacityGbHours", 5),
+        (LICENSE_B, "DataTransferGb", 0),
+    ]
+    assert all("ProductCode" not in body for body in stack.metering.last_bodies)
+    for customer_id in ("acct-team-1", "acct-team-2"):
+        rows = await ledger(pool, customer_id)
+        assert {r["state"] for r in rows.values()} == {"accepted"}
+    assert stack.metering.double_billed() == []

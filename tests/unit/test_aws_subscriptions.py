@@ -94,6 +94,8 @@ def test_every_agreement_event_sample_parses_to_its_license_subject(
     assert event.ordering == datetime.fromisoformat(raw["time"])
     assert event.source is EventSource.AWS_AGREEMENT
     assert event.identity.aws_account_id == "845735284135"
+    # what links the license-less agreement events to the license (the store's lookup)
+    assert event.identity.aws_agreement_id == AGREEMENT
     assert event.raw == raw
 
 

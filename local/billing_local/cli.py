@@ -322,6 +322,11 @@ def _demo(
     )
     if report:
         _write_report(report, result)
+    # #13: customers subscribing through the marketplaces' own events, and their final partial hours
+    from billing_local.lifecycle import lifecycle_demo
+
+    out.print("subscription lifecycle:")
+    asyncio.run(lifecycle_demo(stack, now))
 
 
 async def _subscribe_all(stack: Any) -> None:

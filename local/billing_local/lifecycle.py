@@ -12,6 +12,7 @@ emulator: it starts at the beginning of the hour before ``now`` and is moved ste
 from __future__ import annotations
 
 import contextlib
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -36,11 +37,14 @@ AUDIENCE = "https://billing.example.com/gcp/pubsub"
 PROVIDER = "demo-provider"
 ENTRA_TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 ENTRA_APP = "0b5c5ac4-5d24-4c2a-9c1a-7d0f6f3e1c11"
+# the demo's own rate card rows for capacity (billing_local.seed.RATE_CARD), added when missing
 RATES = (
-    ("aws", "api_calls", "ApiCalls", Decimal(1)),
-    ("gcp", "api_calls", "api_calls", Decimal(1)),
-    ("azure", "api_calls", "api_calls", Decimal(1)),
+    ("aws", "capacity_gb_hours", "CapacityGbHours", Decimal(1)),
+    ("gcp", "capacity_gb_hours", "capacity_gb_hours", Decimal(1)),
+    ("azure", "capacity_gb_hours", "capacity", Decimal(1)),
 )
+AWS_DIMENSIONS = {"CapacityGbHours", "DataTransferGb", "SnapshotStorage100GbHours"}
+AZURE_DIMENSIONS = ("capacity", "transfer", "snapshots")
 
 
 @dataclass
@@ -133,8 +137,10 @@ async def run_lifecycle(stack: LocalStack, google: Any, microsoft: Any, clock: C
     import aioboto3
     import asyncpg
 
+    from billing.adapters.sqs import SqsQueue
     from billing.bootstrap import Runtime
     from billing.config import load_settings
+    from billing.domain.messages import BillMessageV1
     from billing.entrypoints.subscriptions import Subscriptions, handle
     from billing_local.emulators.aws_events import agreement_event, registration_request
     from billing_local.emulators.azure_fulfillment import landing_page_event
@@ -158,7 +164,7 @@ async def run_lifecycle(stack: LocalStack, google: Any, microsoft: Any, clock: C
             # subscribe: AWS's License Updated event + the buyer's registration; Google's account and
             # entitlement notifications (approved by the handler); Azure's landing page
             clock.now = previous + timedelta(minutes=2)
-            stack.metering.add_product(PRODUCT, {"ApiCalls"})
+            stack.metering.add_product(PRODUCT, AWS_DIMENSIONS)
             stack.metering.add_license(PRODUCT, ACCOUNT, LICENSE, "agmt-demo")
             license_event = agreement_event(
                 "License Updated - Manufacturer",
@@ -182,7 +188,7 @@ async def run_lifecycle(stack: LocalStack, google: Any, microsoft: Any, clock: C
             from billing_local.emulators.azure import AzureResource
 
             microsoft.resources[subscription_id] = AzureResource(
-                plan_id="standard", dimensions=("api_calls",), status="Pending"
+                plan_id="standard", dimensions=AZURE_DIMENSIONS, status="Pending"
             )
             await handle(subs, landing_page_event(purchase, "demo-azure-tenant"))
             tenants = {"aws": "demo-aws-tenant", "gcp": "gcp-demo-entitlement", "azure": "demo-azure-tenant"}
@@ -199,22 +205,26 @@ async def run_lifecycle(stack: LocalStack, google: Any, microsoft: Any, clock: C
                     ):
                         await conn.execute(
                             "INSERT INTO usage (ts, customer_id, cluster_id, metric, quantity)"
-                            " VALUES ($1, $2, 'demo', 'api_calls', $3)",
+                            " VALUES ($1, $2, 'demo', 'capacity_gb_hours', $3)",
                             at,
                             tenant,
                             quantity,
                         )
                     await conn.execute(
                         "INSERT INTO usage (ts, customer_id, cluster_id, metric, quantity)"
-                        " VALUES ($1, $2, 'demo', 'api_calls', 1000)",
+                        " VALUES ($1, $2, 'demo', 'capacity_gb_hours', 1000)",
                         end + timedelta(minutes=10),
                         tenant,
                     )
             finally:
                 await conn.close()
-            # the scheduled run bills the previous hour
+            # the previous hour is billed as the hourly run would (one message per subject; the demo's
+            # synthetic customers are left out: their marketplaces are the other emulators)
             clock.now = current + timedelta(minutes=20)
-            await runtime.dispatch({"source": "aws.events", "time": clock.now.strftime("%Y-%m-%dT%H:%M:%SZ")})
+            run = uuid.uuid4()
+            await SqsQueue(sqs, stack.queue_url).send(
+                [BillMessageV1(customer_id=t, period=previous, run_id=run) for t in tenants.values()]
+            )
             done.billed = await _bill_queue(subs, sqs, stack.queue_url)
             console.print(f"billed {previous:%H:%M}: {', '.join(done.billed)}")
             # every one unsubscribes at the same instant, mid-hour
@@ -245,10 +255,12 @@ async def run_lifecycle(stack: LocalStack, google: Any, microsoft: Any, clock: C
         await runtime.close()
     done.held = {
         "aws": sorted(
-            (r.timestamp.hour, r.quantity) for r in stack.metering.accepted() if r.license_arn == LICENSE
+            (r.timestamp.hour, r.quantity)
+            for r in stack.metering.accepted()
+            if r.license_arn == LICENSE and r.quantity
         ),
-        "gcp": sorted((r.start_time.hour, r.value) for r in google.records.values()),
-        "azure": sorted((e.hour.hour, int(e.quantity)) for e in microsoft.accepted.values()),
+        "gcp": sorted((r.start_time.hour, r.value) for r in google.records.values() if r.value),
+        "azure": sorted((e.hour.hour, int(e.quantity)) for e in microsoft.accepted.values() if e.quantity),
     }
     for market, records in done.held.items():
         shown = ", ".join(f"{h:02d}:00 x{q}" for h, q in records)

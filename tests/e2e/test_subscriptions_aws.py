@@ -220,3 +220,43 @@ async def test_forged_aws_registration_and_foreign_topic_messages_are_refused_an
     assert len((await handle(subs, foreign))["batchItemFailures"]) == 1
     assert await pool.fetchval("SELECT count(*) FROM subscription_events") == events
     assert await pool.fetchval("SELECT count(*) FROM customers WHERE id = 'evil'") == 0
+
+
+async def test_a_cancellation_arriving_during_a_run_bills_each_hour_once(
+    world: tuple[Subscriptions, Clock, Any], stack: Any, pool: asyncpg.Pool
+) -> None:
+    subs, clock, sqs = world
+    url = stack.queues.url
+    # Given two licensed customers billed from 10:00
+    for n, arn in enumerate((L1, L2), 1):
+        stack.metering.add_license(PRODUCT, ACCOUNT, arn, f"agmt-{n}")
+        await handle(subs, license_event("Updated", arn, T10, agreement=f"agmt-{n}"))
+    tenants = [r["id"] for r in await pool.fetch("SELECT id FROM customers ORDER BY id")]
+    for tenant in tenants:
+        await add_usage(pool, tenant, T10 + timedelta(minutes=10), "capacity_gb_hours", "2")
+        await add_usage(pool, tenant, END - timedelta(minutes=10), "capacity_gb_hours", "5")
+    # When the 11:20 run has dispatched 10:00 and, before the Biller took its messages, L1 is
+    # deprovisioned at 11:30 (its final bills join the same queue)
+    await dispatch_hour_after(subs, clock, T10)
+    clock.now = END + timedelta(minutes=1)
+    stack.metering.deprovision(L1, END)
+    outcome = await handle(subs, license_event("Deprovisioned", L1, END))
+    assert outcome == {"recorded": 1}
+    billed = await bill_queue(subs, sqs, url)
+    # Then L1's 10:00 arrived twice (the run's message and the final bills') and was billed once, its
+    # partial 11:00 once; L2 only for 10:00; and later runs add nothing
+    assert sorted(billed) == sorted(
+        [f"{tenants[0]}@10", f"{tenants[0]}@10", f"{tenants[0]}@11", f"{tenants[1]}@10"]
+    )
+    for hour in (T10 + timedelta(hours=h) for h in (1, 2)):
+        await dispatch_hour_after(subs, clock, hour)
+        billed = await bill_queue(subs, sqs, url)
+        assert billed == ([f"{tenants[1]}@11"] if hour.hour == 11 else [f"{tenants[1]}@12"])
+    held = sorted(
+        (r.license_arn == L1, r.timestamp.hour, r.quantity) for r in stack.metering.accepted() if r.quantity
+    )
+    assert held == [(False, 10, 2), (False, 11, 5), (True, 10, 2), (True, 11, 5)]
+    counts = await pool.fetch(
+        "SELECT customer_id, period, dimension, count(*) AS n FROM ledger GROUP BY 1, 2, 3"
+    )
+    assert {r["n"] for r in counts} == {1}

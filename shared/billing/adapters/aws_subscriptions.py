@@ -421,11 +421,10 @@ def derived_tenant_id(answer: Mapping[str, Any]) -> str:
 
 # A registration links a subject to a tenant and gives its identity; it does not make the subject
 # billable. AWS: "don't activate the customer's account until you receive subscribe-success" (Seller
-# Guide, "SaaS customer onboarding" / SNS notifications), and for 2026 listings the entitlement is what
-# License Updated - Manufacturer announces. So it must not revive a subject that has ended either (a
-# stale page posting later). The contract's REGISTERED kind when it has one (requested from subs-core),
-# else PLAN_CHANGED with no plan: both leave the status timeline alone and only add tenant and identity.
-REGISTRATION_KIND: LifecycleKind = getattr(LifecycleKind, "REGISTERED", LifecycleKind.PLAN_CHANGED)
+# Guide, SNS notifications for SaaS products), and for 2026 listings the entitlement is what License
+# Updated - Manufacturer announces. Nor may it revive a subject that has ended (a stale page posting
+# later): REGISTERED leaves the status timeline alone.
+REGISTRATION_KIND = LifecycleKind.REGISTERED
 
 
 async def register(form: RegistrationForm, client: Any, now: datetime) -> LifecycleEvent:

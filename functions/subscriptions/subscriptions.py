@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
 
 logger = Logger()
-subscriptions = Subscriptions(Runtime(load_settings()))  # configuration errors fail here, at cold start
+runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
+subscriptions = Subscriptions(runtime)
 tracing.lambda_agent()
 
 

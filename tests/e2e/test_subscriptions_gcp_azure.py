@@ -9,9 +9,11 @@ are (certificate URL, JWK Set); the handler verifies them with google-auth and P
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aioboto3
@@ -272,3 +274,24 @@ async def test_a_forged_azure_webhook_is_refused_and_writes_nothing(
     assert await pool.fetchval("SELECT count(*) FROM subscription_events") == 0
     assert await pool.fetchval("SELECT count(*) FROM customers") == 0
     assert fulfillment.activations == []
+
+
+EVENTS = Path(__file__).resolve().parents[2] / "events"
+
+
+@pytest.mark.parametrize(
+    "sample",
+    sorted(p.name for p in EVENTS.glob("*.json") if p.name.startswith(("gcp-pubsub-", "azure-"))),
+)
+async def test_the_sample_requests_signed_by_another_key_are_refused_and_write_nothing(
+    functions: tuple[Subscriptions, Any],
+    google: GcpEmulator,
+    azure: AzureEmulator,
+    pool: asyncpg.Pool,
+    sample: str,
+) -> None:
+    # events/ samples carry tokens of a throwaway key (and Azure ids this emulator never issued)
+    subs, _ = functions
+    answer = await handle(subs, json.loads((EVENTS / sample).read_text()))
+    assert answer["statusCode"] in (401, 403), answer
+    assert await pool.fetchval("SELECT count(*) FROM subscription_events") == 0

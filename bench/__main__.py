@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.common import RESULTS, Section, machine, markdown, print_table, section_doc, write_json
 
-SECTIONS = ("scheduling", "cost", "dispatcher", "coldstart", "reports", "profile", "lambda")
+SECTIONS = ("scheduling", "cost", "dispatcher", "coldstart", "reports", "profile", "lambda", "quota", "lanes")
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -46,6 +46,8 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "reports": {"customers": 20},
             "profile": {"customers": 300, "cap": 20},
             "lambda": {"invocations": 150, "reps": 1},
+            "quota": {"customers": 150, "quota": 10.0, "consumers": 10},
+            "lanes": {"customers": 90, "throttle_s": 15.0, "budget_s": 8.0, "aws_quota": 10.0},
         }
     return {
         "scheduling": {
@@ -70,6 +72,9 @@ def _sizes(quick: bool) -> dict[str, Any]:
         "reports": {"customers": 30},
         "profile": {"customers": 2_000, "cap": 50},
         "lambda": {"invocations": 500, "reps": 3},
+        # N/Q = 60 s: one run well under two minutes
+        "quota": {"customers": 600, "quota": 10.0, "consumers": 10},
+        "lanes": {"customers": 300, "throttle_s": 60.0, "budget_s": 10.0, "aws_quota": 10.0},
     }
 
 
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
     }
 
-    from bench import coldstart, cost, dispatcher, lambda_warm, profile, reports, scheduling
+    from bench import coldstart, cost, dispatcher, lambda_warm, lanes, profile, reports, scheduling
     from bench.env import bench_stack
 
     sections: list[Section] = []
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     with bench_stack() as bench:
         apm_client = None
         if {"scheduling", "cost"} & set(chosen):
-            from billing_local.cli import local_apm_client
+            from billing_local.local_run import local_apm_client
 
             apm_client = local_apm_client()
         for key in chosen:
@@ -140,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 section = profile.run(bench, profile.ProfileParams(**sizes["profile"]), log)
             elif key == "lambda":
                 section = lambda_warm.run(bench, lambda_warm.LambdaParams(**sizes["lambda"]), log)
+            elif key == "quota":
+                section = lanes.run_quota(lanes.QuotaParams(**sizes["quota"]), log)
+            elif key == "lanes":
+                section = lanes.run_lanes(lanes.LanesParams(**sizes["lanes"]), log)
             else:
                 section = reports.run(bench, log, sizes["reports"]["customers"])
             section.seconds = time.perf_counter() - began

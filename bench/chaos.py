@@ -3,8 +3,8 @@ billed clean; the marketplaces must end up holding the same quantities.
 
 ``python -m bench.chaos [--customer-hours 10000] [--hours 4] [--seed S]`` bills ``customer-hours / hours``
 synthetic customers (AWS, Google and Azure in turn) for ``hours`` consecutive hours, hour by hour with
-``billing_local.cli.run_hour`` (the dispatcher, then a fixed pool of consumers draining moto's SQS), twice,
-each time on a fresh database and a fresh local stack:
+``billing_local.local_run.run_hour`` (the dispatcher, then a fixed pool of consumers draining moto's SQS),
+twice, each time on a fresh database and a fresh local stack:
 
 - clean: no fault;
 - chaos, during each hour's first drain: marketplace calls answered 429, 500 or 503, never answered (a
@@ -61,12 +61,15 @@ ALL = ("aws", "gcp", "azure")
 TIMEOUT_S = 2.0  # how long the marketplace clients wait for an answer in the chaos run
 HANG_S = TIMEOUT_S + 0.5  # how long a faulty emulator sits on a request
 LEASE_S = 2  # shorter than the runner's first redelivery delay (1 s, then 2 s, ...), as 120 s is to 360 s
+QUOTA = 50  # calls a second per account, project and publisher, enforced by the emulators
 ENV = {
     "POWERTOOLS_LOG_LEVEL": "CRITICAL",
     "POWERTOOLS_METRICS_DISABLED": "true",
     "BILLING_MARKETPLACE_ATTEMPTS": "3",
     "BILLING_GCP_TIMEOUT_SECONDS": str(TIMEOUT_S),
     "BILLING_AZURE_TIMEOUT_SECONDS": str(TIMEOUT_S),
+    # quotas on: each emulator refuses past QUOTA calls a second, and each lane is paced under it
+    **{f"BILLING_{m.upper()}_QUOTA_PER_SECOND": str(QUOTA) for m in ALL},
 }
 
 
@@ -385,7 +388,8 @@ def bill_hours(
     import billing_local.progress
     import billing_local.runner
     import billing_local.stack
-    from billing_local.cli import _seed, _subscribe_all
+    from billing_local.local_run import seed_database as _seed
+    from billing_local.local_run import subscribe_all as _subscribe_all
     from billing_local.migrate import migrate
     from billing_local.stack import environment, local_stack
 
@@ -415,6 +419,8 @@ def bill_hours(
             stack.metering.rng = _CountingRandom(rng.random())
             stack.metering.rng.injected = injected
             stack.metering.fault_kinds = ("throttle", "internal", "unprocessed")
+            for quota in (stack.metering.quota, stack.gcp.quota, stack.azure.quota):
+                quota.reset(rate=QUOTA)
             asyncio.run(_seed(dsn, customers, hours, seed, first.shifted(hours - 1), ALL))
             asyncio.run(_subscribe_all(stack))
             identities = asyncio.run(_identities(dsn))
@@ -443,7 +449,7 @@ def _bill_hour(
     concurrency: int,
 ) -> None:
     """The hour's scheduled run (chaos on, if any), then redrives until every customer-hour is settled."""
-    from billing_local.cli import run_hour
+    from billing_local.local_run import run_hour
 
     poison = _poison(hour, rates.poison_per_hour) if rates is not None else []
     if rates is not None:

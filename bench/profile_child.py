@@ -266,7 +266,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     apm_client = None
     if args.apm == "on":
         from billing_local.apm_capture import CAPTURE
-        from billing_local.cli import local_apm_client
+        from billing_local.local_run import local_apm_client
 
         apm_client = local_apm_client()
     runtime = Runtime(load_settings().model_copy(update={"db_pool_max": args.cap}))

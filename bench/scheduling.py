@@ -183,7 +183,7 @@ async def run_once(
 
         async def pipeline() -> Any:
             async for page in repo.customers_to_bill(period, 1000):
-                for customer in page:
+                for customer, _lane in page:
                     yield BillMessageV1(customer_id=customer, period=period.start, run_id=run_id)
 
         CAPTURE.reset()

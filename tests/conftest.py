@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -40,6 +41,16 @@ for _key, _value in {
     "ELASTIC_APM_ENVIRONMENT": "test",
 }.items():
     os.environ.setdefault(_key, _value)
+
+
+UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The unit tier opens no network socket at all, not even to loopback (pytest-socket)."""
+    for item in items:
+        if item.path.is_relative_to(UNIT):
+            item.add_marker(pytest.mark.disable_socket)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -107,3 +107,13 @@ def lambda_records(queue_url: str) -> list[dict[str, Any]]:
     ).get("Messages", []):
         records += [sqs_record_of(m, queue_url) for m in got]
     return records
+
+
+def throttle_every_call(stack: Any, biller: Any, left_s: float = 0.3) -> None:
+    """AWS throttles every call (until ``stack.metering.fault_rate = 0``), and the bill's budget leaves
+    ``left_s`` seconds for throttle retries and no lane to put the message back on: the bill fails with
+    ThrottledError, its records FAILED with a refusal on record, as a bill throttled for its whole budget."""
+    from billing.budget import RESERVE_SECONDS
+
+    stack.metering.fault_rate, stack.metering.fault_kinds = 1.0, ("throttle",)
+    biller.requeue, biller.budget_seconds = None, RESERVE_SECONDS + left_s

@@ -20,7 +20,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
@@ -35,15 +35,12 @@ from billing_local.lambda_shapes import (  # SAM puts that account id in AWS_ACC
 )
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from billing.domain.model import Period
     from billing_local.stack import LocalStack
     from billing_local.template import FunctionConfig
 
 console = Console(stderr=True, soft_wrap=True)
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 DEFAULT_REGION = "us-east-1"
 APM_CAPTURE_TRANSPORT = "billing_local.apm_capture.CaptureTransport"
 # "now" for the emulators and the Biller: 20 minutes after the event's hour ended, inside every
@@ -111,8 +108,16 @@ def invoke_command(
         ),
     ] = None,
     template: Annotated[
-        Path, typer.Option("--template", "-t", exists=True, dir_okay=False, help="The SAM template.")
-    ] = TEMPLATE,
+        Path | None,
+        typer.Option(
+            "--template",
+            "-t",
+            exists=True,
+            dir_okay=False,
+            help="The SAM template (default: the project's, found from the working directory up, "
+            "or BILLING_TEMPLATE).",
+        ),
+    ] = None,
     customers: Annotated[
         int, typer.Option(min=1, help="Demo customers to seed when the embedded stack runs.")
     ] = 300,
@@ -122,8 +127,12 @@ def invoke_command(
     """Run a function's real handler once, in-process (see INVOKE_HELP)."""
     payload = _read_json(event, "--event")
     file_env = _read_json(env_vars, "--env-vars", mapping=True) if env_vars is not None else {}
-    from billing_local.template import function_config
+    from billing_local.template import TemplateNotFoundError, find_template, function_config
 
+    try:
+        template = template or find_template()
+    except TemplateNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--template") from None
     config = function_config(template, function.logical_id)
     overrides = env_overrides(file_env, config.logical_id)
     undeclared = sorted(set(overrides) - set(config.environment))
@@ -319,11 +328,14 @@ def _invoke_on_local_stack(
     marketplaces: str,
 ) -> Outcome:
     """Start the local stack, seed it for the event's hour, invoke, report what the marketplaces hold."""
-    from billing_local.cli import _marketplaces
+    from billing_local.local_run import parse_marketplaces
     from billing_local.stack import local_stack
 
     declared, lambda_env, overrides = layers
-    chosen = _marketplaces(marketplaces)
+    try:
+        chosen = parse_marketplaces(marketplaces)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--marketplaces") from None
     console.print("starting the embedded local stack: PostgreSQL, moto (SQS), the marketplace emulators")
     with local_stack() as stack:
         # the stack supplies what only a deploy knows (queue URL, endpoints); --env-vars still wins
@@ -377,15 +389,20 @@ def _prepare_stack(
     stack: LocalStack, hours: list[Period], customers: int, seed: int, marketplaces: tuple[str, ...]
 ) -> None:
     """Migrate, seed the demo customers with usage for the hours, and subscribe them everywhere."""
-    from billing_local.cli import _last_complete_hour, _seed, _subscribe_all
+    from billing.domain.model import Period
+    from billing_local.local_run import seed_database, subscribe_all
     from billing_local.migrate import migrate
 
     asyncio.run(migrate(stack.database_url))
-    last = max(hours, key=lambda p: p.start) if hours else _last_complete_hour()
+    last = (
+        max(hours, key=lambda p: p.start)
+        if hours
+        else Period.last_complete_before(datetime.now(UTC), timedelta(0))
+    )
     first = min(hours, key=lambda p: p.start) if hours else last
     span = int((last.start - first.start) / timedelta(hours=1)) + 1
-    summary = asyncio.run(_seed(stack.database_url, customers, span, seed, last, marketplaces))
-    asyncio.run(_subscribe_all(stack))
+    summary = asyncio.run(seed_database(stack.database_url, customers, span, seed, last, marketplaces))
+    asyncio.run(subscribe_all(stack))
     console.print(
         f"seeded {summary.customers} customers ({', '.join(marketplaces)}) with usage for {span} hour(s)"
         f" ending {last}"

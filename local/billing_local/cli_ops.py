@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -321,8 +322,24 @@ def redrive_command(
     wait_seconds: Annotated[
         int, typer.Option(min=0, max=20, help="Long-poll wait when moving by hand (no move-task API).")
     ] = 2,
+    lane: Annotated[
+        str | None,
+        typer.Option(
+            "--lane",
+            help="aws, gcp or azure: that lane's dead-letter queue (BILLING_<LANE>_DLQ_URL) to its own queue "
+            "(BILLING_<LANE>_QUEUE_URL).",
+        ),
+    ] = None,
 ) -> None:
     """Move the dead-letter queue's messages back to the billing queue (safe: billing is idempotent)."""
+    if lane is not None:
+        if lane not in ("aws", "gcp", "azure"):
+            raise typer.BadParameter("aws, gcp or azure", param_hint="--lane")
+        # each lane's DLQ goes back to its own queue, never to another marketplace's lane
+        dlq_url = os.environ.get(f"BILLING_{lane.upper()}_DLQ_URL", dlq_url if source_arn else None)
+        queue_url = os.environ.get(
+            f"BILLING_{lane.upper()}_QUEUE_URL", queue_url if destination_arn else None
+        )
     sqs, probe = _sqs_clients()
     dlq = resolve_queue(
         sqs, None if source_arn else dlq_url, source_arn, "dead-letter queue (BILLING_DLQ_URL)"
@@ -382,13 +399,25 @@ def _settings(pool_max: int = 2) -> Any:
     return settings.model_copy(update={"db_pool_max": max(settings.db_pool_max, pool_max)})
 
 
-async def _status(period: Any) -> Any:
+async def _status(period: Any) -> tuple[Any, list[Any]]:
+    from billing.adapters.postgres import PostgresBillingRepository
     from billing.bootstrap import Runtime
+    from billing.domain.model import Marketplace
+    from billing_local.capacity import lane_capacities
     from billing_local.report import period_status
 
-    runtime = Runtime(_settings())
+    settings = _settings()
+    runtime = Runtime(settings)
     try:
-        return await period_status(await runtime.pool(), period)
+        pool = await runtime.pool()
+        status = await period_status(pool, period)
+        card = await PostgresBillingRepository(pool).rate_card()
+        lanes = lane_capacities(
+            {m.value: getattr(settings, f"{m.value}_quota_per_second") for m in Marketplace},
+            {m.value: len(card.dimensions(m)) for m in Marketplace},
+            {name: counts.customers for name, counts in status.report.marketplaces.items()},
+        )
+        return status, lanes
     finally:
         await runtime.close()
 
@@ -398,16 +427,22 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     limit: Annotated[int, typer.Option(min=1, help="Problems to list (all of them with --json).")] = 50,
 ) -> None:
-    """Check an hour: counts per marketplace and state, missing customers, failures with reasons.
+    """Check an hour: counts per marketplace and state, missing customers, failures with reasons, and
+    each lane's capacity at its quota (customers per hour, this hour's customers, the margin).
 
     Exits 1 when a billable customer has no complete ledger or a record failed or was rejected.
     """
-    status = asyncio.run(_status(_period(period)))
+    status, lanes = asyncio.run(_status(_period(period)))
     if as_json:
-        typer.echo(json.dumps(status.as_dict(), indent=2))
+        typer.echo(
+            json.dumps({**status.as_dict(), "lanes": {c.marketplace: c.as_dict() for c in lanes}}, indent=2)
+        )
     else:
         for line in _status_lines(status, limit):
             typer.echo(line)
+        # capacity at each lane's quota (BILLING_<MARKETPLACE>_QUOTA_PER_SECOND, the template's defaults)
+        for capacity in lanes:
+            typer.echo(capacity.line())
     if not status.ok:
         raise typer.Exit(1)
 
@@ -494,7 +529,7 @@ def reconcile_command(
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        from billing_local.report import iter_lines
+        from billing_local.render import iter_lines
 
         for line in iter_lines(result):
             typer.echo(line)

@@ -1,9 +1,10 @@
 """What the ledger says: a period's counts and problems, and usage reconciled against the ledger.
 
-``period_report`` counts an hour (the runner prints it); ``period_status`` adds the billing run and
-one readable reason per problem (``billing status``); ``iter_lines`` prints a reconciliation
-(``billing reconcile``), computed by the Lambda layer's billing.services.reconcile, the same code the
-daily auditor runs.
+The queries: ``period_report`` counts an hour (the runner prints it); ``period_status`` adds the
+billing run and one readable reason per problem (``billing status``). The sums are
+billing_local.accounting's, the printing billing_local.render's; a reconciliation (``billing
+reconcile``) is computed by the Lambda layer's billing.services.reconcile, the same code the daily
+auditor runs.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from billing.domain.model import HOUR, LedgerState, Period
-from billing.domain.reconciliation import num
+from billing.domain.model import LedgerState, Period
+from billing_local.accounting import HourQuantities, StateGroup, hour_quantities
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Mapping
 
     import asyncpg
-
-    from billing.domain.reconciliation import Reconciliation
 
 
 @dataclass
@@ -42,6 +41,7 @@ class PeriodReport:
     states: dict[str, dict[str, int]] = field(default_factory=dict)  # marketplace -> state -> records
     failures: list[dict[str, str]] = field(default_factory=list)
     marketplaces: dict[str, MarketplaceCustomers] = field(default_factory=dict)
+    quantities: dict[str, HourQuantities] = field(default_factory=dict)  # marketplace -> units
 
     def count(self, state: LedgerState, marketplace: str | None = None) -> int:
         groups = [self.states.get(marketplace, {})] if marketplace else list(self.states.values())
@@ -67,14 +67,22 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
     )
     rows = await pool.fetch(
         """
-        SELECT c.marketplace, l.state, count(*) AS n FROM ledger l JOIN customers c ON c.id = l.customer_id
-         WHERE l.period = $1 GROUP BY 1, 2
+        SELECT c.marketplace, l.state, l.attempts = 0 AS unsent, count(*) AS n,
+               sum(l.quantity) AS quantity, sum(l.carry_in) AS carry_in, sum(l.carry_out) AS carry_out
+          FROM ledger l JOIN customers c ON c.id = l.customer_id
+         WHERE l.period = $1 GROUP BY 1, 2, 3
         """,
         period.start,
     )
     states: dict[str, dict[str, int]] = defaultdict(dict)
+    groups: dict[str, list[StateGroup]] = defaultdict(list)
     for r in rows:
-        states[r["marketplace"]][r["state"]] = int(r["n"])
+        states[r["marketplace"]][r["state"]] = states[r["marketplace"]].get(r["state"], 0) + int(r["n"])
+        groups[r["marketplace"]].append(
+            StateGroup(
+                LedgerState(r["state"]), bool(r["unsent"]), int(r["quantity"]), r["carry_in"], r["carry_out"]
+            )
+        )
     failures = await pool.fetch(
         """
         SELECT customer_id, dimension, state, coalesce(last_error, '') AS reason FROM ledger
@@ -101,6 +109,7 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
         states=dict(states),
         failures=[dict(f) for f in failures],
         marketplaces=dict(by_marketplace),
+        quantities={m: hour_quantities(g) for m, g in groups.items()},
     )
 
 
@@ -273,38 +282,6 @@ def _record_problem(r: Mapping[str, Any]) -> Problem:
         blocking=state is not LedgerState.DUPLICATE,
         quantity=int(r["quantity"]),
     )
-
-
-# --- billing reconcile: the accounting is the layer's (billing.services.reconcile), the report is here
-
-
-def iter_lines(reconciliation: Reconciliation) -> Iterable[str]:
-    """The human report: one block per customer and dimension with a difference."""
-    r = reconciliation
-    hours = int((r.end.end - r.start.start) / HOUR)
-    yield (
-        f"reconcile {r.start} to {r.end} ({hours} hour(s)): {r.customers} customer(s), "
-        f"{len(r.lines)} customer-dimension(s) with usage or records"
-    )
-    yield (
-        f"usage source: {r.usage_source}, read through the UsageSource port (an Elasticsearch source, "
-        "BILLING_USAGE_SOURCE=elasticsearch, is reconciled the same way)"
-    )
-    yield "source = usage rated now with the rate card; billed = accepted + duplicate quantities"
-    for line in r.lines:
-        if not line.differences:
-            continue
-        yield (
-            f"{line.customer_id} {line.dimension} ({line.marketplace}): source {num(line.source)}, "
-            f"billed {line.billed}, carry {num(line.carry_in)} → {num(line.carry_out)}"
-        )
-        for d in line.differences:
-            label = "explained" if d.explained else "UNEXPLAINED"
-            at = f"{d.period} " if d.period else ""
-            yield f"    {label:<11} {num(d.amount):>10}  {at}{d.kind}: {d.reason}"
-    clean = sum(1 for line in r.lines if line.clean)
-    verdict = "clean" if r.clean else f"{r.unexplained} unexplained difference(s)"
-    yield f"{verdict}: {clean} of {len(r.lines)} customer-dimension(s) fully explained"
 
 
 def _iso(moment: datetime) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from billing.domain.model import BillOutcome
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 
 SQS_MAX_RECEIVE = 10
@@ -55,6 +55,7 @@ class RunnerStats:
     durations: list[float] = field(default_factory=list)  # seconds per invocation, transaction included
     work: list[float] = field(default_factory=list)  # seconds inside the handler, per invocation
     message_ids: list[str] = field(default_factory=list)  # the message of each invocation
+    completed: dict[str, float] = field(default_factory=dict)  # customer -> perf_counter when billed
     started: float = 0.0
     finished: float = 0.0
 
@@ -271,6 +272,8 @@ async def drain(
             else:
                 stats.succeeded += 1
                 stats.outcomes.append(outcome)
+                if not outcome.requeued:  # a requeued customer completes with its copy
+                    stats.completed[outcome.customer_id] = time.perf_counter()
                 finished.put_nowait(delivery.receipt_handle)
                 billed = True
             finally:
@@ -304,3 +307,40 @@ async def drain(
     if not stats.finished:
         stats.finished = time.perf_counter()
     return stats
+
+
+async def drain_lanes(
+    sqs: Any,
+    lanes: Mapping[str, tuple[str, int]],
+    handle: Callable[[Delivery], Awaitable[BillOutcome]],
+    progress: Callable[[RunnerStats], None] | None = None,
+    **options: Any,
+) -> dict[str, RunnerStats]:
+    """Drain every lane at once, each from its own queue with its own pool of consumers (``lanes``: the
+    lane's name -> its queue URL and concurrency), as Lambda runs one event source mapping per lane with
+    its own MaximumConcurrency: a slow or throttled lane holds only its own consumers."""
+    async with asyncio.TaskGroup() as group:
+        tasks = {
+            lane: group.create_task(drain(sqs, url, handle, concurrency, progress=progress, **options))
+            for lane, (url, concurrency) in lanes.items()
+        }
+    return {lane: task.result() for lane, task in tasks.items()}
+
+
+def merged(lanes: Iterable[RunnerStats]) -> RunnerStats:
+    """The lanes' statistics as one run: counts summed, from the first start to the last finish."""
+    total = RunnerStats()
+    parts = list(lanes)
+    for part in parts:
+        total.invocations += part.invocations
+        total.succeeded += part.succeeded
+        total.failed += part.failed
+        total.outcomes += part.outcomes
+        total.durations += part.durations
+        total.work += part.work
+        total.message_ids += part.message_ids
+        total.completed |= part.completed
+    if parts:
+        total.started = min(p.started for p in parts)
+        total.finished = max(p.finished for p in parts)
+    return total

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,9 @@ from billing_local.emulators.azure import AzureEmulator
 from billing_local.emulators.gcp import GcpEmulator
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Iterator
 
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 REGION = "us-east-1"
 
 
@@ -36,17 +36,23 @@ class QueueSettings:
     batch_size: int = 1
     visibility_timeout: int = 360
     max_receive_count: int = 5
+    # each lane's MaximumConcurrency and quota (calls a second, 0 = unpaced), by marketplace
+    lane_concurrency: Mapping[str, int] = field(default_factory=dict)
+    lane_quota: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_template(cls, path: Path = TEMPLATE) -> QueueSettings:
-        from billing_local.template import stack_defaults
+    def from_template(cls, path: Path | None = None) -> QueueSettings:
+        """The template's values; ``path`` defaults to the project's (template.find_template)."""
+        from billing_local.template import find_template, stack_defaults
 
-        d = stack_defaults(path)
+        d = stack_defaults(path or find_template())
         return cls(
             max_concurrency=d.biller_max_concurrency,
             batch_size=d.biller_batch_size,
             visibility_timeout=d.queue_visibility_timeout,
             max_receive_count=d.max_receive_count,
+            lane_concurrency={lane.marketplace: lane.max_concurrency for lane in d.lanes},
+            lane_quota={lane.marketplace: lane.quota_per_second for lane in d.lanes},
         )
 
 
@@ -134,6 +140,8 @@ class LocalStack:
     queue: QueueSettings
     env: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # with lanes: each marketplace's own queue and dead-letter queue (the Dispatcher routes to them)
+    lanes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def subscribe(self, customers: Iterable[Mapping[str, Any]], dimensions: Mapping[str, set[str]]) -> None:
         """Make the marketplaces know these customers (rows of the customers table) as subscribed."""
@@ -209,8 +217,12 @@ def create_queues(moto_url: str, queue: QueueSettings, name: str = "billing-queu
 
 
 @contextlib.contextmanager
-def local_stack(database_url: str | None = None) -> Iterator[LocalStack]:
-    """Start everything a local run needs; an existing ``database_url`` is used instead of embedded."""
+def local_stack(database_url: str | None = None, lanes: bool = False) -> Iterator[LocalStack]:
+    """Start everything a local run needs; an existing ``database_url`` is used instead of embedded.
+
+    ``lanes``: one queue and dead-letter queue per marketplace, as template.yaml deploys them (the
+    Dispatcher routes each customer to its lane, the runner drains each lane with its own consumers);
+    without, every marketplace shares one queue."""
     from billing_local.emulators import azure, gcp
     from billing_local.emulators.aws_metering import MeteringState, create_app
     from billing_local.emulators.server import BackgroundServer
@@ -220,6 +232,11 @@ def local_stack(database_url: str | None = None) -> Iterator[LocalStack]:
         dsn = database_url or stack.enter_context(embedded_postgres())
         moto_url = stack.enter_context(moto_server_process())
         queue_url, dlq_url = create_queues(moto_url, queue)
+        lane_queues = (
+            {m: create_queues(moto_url, queue, name=f"billing-queue-{m}") for m in ("aws", "gcp", "azure")}
+            if lanes
+            else {}
+        )
         metering = MeteringState()
         metering_server = stack.enter_context(BackgroundServer(create_app(metering)))
         # the GCP and Azure emulators take a fixed bearer token (their token flows are tested on their own)
@@ -238,6 +255,8 @@ def local_stack(database_url: str | None = None) -> Iterator[LocalStack]:
             "BILLING_GCP_ACCESS_TOKEN": token,
             "BILLING_AZURE_METERING_URL": azure_server.url,
             "BILLING_AZURE_ACCESS_TOKEN": token,
+            **{f"BILLING_{m.upper()}_QUEUE_URL": urls[0] for m, urls in lane_queues.items()},
+            **{f"BILLING_{m.upper()}_DLQ_URL": urls[1] for m, urls in lane_queues.items()},
         }
         yield LocalStack(
             database_url=dsn,
@@ -250,6 +269,7 @@ def local_stack(database_url: str | None = None) -> Iterator[LocalStack]:
             azure=azure_state,
             queue=queue,
             env=env,
+            lanes=lane_queues,
         )
 
 

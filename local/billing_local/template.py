@@ -8,17 +8,78 @@ resolves to ``None``.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
 if TYPE_CHECKING:
-    import os
+    from collections.abc import Mapping
 
 Template = dict[str, Any]
+
+TEMPLATE_NAME = "template.yaml"
+TEMPLATE_ENV = "BILLING_TEMPLATE"
+DISTRIBUTION = "marketplace-billing"
+
+
+class TemplateNotFoundError(FileNotFoundError):
+    """No template.yaml where the project's root could be: say where it was looked for."""
+
+
+def find_template(start: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The project's template.yaml, however the package is installed.
+
+    In order: the ``BILLING_TEMPLATE`` environment variable (an explicit path, which must exist); the
+    first ``template.yaml`` in ``start`` (the working directory) or a directory above it, as ``sam``
+    itself finds it in the working directory; the project directory the distribution was installed
+    from, from its PEP 610 ``direct_url.json`` (``pip install -e .`` or ``pip install .``). A wheel
+    installed from a file records no source directory: run from the project's root or set the variable.
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get(TEMPLATE_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise TemplateNotFoundError(f"{TEMPLATE_ENV}={explicit}: no such file")
+        return path.resolve()
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / TEMPLATE_NAME
+        if candidate.is_file():
+            return candidate
+    installed = _installed_from()
+    if installed is not None and (installed / TEMPLATE_NAME).is_file():
+        return installed / TEMPLATE_NAME
+    raise TemplateNotFoundError(
+        f"no {TEMPLATE_NAME} in {here} or a directory above it, nor in the directory the "
+        f"{DISTRIBUTION} package was installed from: run from the project's root or set {TEMPLATE_ENV}"
+    )
+
+
+def _installed_from() -> Path | None:
+    """The local directory the distribution was installed from (PEP 610), if it was one."""
+    try:
+        text = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return None
+    if not text:
+        return None
+    try:
+        direct = json.loads(text)
+    except ValueError:
+        return None
+    url = urlsplit(str(direct.get("url", "")))
+    if url.scheme != "file" or "dir_info" not in direct:  # a wheel or an archive: no source tree
+        return None
+    return Path(unquote(url.path))
+
 
 DISPATCHER = "DispatcherFunction"
 BILLER = "BillerFunction"
@@ -171,15 +232,6 @@ def function_property(template: Template, logical_id: str, name: str) -> Any:
     return template.get("Globals", {}).get("Function", {}).get(name)
 
 
-def _sqs_event(template: Template, logical_id: str) -> dict[str, Any]:
-    events = resource(template, logical_id).get("Properties", {}).get("Events", {})
-    for event in events.values():
-        if event.get("Type") == "SQS":
-            properties: dict[str, Any] = event["Properties"]
-            return properties
-    raise ValueError(f"{logical_id} has no SQS event")
-
-
 def _get_att_target(node: Any) -> str:
     if isinstance(node, dict) and "Fn::GetAtt" in node:
         target: str = node["Fn::GetAtt"][0]
@@ -194,11 +246,81 @@ def _int(template: Template, node: Any) -> int:
     return int(value)
 
 
+MARKETPLACES = ("aws", "gcp", "azure")
+
+
+def _sqs_events(template: Template, logical_id: str) -> dict[str, dict[str, Any]]:
+    """Every SQS event source of a function, by the logical id of its queue."""
+    events = resource(template, logical_id).get("Properties", {}).get("Events", {})
+    return {
+        _get_att_target(e["Properties"]["Queue"]): e["Properties"]
+        for e in events.values()
+        if e.get("Type") == "SQS"
+    }
+
+
+@dataclass(frozen=True)
+class LaneDefaults:
+    """One marketplace's lane: its queue, dead-letter queue, event source mapping and quota."""
+
+    marketplace: str
+    queue: str  # logical ids
+    dlq: str
+    max_concurrency: int
+    batch_size: int
+    visibility_timeout: int
+    max_receive_count: int
+    dlq_retention_seconds: int
+    quota_per_second: float  # 0 = unpaced
+
+    @property
+    def pace_per_environment(self) -> float | None:
+        """Calls a second each of the lane's environments may start (quota / MaximumConcurrency)."""
+        return self.quota_per_second / self.max_concurrency if self.quota_per_second else None
+
+
+def lanes_from_template(template: Template) -> tuple[LaneDefaults, ...]:
+    """The Biller's lanes, found through its BILLING_<MARKETPLACE>_QUEUE_URL variables."""
+    variables = resource(template, BILLER).get("Properties", {}).get("Environment", {}).get("Variables", {})
+    events = _sqs_events(template, BILLER)
+    lanes = []
+    for marketplace in MARKETPLACES:
+        ref = variables.get(f"BILLING_{marketplace.upper()}_QUEUE_URL")
+        if not isinstance(ref, dict) or "Ref" not in ref:
+            raise ValueError(f"{BILLER} has no BILLING_{marketplace.upper()}_QUEUE_URL: !Ref <queue>")
+        queue_id = ref["Ref"]
+        event = events.get(queue_id)
+        if event is None:
+            raise ValueError(f"{BILLER} has no SQS event source on {queue_id}")
+        queue = resource(template, queue_id)["Properties"]
+        redrive = queue["RedrivePolicy"]
+        dlq_id = _get_att_target(redrive["deadLetterTargetArn"])
+        dlq = resource(template, dlq_id)["Properties"]
+        quota = resolve(template, variables.get(f"BILLING_{marketplace.upper()}_QUOTA_PER_SECOND", 0))
+        lanes.append(
+            LaneDefaults(
+                marketplace=marketplace,
+                queue=queue_id,
+                dlq=dlq_id,
+                max_concurrency=_int(template, event["ScalingConfig"]["MaximumConcurrency"]),
+                batch_size=_int(template, event.get("BatchSize", 10)),
+                visibility_timeout=_int(template, queue.get("VisibilityTimeout", 30)),
+                max_receive_count=_int(template, redrive["maxReceiveCount"]),
+                dlq_retention_seconds=_int(template, dlq.get("MessageRetentionPeriod", 345600)),
+                quota_per_second=float(quota or 0),
+            )
+        )
+    return tuple(lanes)
+
+
 @dataclass(frozen=True)
 class StackDefaults:
-    """Queue and function limits of the stack as deployed with default parameters."""
+    """Queue and function limits of the stack as deployed with default parameters.
 
-    biller_max_concurrency: int
+    The per-queue figures are the tightest of the lanes' (tests/template checks that they agree).
+    """
+
+    biller_max_concurrency: int  # the lanes' MaximumConcurrency summed
     biller_reserved_concurrency: int
     biller_batch_size: int
     biller_timeout: int
@@ -206,25 +328,27 @@ class StackDefaults:
     max_receive_count: int
     dlq_retention_seconds: int
     dispatcher_timeout: int
+    lanes: tuple[LaneDefaults, ...] = ()
+
+    def lane(self, marketplace: str) -> LaneDefaults:
+        return next(lane for lane in self.lanes if lane.marketplace == marketplace)
 
     @classmethod
     def from_template(cls, template: Template) -> StackDefaults:
         """Read the defaults from an already parsed template."""
-        event = _sqs_event(template, BILLER)
-        queue = resource(template, _get_att_target(event["Queue"]))["Properties"]
-        redrive = queue["RedrivePolicy"]
-        dlq = resource(template, _get_att_target(redrive["deadLetterTargetArn"]))["Properties"]
+        lanes = lanes_from_template(template)
         return cls(
-            biller_max_concurrency=_int(template, event["ScalingConfig"]["MaximumConcurrency"]),
+            biller_max_concurrency=sum(lane.max_concurrency for lane in lanes),
             biller_reserved_concurrency=_int(
                 template, function_property(template, BILLER, "ReservedConcurrentExecutions")
             ),
-            biller_batch_size=_int(template, event.get("BatchSize", 10)),
+            biller_batch_size=max(lane.batch_size for lane in lanes),
             biller_timeout=_int(template, function_property(template, BILLER, "Timeout")),
-            queue_visibility_timeout=_int(template, queue.get("VisibilityTimeout", 30)),
-            max_receive_count=_int(template, redrive["maxReceiveCount"]),
-            dlq_retention_seconds=_int(template, dlq.get("MessageRetentionPeriod", 345600)),
+            queue_visibility_timeout=min(lane.visibility_timeout for lane in lanes),
+            max_receive_count=min(lane.max_receive_count for lane in lanes),
+            dlq_retention_seconds=min(lane.dlq_retention_seconds for lane in lanes),
             dispatcher_timeout=_int(template, function_property(template, DISPATCHER, "Timeout")),
+            lanes=lanes,
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import random
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from billing.adapters.postgres_tls import DatabaseTls
+    from billing.adapters.sqs import SqsQueue
+    from billing.domain.messages import BillMessageV1
     from billing.ports import MarketplaceClient, UsageSource
     from billing.services.bill import Biller
     from billing.services.dispatch import DispatchResult
@@ -119,6 +123,7 @@ class Runtime:
         self._session: Any = None
         self._marketplaces: dict[Marketplace, MarketplaceClient] = {}
         self._biller: Biller | None = None
+        self._queue: SqsQueue | None = None
         self._lock = asyncio.Lock()  # builds marketplace adapters
         self._build_lock = asyncio.Lock()  # builds the pool and the biller: first callers race at cold start
 
@@ -167,6 +172,9 @@ class Runtime:
         return self._marketplaces[marketplace]
 
     async def _build_marketplace(self, marketplace: Marketplace) -> MarketplaceClient:
+        from billing.adapters.pacing import Pacer
+
+        pacer = Pacer(self.settings.pace(marketplace.value))
         if marketplace is Marketplace.AWS:
             from billing.adapters.aws_metering import AwsMeteringClient
 
@@ -177,15 +185,19 @@ class Runtime:
                 # one attempt a call: the adapter retries, knowing each attempt's outcome
                 retries={"mode": "standard", "total_max_attempts": 1},
             )
-            return AwsMeteringClient(client, attempts=self.settings.marketplace_attempts)
+            return AwsMeteringClient(client, attempts=self.settings.marketplace_attempts, pacer=pacer)
         if marketplace is Marketplace.GCP:
             from billing.adapters import gcp_service_control
 
-            return await gcp_service_control.create(self._stack, _secret, self.settings.marketplace_attempts)
+            return await gcp_service_control.create(
+                self._stack, _secret, self.settings.marketplace_attempts, pacer
+            )
         if marketplace is Marketplace.AZURE:
             from billing.adapters import azure_metering
 
-            return await azure_metering.create(self._stack, _secret, self.settings.marketplace_attempts)
+            return await azure_metering.create(
+                self._stack, _secret, self.settings.marketplace_attempts, pacer
+            )
         raise ConfigurationError(f"no adapter for the {marketplace} marketplace")
 
     async def usage_source(self) -> UsageSource:
@@ -230,25 +242,42 @@ class Runtime:
                 lease_seconds=self.settings.lease_seconds,
                 budget_seconds=self.settings.invocation_budget_seconds,
                 clock=self.clock,
+                requeue=self.requeue if self.settings.requeue_throttled else None,
             )
+
+    async def queue(self) -> SqsQueue:
+        """The billing queues (one lane per marketplace), through one SQS client."""
+        if self._queue is None:
+            from billing.adapters.sqs import SqsQueue
+
+            sqs = await self.aws_client("sqs")
+            lanes = {m: url for m in Marketplace if (url := getattr(self.settings, f"{m.value}_queue_url"))}
+            self._queue = SqsQueue(
+                sqs, self.settings.queue_url, in_flight=self.settings.dispatch_in_flight, lanes=lanes
+            )
+        return self._queue
+
+    async def requeue(self, message: BillMessageV1, lane: Marketplace, retry_after: float | None) -> None:
+        """A fresh copy of a throttled message on its lane, delayed past Retry-After with jitter (SQS's
+        DelaySeconds is at most 900)."""
+        least = self.settings.requeue_delay_seconds
+        delay = min(900, math.ceil(max(retry_after or 0.0, least) + random.uniform(0, least)))
+        await (await self.queue()).send([message], lane=lane, delay_seconds=delay)
 
     async def dispatch(self, event: dict[str, Any]) -> DispatchResult:
         from billing.adapters.postgres import PostgresDispatchRepository
-        from billing.adapters.sqs import SqsQueue
         from billing.events import dispatch_request
         from billing.services.dispatch import dispatch
 
         request = dispatch_request(event, self.settings.settle_delay, self.clock)
-        if not self.settings.queue_url:
-            raise ConfigurationError("BILLING_QUEUE_URL is not set")
-        if not hasattr(self, "_queue"):
-            sqs = await self.aws_client("sqs")
-            self._queue = SqsQueue(sqs, self.settings.queue_url, in_flight=self.settings.dispatch_in_flight)
+        if not all(self.settings.lane_queue_url(m.value) for m in Marketplace):
+            raise ConfigurationError("set BILLING_QUEUE_URL or every lane's BILLING_<MARKETPLACE>_QUEUE_URL")
+        queue = await self.queue()
         repo = PostgresDispatchRepository(await self.pool())
         return await dispatch(
             request.period,
             repo,
-            self._queue,
+            queue,
             self.settings.dispatch_page_size,
             resend_unbilled=request.resend_unbilled,
         )

@@ -35,6 +35,29 @@ class Settings(BaseSettings):
     db_tls_verify: bool = True
 
     queue_url: str | None = None
+    # Lanes: each marketplace's own queue (the Dispatcher sends there; the Biller puts a throttled message
+    # back there). Unset: the marketplace shares BILLING_QUEUE_URL.
+    aws_queue_url: str | None = None
+    gcp_queue_url: str | None = None
+    azure_queue_url: str | None = None
+    # Each lane's documented quota, in calls (Google: quota units) a second, shared by the lane's
+    # environments (BILLING_*_LANE_ENVIRONMENTS: the lane's MaximumConcurrency in Lambda, 1 for the local
+    # runner's one process). 0 = not paced. Sources: template.yaml's quota parameters.
+    aws_quota_per_second: float = Field(default=10.0, ge=0)
+    gcp_quota_per_second: float = Field(default=100_000.0, ge=0)
+    azure_quota_per_second: float = Field(default=0.0, ge=0)
+    # The least delay of a throttled message's copy on its lane (its throttles lasted a whole budget: give
+    # the marketplace's quota time to recover before the lane tries the customer again); jittered up to 2x
+    requeue_delay_seconds: int = Field(default=30, ge=0, le=450)
+    # false: a bill throttled for its whole budget fails its item like any other (SQS redelivers it and,
+    # after maxReceiveCount, dead-letters it); the fault suite's outage scenarios count on that
+    requeue_throttled: bool = True
+    # The pace stays this far under the quota, so that the network's and the event loop's jitter do not
+    # push one call too many into a second (measured: `make bench`, section quota)
+    pace_headroom: float = Field(default=0.9, gt=0, le=1)
+    aws_lane_environments: int = Field(default=1, ge=1, le=1000)
+    gcp_lane_environments: int = Field(default=1, ge=1, le=1000)
+    azure_lane_environments: int = Field(default=1, ge=1, le=1000)
 
     usage_source: UsageSourceKind = UsageSourceKind.POSTGRES
     es_url: str | None = None
@@ -64,6 +87,18 @@ class Settings(BaseSettings):
         if self.usage_source is UsageSourceKind.ELASTICSEARCH and not self.es_url:
             raise ValueError("BILLING_ES_URL is required when BILLING_USAGE_SOURCE=elasticsearch")
         return self
+
+    def lane_queue_url(self, marketplace: str) -> str | None:
+        """The marketplace's lane queue (or the shared queue)."""
+        url: str | None = getattr(self, f"{marketplace}_queue_url")
+        return url or self.queue_url
+
+    def pace(self, marketplace: str) -> float | None:
+        """Calls a second this execution environment may start for the marketplace (None: unpaced):
+        the lane's quota (less the headroom) over the environments that share it."""
+        quota: float = getattr(self, f"{marketplace}_quota_per_second")
+        environments: int = getattr(self, f"{marketplace}_lane_environments")
+        return quota * self.pace_headroom / environments if quota > 0 else None
 
     @property
     def settle_delay(self) -> timedelta:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 from billing.domain.model import (
     Customer,
     LedgerEntry,
+    LedgerState,
     Period,
 )
 from billing.domain.subscriptions import SubscriptionState
@@ -89,25 +90,34 @@ class BillingRepository(Protocol):
         state: CustomerHourState,
         message: BillMessageV1,
         decision: Decision,
-        entry_states: Mapping[str, tuple[str, int]],
+        entry_states: Mapping[str, tuple[LedgerState, int]],
         owner: str,
         lease: timedelta,
     ) -> bool:
-        """Write the decision and claim it for submission; False if the customer's balances moved."""
+        """Write the decision, one row per dimension in ``entry_states``' (state, attempts), and claim the
+        rows with an attempt for ``owner`` until ``lease`` from now; False, with nothing written, if the
+        customer's billing version is no longer ``state.version`` (its balances moved). Raises
+        ConcurrentDecisionError if the hour already has rows."""
         ...
 
     async def claim(
         self, customer_id: str, period: Period, owner: str, lease: timedelta
     ) -> tuple[LedgerEntry, ...] | None:
-        """Claim the hour's unfinished rows for submission; None if another delivery holds them."""
+        """Claim the hour's unfinished rows whose lease is free, lapsed or ``owner``'s: each becomes SUBMITTED
+        with one more attempt (and unconfirmed if it was SUBMITTED already); None if there is none."""
         ...
 
     async def record_results(
         self, customer_id: str, period: Period, owner: str, results: Sequence[SubmitResult]
-    ) -> None: ...
+    ) -> None:
+        """Record the marketplace's answers on the rows ``owner`` holds, and release them; rows another
+        delivery holds now are left alone. A FAILED or REJECTED answer counts as a refused attempt."""
+        ...
 
     async def expire(self, customer_id: str, period: Period, owner: str, window: str) -> int:
-        """Settle an hour outside the marketplace's window: unsent quantities go back to the carry."""
+        """Settle an hour outside the marketplace's window: unfinished rows (lease free, lapsed or
+        ``owner``'s) every attempt of which was refused become EXPIRED and give their quantity back to the
+        carry; the others may have been received and become REJECTED. Returns how many were settled."""
         ...
 
     async def rate_card(self) -> RateCard: ...
@@ -116,14 +126,17 @@ class BillingRepository(Protocol):
 class DispatchRepository(Protocol):
     async def start_run(self, period: Period) -> Run: ...
 
-    def customers_to_bill(self, period: Period, page_size: int) -> AsyncIterator[list[str]]: ...
+    def customers_to_bill(
+        self, period: Period, page_size: int
+    ) -> AsyncIterator[list[tuple[str, Marketplace]]]: ...
 
     async def finish_run(self, run_id: uuid.UUID, dispatched: int) -> None: ...
 
 
 class MessageQueue(Protocol):
-    async def send(self, messages: Sequence[BillMessageV1]) -> int:
-        """Send every message (10 a call, several calls in flight); return how many were sent."""
+    async def send(self, messages: Sequence[BillMessageV1], lane: Marketplace | None = None) -> int:
+        """Send every message to the marketplace's lane (its own queue; None: the default queue), 10 a
+        call, several calls in flight; return how many were sent."""
         ...
 
 

@@ -170,7 +170,7 @@ def test_a_failed_bill_is_a_failure_transaction_with_its_error(
 
 
 def test_the_local_runner_produces_the_same_transactions_without_queue_wait(stack: Any) -> None:
-    from billing_local.cli import local_apm_client, run_hour
+    from billing_local.local_run import local_apm_client, run_hour
 
     LOOP.run_until_complete(_seed(stack.database_url))
     stack.metering.add_product(PRODUCT)

@@ -1,8 +1,8 @@
 """Fault injection: whatever fails, the marketplaces end up holding what a run without faults gives them.
 
 Every case bills on a fresh database and local stack (embedded PostgreSQL, moto's SQS, the emulators of
-the three marketplaces) through the local runner, ``billing_local.cli.run_hour``, with its faults injected
-from outside the billing code:
+the three marketplaces) through the local runner, ``billing_local.local_run.run_hour``, with its faults
+injected from outside the billing code:
 
 - in front of each marketplace emulator, an aiohttp middleware (``Gate``) answers the calls a plan picks
   with an HTTP status, with no answer at all (a timeout), or does the work and then never answers (the
@@ -52,7 +52,6 @@ from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.domain.errors import TransientError
 from billing.domain.model import LedgerState, Period, hour_floor
-from billing_local.cli import HourResult, _seed, _subscribe_all, run_hour
 from billing_local.cli_ops import redrive, resolve_queue
 from billing_local.faults import (
     Proxy,
@@ -62,6 +61,9 @@ from billing_local.faults import (
     with_middleware,
 )
 from billing_local.lambda_shapes import LambdaContext, sqs_record
+from billing_local.local_run import HourResult, run_hour
+from billing_local.local_run import seed_database as _seed
+from billing_local.local_run import subscribe_all as _subscribe_all
 from billing_local.runner import Delivery
 from billing_local.stack import LocalStack, QueueSettings, environment, local_stack
 
@@ -77,6 +79,8 @@ NEXT = H.shifted(1)
 WINDOWS = {"aws": timedelta(hours=6), "gcp": timedelta(hours=2), "azure": timedelta(hours=24)}
 TIMEOUT_S = 0.5  # how long the marketplace clients wait for an answer here
 HANG_S = TIMEOUT_S + 0.5  # how long a faulty emulator sits on a request
+QUOTA = 50  # calls a second per account, project and publisher, in every emulator
+
 TEST_ENV = {
     "POWERTOOLS_LOG_LEVEL": "ERROR",
     "POWERTOOLS_METRICS_DISABLED": "true",
@@ -84,6 +88,15 @@ TEST_ENV = {
     "BILLING_GCP_TIMEOUT_SECONDS": str(TIMEOUT_S),
     "BILLING_AZURE_TIMEOUT_SECONDS": str(TIMEOUT_S),
     "BILLING_DISPATCH_PAGE_SIZE": "10",
+    # Quotas on: every marketplace emulator refuses past QUOTA calls a second (rolling window), and the
+    # biller paces each lane under it (one process: one environment per lane)
+    **{f"BILLING_{m.upper()}_QUOTA_PER_SECOND": str(QUOTA) for m in ("aws", "gcp", "azure")},
+    # The outage scenarios below need a throttled bill to fail its item (and reach the DLQ), as an
+    # outage does: with requeueing on, a throttle that never lifts would requeue for ever. Requeueing
+    # is proved in tests/integration/test_biller_aws.py and `make bench` (section lanes). A throttled
+    # bill retries for 1 s (the budget less billing.budget's 5 s reserve), not 40.
+    "BILLING_REQUEUE_THROTTLED": "false",
+    "BILLING_INVOCATION_BUDGET_SECONDS": "6",
 }
 
 Key = tuple[str, str]  # (customer, dimension)
@@ -609,6 +622,8 @@ class Lab:
             mp.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
             with local_stack(dsn) as stack, environment({**stack.env, **TEST_ENV}):
                 stack.metering.clock = stack.gcp.clock = stack.azure.clock = clock
+                for quota in (stack.metering.quota, stack.gcp.quota, stack.azure.quota):
+                    quota.reset(rate=QUOTA)
                 customers = PER_MARKETPLACE * len(marketplaces)
                 asyncio.run(_seed(dsn, customers, 2, SEED, NEXT, marketplaces))
                 asyncio.run(_subscribe_all(stack))
@@ -754,12 +769,15 @@ def test_a_dispatcher_killed_half_way_and_triggered_again_bills_everyone_once(la
     def scenario(w: World) -> None:
         # Given a dispatcher that dies after sending its first page of 10 messages
         send = SqsQueue.send
-        pages = itertools.count()
+        sent = 0
 
-        async def dying_send(queue: SqsQueue, messages: Any) -> int:
-            if next(pages) == 1:
+        async def dying_send(queue: SqsQueue, messages: Any, **lane: Any) -> int:
+            # a page is sent lane by lane (one call per marketplace in it): die once the first page is out
+            nonlocal sent
+            if sent >= 10:
                 raise Killed("dispatcher killed half way")
-            return await send(queue, messages)
+            sent += await send(queue, messages, **lane)
+            return len(messages)
 
         w.mp.setattr(SqsQueue, "send", dying_send)
         with pytest.raises(Killed):

@@ -236,7 +236,7 @@ def doubles(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Doubles]:
 
 async def _seed_customers(local: LocalStack, es: EsState) -> None:
     """The demo customers in Postgres, their usage in Elasticsearch, all subscribed."""
-    from billing_local.cli import _subscribe_all
+    from billing_local.local_run import subscribe_all
 
     pool = await asyncpg.create_pool(local.database_url, min_size=1, max_size=2)
     try:
@@ -252,7 +252,7 @@ async def _seed_customers(local: LocalStack, es: EsState) -> None:
                 for m in ("capacity_gb_hours", "data_transfer_gb")
             ),
         )
-    await _subscribe_all(local)
+    await subscribe_all(local)
 
 
 @pytest.fixture

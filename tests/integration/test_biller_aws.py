@@ -17,16 +17,28 @@ from typing import Any
 import pytest
 
 from billing.bootstrap import Runtime
+from billing.budget import RESERVE_SECONDS
 from billing.config import load_settings
 from billing.domain.errors import (
     BadMessageError,
     BudgetSpentError,
     ClaimHeldError,
     MarketplaceUnavailableError,
+    ThrottledError,
 )
-from billing.domain.model import LedgerState
+from billing.domain.model import LedgerState, Marketplace
 from billing.services.bill import Biller
-from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, ledger, message, within_window
+from testkit import (
+    HOUR,
+    PRODUCT,
+    add_aws_customer,
+    add_rates,
+    add_usage,
+    ledger,
+    message,
+    throttle_every_call,
+    within_window,
+)
 
 
 @pytest.fixture
@@ -163,23 +175,63 @@ async def test_a_throttled_call_is_retried_within_the_invocation(
     assert stack.metering.calls == 2
 
 
-async def test_persistent_throttling_fails_the_item_and_a_redelivery_bills_it_once(
+async def test_throttles_are_retried_within_the_budget_without_spending_attempts(
     biller: Biller, pool: Any, stack: Any
 ) -> None:
-    # Given AWS throttles every call of this invocation
+    # Given AWS throttles five calls in a row (the adapter has 2 attempts for other faults)
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "3")
     stack.metering.faults.extend(["throttle"] * 5)
-    # When the message is billed, the item fails (SQS will redeliver it) and the ledger says why
-    with pytest.raises(MarketplaceUnavailableError, match="ThrottlingException"):
-        await biller.bill(message("c1"))
-    assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"failed"}
-    # Then the redelivery bills it, once
-    await biller.bill(message("c1"))
+    # When the message is billed
+    outcome = await biller.bill(message("c1"))
+    # Then one invocation bills it: a throttle is "not processed", retried with jitter until the budget
+    assert outcome.count(LedgerState.ACCEPTED) == 2
+    assert stack.metering.calls == 6
     assert sorted((r.dimension, r.quantity) for r in stack.metering.accepted()) == [
         ("CapacityGbHours", 3),
         ("DataTransferGb", 0),
     ]
+
+
+async def test_a_bill_throttled_for_its_whole_budget_goes_back_to_its_lane_not_to_the_dlq(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given AWS throttles every call, and a budget that leaves half a second for throttle retries
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "3")
+    stack.metering.fault_rate, stack.metering.fault_kinds = 1.0, ("throttle",)
+    requeued: list[tuple[Any, Marketplace, float | None]] = []
+
+    async def requeue(msg: Any, lane: Marketplace, retry_after: float | None) -> None:
+        requeued.append((msg, lane, retry_after))
+
+    biller.requeue, biller.budget_seconds = requeue, RESERVE_SECONDS + 0.5
+    # When the message is billed, the delivery ends as handled, with a copy of the message on the AWS lane
+    sent = message("c1")
+    outcome = await biller.bill(sent)
+    assert outcome.requeued and not outcome.entries
+    assert requeued == [(sent, Marketplace.AWS, None)]
+    # and the ledger records the refusals, its lease released for the copy
+    rows = await ledger(pool, "c1")
+    assert {r["state"] for r in rows.values()} == {"failed"}
+    assert {r["lease_owner"] for r in rows.values()} == {None}
+    # Then once the throttling stops, the copy bills the hour, once
+    stack.metering.fault_rate = 0.0
+    await biller.bill(sent)
+    assert sorted((r.dimension, r.quantity) for r in stack.metering.accepted()) == [
+        ("CapacityGbHours", 3),
+        ("DataTransferGb", 0),
+    ]
+
+
+async def test_without_a_lane_to_go_back_to_a_throttled_bill_fails_its_item(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
+    stack.metering.fault_rate, stack.metering.fault_kinds = 1.0, ("throttle",)
+    biller.requeue, biller.budget_seconds = None, RESERVE_SECONDS + 0.2
+    with pytest.raises(ThrottledError, match="ThrottlingException"):
+        await biller.bill(message("c1"))
 
 
 async def test_an_internal_error_leaves_the_submission_unconfirmed_until_resubmitted(
@@ -301,9 +353,10 @@ async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
     # Given an hour decided and throttled, whose redelivery comes after the window closed
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
-    stack.metering.faults.extend(["throttle"] * 5)
+    throttle_every_call(stack, biller)
     with pytest.raises(MarketplaceUnavailableError):
         await biller.bill(message("c1"))
+    stack.metering.fault_rate = 0.0
     late = HOUR.start + timedelta(hours=7)
     biller.clock = lambda: late
     stack.metering.clock = lambda: late
@@ -326,9 +379,10 @@ async def test_a_failed_row_without_a_refusal_on_record_is_not_carried_past_the_
     # 0004 left it: it also took a reset after sending for 'failed'), redelivered after the window
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
-    stack.metering.faults.extend(["throttle"] * 5)
+    throttle_every_call(stack, biller)
     with pytest.raises(MarketplaceUnavailableError):
         await biller.bill(message("c1"))
+    stack.metering.fault_rate = 0.0
     await pool.execute("UPDATE ledger SET refused_attempts = 0 WHERE customer_id = 'c1'")
     late = HOUR.start + timedelta(hours=7)
     biller.clock = stack.metering.clock = lambda: late
@@ -350,7 +404,7 @@ async def test_refused_attempts_are_counted_so_a_refused_hour_still_expires(
     # Given an hour throttled on its first delivery and again on a second one
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
-    stack.metering.faults.extend(["throttle"] * 6)
+    throttle_every_call(stack, biller)
     for _ in range(2):
         with pytest.raises(MarketplaceUnavailableError):
             await biller.bill(message("c1"))

@@ -145,6 +145,17 @@ def test_imports_from_the_read_only_layer_compile_nothing(layer: Path, tmp_path:
             path.chmod(path.stat().st_mode | 0o200)
 
 
+@needs_313
+def test_the_layer_ships_the_migrations_beside_the_postgres_adapter(layer: Path) -> None:
+    # Given the SQL migrations in the source tree, When the layer is built, Then it holds each of them
+    # unchanged, where `python -m billing.migrate` looks for them
+    source = SHARED / "billing" / "adapters" / "migrations"
+    shipped = layer / "billing" / "adapters" / "migrations"
+    expected = {p.name: p.read_bytes() for p in source.glob("*.sql")}
+    assert len(expected) >= 4
+    assert {p.name: p.read_bytes() for p in shipped.glob("*.sql")} == expected
+
+
 def test_a_build_without_python_313_fails_and_says_why() -> None:
     missing = make("layer-target-python", "LAYER_TARGET_PYTHON=")
     assert missing.returncode != 0

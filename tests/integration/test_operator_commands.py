@@ -29,7 +29,7 @@ from billing.domain.model import Period
 from billing.services.bill import Biller
 from billing_local.cli_ops import BY_HAND, MOVE_TASK, QueueRef, redrive, register
 from billing_local.stack import REGION, aws_env
-from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, message
+from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, message, throttle_every_call
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -523,10 +523,10 @@ async def test_reconcile_explains_an_expired_hour_billed_with_a_later_one(
     # to the carry), then billed with the hour 6 hours later
     await subscribed(pool, stack, "c1")
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
-    # (the adapter retries BatchMeterUsage itself: stamina runs 3 attempts in tests, see tests/conftest.py)
-    stack.metering.faults.extend(["throttle"] * 3)
+    throttle_every_call(stack, biller)
     with pytest.raises(Exception, match="ThrottlingException"):
         await bill_hour(biller, ["c1"])
+    stack.metering.fault_rate = 0.0
     late = HOUR.start + timedelta(hours=7)
     biller.clock = stack.metering.clock = lambda: late
     await biller.bill(message("c1"))
@@ -549,9 +549,10 @@ async def expired_without_a_refusal_on_record(biller: Biller, pool: Any, stack: 
     took a connection reset after sending for "not sent": AWS may hold the hour, billed twice)."""
     await subscribed(pool, stack, "c1")
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "6")
-    stack.metering.faults.extend(["throttle"] * 3)
+    throttle_every_call(stack, biller)
     with pytest.raises(Exception, match="ThrottlingException"):
         await bill_hour(biller, ["c1"])
+    stack.metering.fault_rate = 0.0
     late = HOUR.start + timedelta(hours=7)
     biller.clock = stack.metering.clock = lambda: late
     await bill_hour(biller, ["c1"])

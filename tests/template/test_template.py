@@ -125,11 +125,23 @@ def _schedule(template: Template, logical_id: str = DISPATCHER) -> dict[str, Any
     return properties
 
 
-def _biller_sqs_event(template: Template) -> dict[str, Any]:
+def _biller_sqs_events(template: Template) -> list[dict[str, Any]]:
     events = resource(template, BILLER)["Properties"]["Events"]
-    (event,) = (e["Properties"] for e in events.values() if e.get("Type") == "SQS")
-    properties: dict[str, Any] = event
-    return properties
+    return [e["Properties"] for e in events.values() if e.get("Type") == "SQS"]
+
+
+LANE_QUEUES = ("AwsBillingQueue", "GcpBillingQueue", "AzureBillingQueue")
+LANE_DLQS = ("AwsBillingDLQ", "GcpBillingDLQ", "AzureBillingDLQ")
+LANE_CONCURRENCY = ("AwsLaneMaximumConcurrency", "GcpLaneMaximumConcurrency", "AzureLaneMaximumConcurrency")
+CONCURRENCY_PARAMETERS = (*LANE_CONCURRENCY, "BillerReservedConcurrency")
+# Each lane's documented quota (the parameters' defaults): AWS Marketplace Metering Service quotas
+# (BatchMeterUsage, 10 a second per account and region); Service Infrastructure quotas (Service Control,
+# 6,000,000 units a minute per producer project); Azure documents none (0: unpaced, 429 + Retry-After).
+DOCUMENTED_QUOTAS = {
+    "aws": ("AwsMeteringQuotaPerSecond", 10.0),
+    "gcp": ("GcpServiceControlQuotaPerSecond", 100_000.0),
+    "azure": ("AzureMeteringQuotaPerSecond", 0.0),
+}
 
 
 def _functions(template: Template) -> Iterator[str]:
@@ -190,12 +202,15 @@ def check_schedule_keeps_failed_deliveries(template: Template) -> list[str]:
 
 def check_max_concurrency_range(template: Template) -> list[str]:
     problems = []
-    value = StackDefaults.from_template(template).biller_max_concurrency
-    if not 2 <= value <= 1000:
-        problems.append(f"MaximumConcurrency {value} is outside 2..1000")
-    parameter = template["Parameters"]["BillerMaximumConcurrency"]
-    if parameter.get("MinValue", 0) < 2 or parameter.get("MaxValue", 10**9) > 1000:
-        problems.append("BillerMaximumConcurrency parameter allows values outside 2..1000")
+    for lane in StackDefaults.from_template(template).lanes:
+        if not 2 <= lane.max_concurrency <= 1000:
+            problems.append(
+                f"the {lane.marketplace} lane's MaximumConcurrency {lane.max_concurrency} is outside 2..1000"
+            )
+    for name in LANE_CONCURRENCY:
+        parameter = template["Parameters"][name]
+        if parameter.get("MinValue", 0) < 2 or parameter.get("MaxValue", 10**9) > 1000:
+            problems.append(f"{name} parameter allows values outside 2..1000")
     return problems
 
 
@@ -203,8 +218,9 @@ def check_max_concurrency_within_reserved(template: Template) -> list[str]:
     d = StackDefaults.from_template(template)
     if d.biller_max_concurrency > d.biller_reserved_concurrency:
         return [
-            f"MaximumConcurrency {d.biller_max_concurrency} exceeds reserved concurrency "
-            f"{d.biller_reserved_concurrency}: the surplus pollers only produce throttles"
+            f"the lanes' MaximumConcurrency sums to {d.biller_max_concurrency}, over the reserved "
+            f"concurrency {d.biller_reserved_concurrency}: one lane's pollers would take another's "
+            "environments (throttles)"
         ]
     return []
 
@@ -219,7 +235,7 @@ def check_samconfig_concurrency(template: Template, samconfig: dict[str, Any]) -
             continue
         values = dict(item.split("=", 1) for item in shlex.split(overrides))
         mutated = copy.deepcopy(template)
-        for name in ("BillerMaximumConcurrency", "BillerReservedConcurrency"):
+        for name in CONCURRENCY_PARAMETERS:
             if name in values:
                 mutated["Parameters"][name]["Default"] = int(values[name])
         problems += [f"samconfig {env}: {p}" for p in check_max_concurrency_range(mutated)]
@@ -245,9 +261,61 @@ def check_batch_size(template: Template) -> list[str]:
 
 
 def check_partial_batch_response(template: Template) -> list[str]:
-    if "ReportBatchItemFailures" in _biller_sqs_event(template).get("FunctionResponseTypes", []):
-        return []
-    return ["the Biller's SQS event does not report batch item failures"]
+    return [
+        f"the Biller's SQS event on {_get_att(e['Queue'])} does not report batch item failures"
+        for e in _biller_sqs_events(template)
+        if "ReportBatchItemFailures" not in e.get("FunctionResponseTypes", [])
+    ]
+
+
+def _get_att(node: Any) -> str:
+    return str(node["Fn::GetAtt"][0]) if isinstance(node, dict) and "Fn::GetAtt" in node else str(node)
+
+
+def check_lanes(template: Template) -> list[str]:
+    """One lane per marketplace: its own queue, DLQ, event source mapping, alarms and quota parameter."""
+    problems = []
+    try:
+        d = StackDefaults.from_template(template)
+    except ValueError as exc:
+        return [str(exc)]
+    if {lane.marketplace for lane in d.lanes} != set(DOCUMENTED_QUOTAS):
+        problems.append(f"lanes {[lane.marketplace for lane in d.lanes]}: one per marketplace expected")
+    if len({lane.queue for lane in d.lanes}) != len(d.lanes) or len({lane.dlq for lane in d.lanes}) != len(
+        d.lanes
+    ):
+        problems.append(
+            "two lanes share a queue or a dead-letter queue: one would hold the other's customers"
+        )
+    if len(_biller_sqs_events(template)) != len(d.lanes):
+        problems.append("the Biller's SQS event sources are not exactly one per lane")
+    biller_env = resource(template, BILLER)["Properties"]["Environment"]["Variables"]
+    dispatcher_env = resource(template, DISPATCHER)["Properties"]["Environment"]["Variables"]
+    for lane in d.lanes:
+        key = f"BILLING_{lane.marketplace.upper()}_QUEUE_URL"
+        if dispatcher_env.get(key) != {"Ref": lane.queue}:
+            problems.append(f"the Dispatcher does not route {lane.marketplace} customers to {lane.queue}")
+        for alarm in (
+            ("AWS/SQS", "ApproximateNumberOfMessagesVisible", lane.dlq),
+            ("AWS/SQS", "ApproximateAgeOfOldestMessage", lane.queue),
+        ):
+            if _alarm_for(template, *alarm) is None:
+                problems.append(f"the {lane.marketplace} lane has no {alarm[1]} alarm on {alarm[2]}")
+        parameter, documented = DOCUMENTED_QUOTAS[lane.marketplace]
+        if biller_env.get(f"BILLING_{lane.marketplace.upper()}_QUOTA_PER_SECOND") != {"Ref": parameter}:
+            problems.append(f"the Biller does not get the {lane.marketplace} quota from {parameter}")
+        if lane.quota_per_second != documented:
+            problems.append(
+                f"{parameter} defaults to {lane.quota_per_second}, not the documented {documented}"
+            )
+        environments = biller_env.get(f"BILLING_{lane.marketplace.upper()}_LANE_ENVIRONMENTS")
+        mapping = next(e for e in _biller_sqs_events(template) if _get_att(e["Queue"]) == lane.queue)
+        if environments != mapping["ScalingConfig"]["MaximumConcurrency"]:
+            problems.append(
+                f"the {lane.marketplace} pace is not quota / the lane's MaximumConcurrency: "
+                f"BILLING_{lane.marketplace.upper()}_LANE_ENVIRONMENTS is {environments!r}"
+            )
+    return problems
 
 
 def check_runtime(template: Template) -> list[str]:
@@ -315,25 +383,35 @@ def check_no_plaintext_secrets(template: Template) -> list[str]:
 
 
 def check_dlq_retention(template: Template) -> list[str]:
-    seconds = StackDefaults.from_template(template).dlq_retention_seconds
-    return [] if seconds == 14 * 24 * 3600 else [f"BillingDLQ retention is {seconds} s, not 14 days"]
+    return [
+        f"{lane.dlq} retention is {lane.dlq_retention_seconds} s, not 14 days"
+        for lane in StackDefaults.from_template(template).lanes
+        if lane.dlq_retention_seconds != 14 * 24 * 3600
+    ]
 
 
 def check_redrive_allow_policy(template: Template) -> list[str]:
-    policy = resource(template, "BillingDLQ")["Properties"].get("RedriveAllowPolicy")
-    if policy is None:
-        return ["BillingDLQ has no RedriveAllowPolicy"]
-    queue_name = resource(template, "BillingQueue")["Properties"]["QueueName"]["Fn::Sub"]
-    sources = [arn.get("Fn::Sub", "") for arn in policy.get("sourceQueueArns", []) if isinstance(arn, dict)]
-    if policy.get("redrivePermission") != "byQueue" or not any(s.endswith(f":{queue_name}") for s in sources):
-        return [f"BillingDLQ's RedriveAllowPolicy does not allow exactly BillingQueue: {policy!r}"]
-    return []
+    problems = []
+    for lane in StackDefaults.from_template(template).lanes:
+        policy = resource(template, lane.dlq)["Properties"].get("RedriveAllowPolicy")
+        if policy is None:
+            problems.append(f"{lane.dlq} has no RedriveAllowPolicy")
+            continue
+        queue_name = resource(template, lane.queue)["Properties"]["QueueName"]["Fn::Sub"]
+        sources = [a.get("Fn::Sub", "") for a in policy.get("sourceQueueArns", []) if isinstance(a, dict)]
+        if policy.get("redrivePermission") != "byQueue" or not any(
+            s.endswith(f":{queue_name}") for s in sources
+        ):
+            problems.append(
+                f"{lane.dlq}'s RedriveAllowPolicy does not allow exactly {lane.queue}: {policy!r}"
+            )
+    return problems
 
 
 EXPECTED_ALARMS = {
-    "BillingDLQ not empty": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "BillingDLQ"),
+    **{f"{dlq} not empty": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", dlq) for dlq in LANE_DLQS},
     "Biller errors": ("AWS/Lambda", "Errors", BILLER),
-    "BillingQueue oldest message age": ("AWS/SQS", "ApproximateAgeOfOldestMessage", "BillingQueue"),
+    **{f"{q} oldest message age": ("AWS/SQS", "ApproximateAgeOfOldestMessage", q) for q in LANE_QUEUES},
     "Dispatcher errors": ("AWS/Lambda", "Errors", DISPATCHER),
     # a throttled Biller leaves messages waiting while the marketplace windows close
     "Biller throttles": ("AWS/Lambda", "Throttles", BILLER),
@@ -519,7 +597,7 @@ def check_connection_budget(template: Template) -> list[str]:
 
 
 def check_samconfig_connection_budget(template: Template, samconfig: dict[str, Any]) -> list[str]:
-    names = ("BillerMaximumConcurrency", "BillerReservedConcurrency", "DbPoolMax", "DbConnectionBudget")
+    names = (*CONCURRENCY_PARAMETERS, "DbPoolMax", "DbConnectionBudget")
     problems = []
     for env, commands in samconfig.items():
         if not isinstance(commands, dict):  # the top-level `version`
@@ -631,9 +709,33 @@ def test_biller_max_concurrency_is_between_2_and_1000(template: Template) -> Non
     assert check_max_concurrency_range(template) == []
 
 
-def test_biller_max_concurrency_of_1_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: t["Parameters"]["BillerMaximumConcurrency"].update(Default=1))
+@pytest.mark.parametrize("parameter", LANE_CONCURRENCY)
+def test_biller_max_concurrency_of_1_is_caught(template: Template, parameter: str) -> None:
+    broken = mutate(template, lambda t: t["Parameters"][parameter].update(Default=1))
     assert check_max_concurrency_range(broken) != []
+
+
+def test_each_marketplace_bills_in_its_own_lane(template: Template) -> None:
+    assert check_lanes(template) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # the former shape: every marketplace's customers in one queue
+        lambda t: _biller_sqs_events(t)[1].update(Queue={"Fn::GetAtt": ["AwsBillingQueue", "Arn"]}),
+        lambda t: _props(t, "DispatcherFunction")["Environment"]["Variables"].pop("BILLING_GCP_QUEUE_URL"),
+        lambda t: t["Resources"].pop("AzureBillingQueueOldestMessageAlarm"),
+        lambda t: t["Resources"].pop("GcpBillingDLQNotEmptyAlarm"),
+        lambda t: t["Parameters"]["AwsMeteringQuotaPerSecond"].update(Default=50),
+        lambda t: _props(t, BILLER)["Environment"]["Variables"].update(
+            BILLING_AWS_LANE_ENVIRONMENTS={"Ref": "BillerReservedConcurrency"}
+        ),
+    ],
+    ids=["shared-queue", "unrouted", "no-backlog-alarm", "no-dlq-alarm", "undocumented-quota", "wrong-pace"],
+)
+def test_a_lane_missing_its_own_part_is_caught(template: Template, change: Any) -> None:
+    assert check_lanes(mutate(template, change)) != []
 
 
 def test_biller_max_concurrency_does_not_exceed_reserved_concurrency(template: Template) -> None:
@@ -654,7 +756,8 @@ def test_samconfig_stage_above_reserved_concurrency_is_caught(
 ) -> None:
     broken = copy.deepcopy(samconfig)
     broken["prod"]["deploy"]["parameters"]["parameter_overrides"] = (
-        "Stage=prod BillerMaximumConcurrency=80 BillerReservedConcurrency=50"
+        "Stage=prod AwsLaneMaximumConcurrency=20 GcpLaneMaximumConcurrency=20 AzureLaneMaximumConcurrency=20 "
+        "BillerReservedConcurrency=50"
     )
     assert check_samconfig_concurrency(template, broken) != []
 
@@ -663,8 +766,9 @@ def test_visibility_timeout_is_at_least_six_biller_timeouts(template: Template) 
     assert check_visibility_timeout(template) == []
 
 
-def test_short_visibility_timeout_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: _props(t, "BillingQueue").update(VisibilityTimeout=300))
+@pytest.mark.parametrize("queue", LANE_QUEUES)
+def test_short_visibility_timeout_is_caught(template: Template, queue: str) -> None:
+    broken = mutate(template, lambda t: _props(t, queue).update(VisibilityTimeout=300))
     assert check_visibility_timeout(broken) != []
 
 
@@ -672,8 +776,9 @@ def test_messages_get_at_least_five_receives_before_the_dlq(template: Template) 
     assert check_max_receive_count(template) == []
 
 
-def test_low_max_receive_count_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: _props(t, "BillingQueue")["RedrivePolicy"].update(maxReceiveCount=1))
+@pytest.mark.parametrize("queue", LANE_QUEUES)
+def test_low_max_receive_count_is_caught(template: Template, queue: str) -> None:
+    broken = mutate(template, lambda t: _props(t, queue)["RedrivePolicy"].update(maxReceiveCount=1))
     assert check_max_receive_count(broken) != []
 
 
@@ -681,8 +786,9 @@ def test_biller_receives_one_message_per_invocation(template: Template) -> None:
     assert check_batch_size(template) == []
 
 
-def test_batch_size_above_one_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: _biller_sqs_event(t).update(BatchSize=10))
+@pytest.mark.parametrize("lane", range(3))
+def test_batch_size_above_one_is_caught(template: Template, lane: int) -> None:
+    broken = mutate(template, lambda t: _biller_sqs_events(t)[lane].update(BatchSize=10))
     assert check_batch_size(broken) != []
 
 
@@ -690,8 +796,9 @@ def test_biller_reports_batch_item_failures(template: Template) -> None:
     assert check_partial_batch_response(template) == []
 
 
-def test_missing_report_batch_item_failures_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: _biller_sqs_event(t).pop("FunctionResponseTypes"))
+@pytest.mark.parametrize("lane", range(3))
+def test_missing_report_batch_item_failures_is_caught(template: Template, lane: int) -> None:
+    broken = mutate(template, lambda t: _biller_sqs_events(t)[lane].pop("FunctionResponseTypes"))
     assert check_partial_batch_response(broken) != []
 
 
@@ -717,7 +824,7 @@ def _role_statements(template: Template, role: str) -> list[dict[str, Any]]:
 
 
 def test_wildcard_action_is_caught(template: Template) -> None:
-    statement = {"Effect": "Allow", "Action": "sqs:*", "Resource": {"Fn::GetAtt": ["BillingQueue", "Arn"]}}
+    statement = {"Effect": "Allow", "Action": "sqs:*", "Resource": {"Fn::GetAtt": ["AwsBillingQueue", "Arn"]}}
     broken = mutate(template, lambda t: _role_statements(t, "DispatcherRole").append(statement))
     assert check_no_wildcard_actions(broken) != []
 
@@ -777,8 +884,9 @@ def test_billing_dlq_keeps_messages_14_days(template: Template) -> None:
     assert check_dlq_retention(template) == []
 
 
-def test_short_dlq_retention_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: _props(t, "BillingDLQ").update(MessageRetentionPeriod=345600))
+@pytest.mark.parametrize("dlq", LANE_DLQS)
+def test_short_dlq_retention_is_caught(template: Template, dlq: str) -> None:
+    broken = mutate(template, lambda t: _props(t, dlq).update(MessageRetentionPeriod=345600))
     assert check_dlq_retention(broken) != []
 
 
@@ -786,8 +894,9 @@ def test_billing_dlq_allows_redrive_from_billing_queue(template: Template) -> No
     assert check_redrive_allow_policy(template) == []
 
 
-def test_missing_redrive_allow_policy_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: _props(t, "BillingDLQ").pop("RedriveAllowPolicy"))
+@pytest.mark.parametrize("dlq", LANE_DLQS)
+def test_missing_redrive_allow_policy_is_caught(template: Template, dlq: str) -> None:
+    broken = mutate(template, lambda t: _props(t, dlq).pop("RedriveAllowPolicy"))
     assert check_redrive_allow_policy(broken) != []
 
 
@@ -813,8 +922,9 @@ def test_dlq_alarms_fire_on_the_first_message(template: Template) -> None:
     assert check_dlq_alarms_fire_on_first_message(template) == []
 
 
-def test_dlq_alarm_that_waits_for_several_messages_is_caught(template: Template) -> None:
-    broken = mutate(template, lambda t: _props(t, "BillingDLQNotEmptyAlarm").update(Threshold=5))
+@pytest.mark.parametrize("dlq", LANE_DLQS)
+def test_dlq_alarm_that_waits_for_several_messages_is_caught(template: Template, dlq: str) -> None:
+    broken = mutate(template, lambda t: _props(t, f"{dlq}NotEmptyAlarm").update(Threshold=5))
     assert check_dlq_alarms_fire_on_first_message(broken) != []
 
 
@@ -1192,9 +1302,16 @@ def check_backlog_alarm_within_window(template: Template) -> list[str]:
     evaluation (Period x EvaluationPeriods) after the age crosses its threshold, for the default and
     for any value the threshold parameter allows.
     """
-    alarm = _alarm_for(template, "AWS/SQS", "ApproximateAgeOfOldestMessage", "BillingQueue")
+    problems = []
+    for queue in LANE_QUEUES:
+        problems += _lane_backlog_alarm_problems(template, queue)
+    return problems
+
+
+def _lane_backlog_alarm_problems(template: Template, queue: str) -> list[str]:
+    alarm = _alarm_for(template, "AWS/SQS", "ApproximateAgeOfOldestMessage", queue)
     if alarm is None:
-        return ["no alarm on BillingQueue's oldest message age"]
+        return [f"no alarm on {queue}'s oldest message age"]
     settle = timedelta(minutes=int(resolve(template, {"Ref": "SettleDelayMinutes"})))
     budget = TIGHTEST_WINDOW - HOUR - settle - ACTION_MARGIN
     evaluation = timedelta(seconds=int(alarm["Period"]) * int(alarm["EvaluationPeriods"]))
@@ -1204,10 +1321,12 @@ def check_backlog_alarm_within_window(template: Template) -> list[str]:
     problems = []
     for which, threshold in thresholds.items():
         if threshold is None:
-            problems.append(f"the oldest-message alarm's threshold has no {which}: it can exceed the window")
+            problems.append(
+                f"{queue}'s oldest-message alarm's threshold has no {which}: it can exceed the window"
+            )
         elif timedelta(seconds=float(threshold)) + evaluation > budget:
             problems.append(
-                f"the oldest-message alarm ({which} {threshold} s + {evaluation}) fires after the "
+                f"{queue}'s oldest-message alarm ({which} {threshold} s + {evaluation}) fires after the "
                 f"{TIGHTEST_WINDOW} window less {settle} settle delay and {ACTION_MARGIN} to act"
             )
     return problems
@@ -1279,7 +1398,7 @@ def test_prod_stages_run_in_a_vpc(template: Template, samconfig: dict[str, Any])
 @pytest.mark.parametrize(
     "overrides",
     [
-        "Stage=prod BillerMaximumConcurrency=50 BillerReservedConcurrency=50",
+        "Stage=prod AwsLaneMaximumConcurrency=10 BillerReservedConcurrency=50",
         "Stage=prod SubnetIds=subnet-0a1b2c3d4e5f60718,subnet-0a1b2c3d4e5f60719",
         "Stage=prod SubnetIds=subnet-REPLACE_ME,subnet-REPLACE_ME_TOO SecurityGroupIds=sg-0a1b2c3d4e5f60710",
         "Stage=prod SubnetIds=subnet-0a1b2c3d4e5f60718 SecurityGroupIds=sg-0a1b2c3d4e5f60710",
@@ -1318,12 +1437,12 @@ def test_queue_policies_allow_only_the_stacks_roles_over_tls(template: Template)
 @pytest.mark.parametrize(
     "change",
     [
-        lambda t: t["Resources"].pop("BillingDLQPolicy"),
-        lambda t: _props(t, "BillingQueuePolicy")["PolicyDocument"]["Statement"].pop(),
+        lambda t: t["Resources"].pop("GcpBillingDLQPolicy"),
+        lambda t: _props(t, "AzureBillingQueuePolicy")["PolicyDocument"]["Statement"].pop(),
         lambda t: _props(t, "DispatcherScheduleDLQPolicy")["PolicyDocument"]["Statement"][0].update(
             Principal="*"
         ),
-        lambda t: _props(t, "BillingQueuePolicy")["PolicyDocument"]["Statement"][0].update(
+        lambda t: _props(t, "AwsBillingQueuePolicy")["PolicyDocument"]["Statement"][0].update(
             Principal={"AWS": {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"}}
         ),
     ],
@@ -1382,7 +1501,7 @@ def test_queues_and_log_groups_are_retained(template: Template) -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        lambda t: t["Resources"]["BillingDLQ"].pop("DeletionPolicy"),
+        lambda t: t["Resources"]["AzureBillingDLQ"].pop("DeletionPolicy"),
         lambda t: t["Resources"]["AuditorLogGroup"].pop("UpdateReplacePolicy"),
         lambda t: _props(t, AUDITOR).pop("LoggingConfig"),
     ],
@@ -1451,7 +1570,7 @@ def test_backlog_alarm_fires_inside_the_tightest_marketplace_window(template: Te
         # the template's former parameter: any threshold, a day included, was accepted
         lambda t: t["Parameters"]["OldestMessageAgeAlarmSeconds"].pop("MaxValue"),
         lambda t: t["Parameters"]["SettleDelayMinutes"].update(Default=40),
-        lambda t: _props(t, "BillingQueueOldestMessageAlarm").update(EvaluationPeriods=6),
+        lambda t: _props(t, "GcpBillingQueueOldestMessageAlarm").update(EvaluationPeriods=6),
     ],
     ids=["unbounded-threshold", "long-settle-delay", "slow-evaluation"],
 )
@@ -1484,7 +1603,7 @@ def test_auditor_runs_the_reconcile_with_least_privilege(template: Template) -> 
             {
                 "Effect": "Allow",
                 "Action": "sqs:SendMessage",
-                "Resource": {"Fn::GetAtt": ["BillingQueue", "Arn"]},
+                "Resource": {"Fn::GetAtt": ["AwsBillingQueue", "Arn"]},
             }
         ),
         lambda t: _props(t, AUDITOR).update(Role={"Fn::GetAtt": ["BillerRole", "Arn"]}),

@@ -228,7 +228,7 @@ TIMESTAMP_LIKE = (
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(deadline=None)  # hypothesis's 100 examples: the unit tier runs in seconds (tests/unit)
 @given(
     event=st.one_of(
         JSON,
@@ -247,7 +247,7 @@ def test_any_json_event_gives_an_ended_hour_or_a_bad_message(event: object) -> N
     assert isinstance(request.resend_unbilled, bool)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(
     period=HOURS | JSON | TIMESTAMP_LIKE,
     version=st.just(1) | JSON,

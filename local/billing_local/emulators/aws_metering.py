@@ -11,7 +11,9 @@ quantities 0..2147483647, timestamps within the last 6 hours
 and not in the future, subscriptions per product, idempotency (an identical record is accepted
 again with its original MeteringRecordId; the same customer, dimension and hour with another
 quantity is a DuplicateRecord), dimensions known per product, and injected faults (throttling,
-internal errors, unprocessed records, latency).
+internal errors, unprocessed records, latency), and the account's request quota (``quota``: 10 a
+second per account and region in AWS, Marketplace Metering Service quotas), answered with
+ThrottlingException as AWS answers it.
 
 ResolveCustomer (API reference, ResolveCustomer): tokens are the ones `issue_token` handed out (what
 AWS Marketplace posts to the seller's fulfillment URL as ``x-amzn-marketplace-token``); an unknown one
@@ -35,6 +37,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+
+from billing_local.emulators.quota import Quota
 
 TARGET = "AWSMPMeteringService.BatchMeterUsage"
 RESOLVE_TARGET = "AWSMPMeteringService.ResolveCustomer"
@@ -91,6 +95,8 @@ class MeteringState:
     fault_rate: float = 0.0  # random faults (chaos runs), drawn from fault_kinds
     fault_kinds: tuple[str, ...] = ("throttle", "internal")
     calls: int = 0
+    # BatchMeterUsage requests a second per account (off unless a rate is given)
+    quota: Quota = field(default_factory=Quota)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -196,6 +202,11 @@ def create_app(state: MeteringState) -> web.Application:
         if target not in (TARGET, RESOLVE_TARGET):
             return _error(400, "UnknownOperationException", "only BatchMeterUsage and ResolveCustomer")
         state.calls += 1
+        # the quota is per account: SigV4's "Credential=<access key id>/<date>/<region>/..." names it
+        credential = request.headers["Authorization"].partition("Credential=")[2].split("/", 1)[0]
+        if state.quota.admit(credential) is not None:
+            # throttled before anything is processed; AWS sends no Retry-After with it
+            return _error(400, "ThrottlingException", "Rate exceeded")
         if state.latency_s or state.jitter_s:
             await asyncio.sleep(state.latency_s + state.rng.uniform(0, state.jitter_s))
         fault = state.faults.popleft() if state.faults else None

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import math
 import secrets
 import ssl
 import threading
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from billing_local.emulators.azure_fulfillment import Fulfillment, WebhookSigner, add_jwks_route, add_routes
+from billing_local.emulators.quota import Quota
 from billing_local.emulators.server import BackgroundServer
 
 if TYPE_CHECKING:
@@ -128,6 +131,9 @@ class AzureEmulator:
     _item_faults: dict[str, deque[str]] = field(default_factory=dict)
     _delay: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # calls a second per publisher (the bearer token's app): past it, 429 Too Many Requests with
+    # Retry-After, the generic Azure throttle (Microsoft documents no rate for this API); off by default
+    quota: Quota = field(default_factory=Quota)
 
     def fail_next(self, *statuses: int) -> None:
         """Answer the next metering calls with these HTTP statuses."""
@@ -365,6 +371,13 @@ async def _gate(emulator: AzureEmulator, request: web.Request) -> tuple[int, Any
             403,
             _bad_request("Forbidden", "The authorization token isn't provided, is invalid or expired."),
             body,
+        )
+    wait = emulator.quota.admit(request.headers.get("Authorization", ""))
+    if wait is not None:
+        raise web.HTTPTooManyRequests(
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            text=json.dumps(_bad_request("TooManyRequests", "Too many requests; retry after Retry-After.")),
+            content_type="application/json",
         )
     if request.query.get("api-version") != API_VERSION:
         return 400, _bad_request("BadArgument", f"api-version must be {API_VERSION}"), body

@@ -31,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from billing_local.emulators.gcp_procurement import Procurement, PushSigner, add_certs_route, add_routes
+from billing_local.emulators.quota import Quota
 
 REPORT_WITHIN = timedelta(hours=1)
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"  # google-auth's ``aud``, whatever the token_uri
@@ -134,6 +135,9 @@ class GcpEmulator:
     _operation_faults: dict[str, deque[str]] = field(default_factory=dict)
     _delays: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # calls a second per producer project (the service): past it, 429 RESOURCE_EXHAUSTED (Google counts
+    # quota units, one per check and per reported operation; this counts calls); off by default
+    quota: Quota = field(default_factory=Quota)
 
     def trust(self, key_file: Mapping[str, str]) -> None:
         """Accept token requests signed by ``key_file``'s private key (its public half is kept)."""
@@ -298,6 +302,8 @@ def create_app(emulator: GcpEmulator) -> web.Application:
             status, answer = _error(forced, f"emulated HTTP {forced}")
         elif not emulator._authorized(request):
             status, answer = _error(401, "Request had invalid authentication credentials.")
+        elif emulator.quota.admit(service) is not None:
+            status, answer = _error(429, f"Quota exceeded for quota metric of service {service}")
         elif service not in emulator.services:
             status, answer = _error(403, f"Permission denied or service {service} not found")
         elif method == "check":

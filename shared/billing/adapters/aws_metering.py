@@ -17,6 +17,7 @@ The pinned botocore (1.40.61, through aioboto3 15.5.0) has neither ``LicenseArn`
 
 from __future__ import annotations
 
+import random
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from billing import log_context
 from billing.adapters.bearer_http import submit_until_settled
+from billing.adapters.pacing import Pacer, paced_until_not_throttled
 from billing.domain.errors import PermanentError, WindowExpiredError
 from billing.domain.model import LedgerState, Marketplace, SubmitResult
 from billing.ports import MarketplaceRules
@@ -111,9 +113,13 @@ class AwsMeteringClient:
     marketplace = Marketplace.AWS
     rules = RULES
 
-    def __init__(self, client: Any, attempts: int) -> None:
+    def __init__(self, client: Any, attempts: int, pacer: Pacer | None = None) -> None:
         self._client = client
         self._attempts = attempts
+        # BatchMeterUsage: 10 requests a second per account and region (Marketplace Metering Service
+        # quotas), shared by the lane's environments: billing.adapters.pacing
+        self._pacer = pacer or Pacer(None)
+        self._rng = random.Random()
 
     async def submit(
         self, customer: Customer, period: Period, entries: Sequence[LedgerEntry]
@@ -138,20 +144,30 @@ class AwsMeteringClient:
         # when a later attempt is refused outright.
         entries = {e.dimension: e for e in chunk}
 
-        async def send_once(pending: Mapping[str, LedgerEntry]) -> dict[str, SubmitResult]:
+        async def send(pending: Mapping[str, LedgerEntry]) -> dict[str, SubmitResult]:
             return await self._send(customer, period, list(pending.values()))
+
+        async def send_once(pending: Mapping[str, LedgerEntry]) -> dict[str, SubmitResult]:
+            # throttles are retried in there, within the bill's budget, without spending an attempt
+            return await paced_until_not_throttled(send, pending, self._pacer, self._rng)
 
         with log_context.bound(operation="BatchMeterUsage"):
             answered = await submit_until_settled(
-                send_once, entries, self._attempts, lambda r: not r.retryable or _out_of_bounds(r)
+                send_once,
+                entries,
+                self._attempts,
+                lambda r: not r.retryable or _out_of_bounds(r) or r.throttled,
             )
         return [answered[e.dimension] for e in chunk]
 
     async def _send(
         self, customer: Customer, period: Period, entries: list[LedgerEntry]
     ) -> dict[str, SubmitResult]:
-        def every(state: LedgerState, reason: str) -> dict[str, SubmitResult]:
-            return {e.dimension: SubmitResult(e.dimension, state, reason=reason) for e in entries}
+        def every(state: LedgerState, reason: str, throttled: bool = False) -> dict[str, SubmitResult]:
+            return {
+                e.dimension: SubmitResult(e.dimension, state, reason=reason, throttled=throttled)
+                for e in entries
+            }
 
         request, who = identity(customer)
         try:
@@ -166,7 +182,7 @@ class AwsMeteringClient:
             if code in _PERMANENT_CODES:
                 return every(LedgerState.REJECTED, f"{code}: {message}")
             if code in _DEFINITE_TRANSIENT_CODES:
-                return every(LedgerState.FAILED, f"{code}: {message}")
+                return every(LedgerState.FAILED, f"{code}: {message}", throttled=True)
             # InternalServiceErrorException and anything unknown: it may have been recorded
             return every(LedgerState.SUBMITTED, f"{code}: {message}")
         except (BotoCoreError, OSError, TimeoutError) as exc:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 from datetime import UTC, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +46,10 @@ from billing.adapters.bearer_http import (
     TokenSource,
     TokenUnavailableError,
     post_json,
+    retry_after_seconds,
     submit_until_settled,
 )
+from billing.adapters.pacing import Pacer, paced_until_not_throttled
 from billing.domain.errors import ConfigurationError, PermanentError, WindowExpiredError
 from billing.domain.model import LedgerState, Marketplace, SubmitResult
 from billing.ports import MarketplaceRules
@@ -224,12 +227,20 @@ class AzureMeteringClient:
     rules = RULES
 
     def __init__(
-        self, session: aiohttp.ClientSession, tokens: TokenSource, *, endpoint: str, attempts: int
+        self,
+        session: aiohttp.ClientSession,
+        tokens: TokenSource,
+        *,
+        endpoint: str,
+        attempts: int,
+        pacer: Pacer | None = None,
     ) -> None:
         self._session = session
         self._tokens = tokens
         self._url = f"{endpoint.rstrip('/')}/api/batchUsageEvent?api-version={API_VERSION}"
         self._attempts = attempts
+        self._pacer = pacer or Pacer(None)
+        self._rng = random.Random()
 
     async def submit(
         self, customer: Customer, period: Period, entries: Sequence[LedgerEntry]
@@ -256,16 +267,24 @@ class AzureMeteringClient:
 
     async def _submit_chunk(self, events: Mapping[str, dict[str, Any]]) -> dict[str, SubmitResult]:
         # an Expired answer is final for this call: the service moves the hour's quantity on
+        async def send_once(pending: Mapping[str, dict[str, Any]]) -> dict[str, SubmitResult]:
+            # 429s are retried in there after their Retry-After, within the bill's budget
+            return await paced_until_not_throttled(self._submit_once, pending, self._pacer, self._rng)
+
         return await submit_until_settled(
-            self._submit_once, events, self._attempts, lambda r: not r.retryable or r.reason == _EXPIRED
+            send_once,
+            events,
+            self._attempts,
+            lambda r: not r.retryable or r.reason == _EXPIRED or r.throttled,
         )
 
     async def _submit_once(self, events: Mapping[str, dict[str, Any]]) -> dict[str, SubmitResult]:
         def every(state: LedgerState, reason: str) -> dict[str, SubmitResult]:
             return {d: SubmitResult(d, state, reason=reason) for d in events}
 
+        headers: dict[str, str] = {}
         try:
-            status, body = await self._post({"request": list(events.values())})
+            status, body = await self._post({"request": list(events.values())}, headers)
         except NotSentError as exc:
             return every(LedgerState.FAILED, str(exc))
         except MaybeSentError as exc:
@@ -286,15 +305,24 @@ class AzureMeteringClient:
         reason = f"batchUsageEvent: {_http_reason(status, body)}"
         if status in (401, 403):
             return every(LedgerState.FAILED, reason)  # still refused after a fresh token: nothing was taken
-        if status in (429, 503):
-            return every(LedgerState.FAILED, reason)  # throttled or unavailable: not processed
+        if status == 429:
+            # Too Many Requests: not processed; the same request may be sent after Retry-After
+            wait = retry_after_seconds(headers.get("retry-after"))
+            return {
+                d: SubmitResult(d, LedgerState.FAILED, reason=reason, throttled=True, retry_after=wait)
+                for d in events
+            }
+        if status == 503:
+            return every(LedgerState.FAILED, reason)  # unavailable: not processed
         if status >= 500:
             return every(LedgerState.SUBMITTED, reason)  # it may have been recorded
         return every(LedgerState.REJECTED, reason)
 
-    async def _post(self, body: Mapping[str, Any]) -> tuple[int, Any]:
+    async def _post(self, body: Mapping[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
         # Azure answers a bad or expired token with 403 (its docs and spec), and sometimes 401
-        return await post_json(self._session, self._url, body, self._tokens, refresh_on=(401, 403))
+        return await post_json(
+            self._session, self._url, body, self._tokens, refresh_on=(401, 403), headers_out=headers
+        )
 
 
 def _event(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:
@@ -364,7 +392,9 @@ def _http_reason(status: int, body: Any) -> str:
     return f"HTTP {status} {error.code}: {error.message}".rstrip(": ")
 
 
-async def create(stack: contextlib.AsyncExitStack, secret: SecretRead, attempts: int) -> AzureMeteringClient:
+async def create(
+    stack: contextlib.AsyncExitStack, secret: SecretRead, attempts: int, pacer: Pacer | None = None
+) -> AzureMeteringClient:
     """Build the adapter from the environment; its HTTP session and credential close with ``stack``."""
     settings = AzureSettings()
     tokens: TokenSource
@@ -383,7 +413,9 @@ async def create(stack: contextlib.AsyncExitStack, secret: SecretRead, attempts:
         )
     )
     stack.push_async_callback(session.close)
-    return AzureMeteringClient(session, tokens, endpoint=settings.metering_url, attempts=attempts)
+    return AzureMeteringClient(
+        session, tokens, endpoint=settings.metering_url, attempts=attempts, pacer=pacer
+    )
 
 
 async def _client_credentials(

@@ -106,11 +106,13 @@ async def post_json(
     body: Mapping[str, Any],
     tokens: TokenSource,
     refresh_on: Collection[int],
+    headers_out: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
     """POST ``body`` with a bearer token; on a ``refresh_on`` status the token is refreshed once and the
     call repeated, and if that is refused too (or no token can be had) the credentials are read again once
-    (a rotated secret). Raises NotSentError or MaybeSentError when there is no answer."""
-    return await request_json(session, "POST", url, body, tokens, refresh_on)
+    (a rotated secret). Raises NotSentError or MaybeSentError when there is no answer. ``headers_out``
+    receives the answer's headers, names in lower case (Retry-After)."""
+    return await request_json(session, "POST", url, body, tokens, refresh_on, headers_out=headers_out)
 
 
 async def request_json(
@@ -121,6 +123,7 @@ async def request_json(
     tokens: TokenSource,
     refresh_on: Collection[int],
     headers: Mapping[str, str] | None = None,
+    headers_out: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
     """``post_json`` for any method (GET and PATCH of the marketplaces' subscription APIs); ``body`` None
     sends no body."""
@@ -138,6 +141,9 @@ async def request_json(
             async with session.request(method, url, json=body, headers=sent) as response:
                 raw = await response.read()
                 status = response.status
+                if headers_out is not None:
+                    headers_out.clear()
+                    headers_out.update((k.lower(), v) for k, v in response.headers.items())
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             # raised by the connector (DNS, TCP connect, TLS handshake, waiting for a pooled connection):
             # the request is written only once a connection is had, so not a byte of it was sent
@@ -153,6 +159,22 @@ async def request_json(
             reloaded = True
             continue
         return status, json_or_none(raw)
+
+
+def retry_after_seconds(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Retry-After as seconds: delay-seconds or an HTTP-date (RFC 9110, section 10.2.3); None if absent."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now())
+    except (TypeError, ValueError):
+        return None
 
 
 def json_or_none(raw: bytes) -> Any:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import random
 import re
 import time
 import uuid
@@ -60,8 +61,10 @@ from billing.adapters.bearer_http import (
     TokenSource,
     TokenUnavailableError,
     post_json,
+    retry_after_seconds,
     submit_until_settled,
 )
+from billing.adapters.pacing import Pacer, paced_until_not_throttled
 from billing.domain.errors import ConfigurationError, PermanentError
 from billing.domain.model import HOUR, LedgerState, Marketplace, SubmitResult
 from billing.ports import MarketplaceRules
@@ -297,12 +300,17 @@ class GcpServiceControlClient:
         endpoint: str,
         attempts: int,
         monotonic: Callable[[], float] = time.monotonic,
+        pacer: Pacer | None = None,
     ) -> None:
         self._session = session
         self._tokens = tokens
         self._endpoint = endpoint.rstrip("/")
         self._attempts = attempts
         self._monotonic = monotonic
+        # Service Control: one quota unit per services.check call and per operation reported (Service
+        # Infrastructure quotas), per producer project: a report of n operations costs n slots
+        self._pacer = pacer or Pacer(None)
+        self._rng = random.Random()
         self._verdicts: dict[tuple[str, str], _Verdict] = {}
 
     async def submit(
@@ -351,6 +359,7 @@ class GcpServiceControlClient:
             ):
                 with attempt:
                     try:
+                        await self._pacer.wait()
                         status, body = await self._post(url, {"operation": operation})
                     except (NotSentError, MaybeSentError) as exc:
                         failure = f"services.check: {exc}"
@@ -387,8 +396,14 @@ class GcpServiceControlClient:
         self, service: str, operations: Mapping[str, dict[str, Any]]
     ) -> dict[str, SubmitResult]:
         url = f"{self._endpoint}/v1/services/{service}:report"
+
+        async def send_once(pending: Mapping[str, dict[str, Any]]) -> dict[str, SubmitResult]:
+            # 429s are retried in there within the bill's budget (operationIds make that safe)
+            report = functools.partial(self._report_once, url)
+            return await paced_until_not_throttled(report, pending, self._pacer, self._rng, len(pending))
+
         return await submit_until_settled(
-            functools.partial(self._report_once, url), operations, self._attempts
+            send_once, operations, self._attempts, lambda r: not r.retryable or r.throttled
         )
 
     async def _report_once(
@@ -397,8 +412,9 @@ class GcpServiceControlClient:
         def every(state: LedgerState, reason: str) -> dict[str, SubmitResult]:
             return {d: SubmitResult(d, state, reason=reason) for d in operations}
 
+        headers: dict[str, str] = {}
         try:
-            status, body = await self._post(url, {"operations": list(operations.values())})
+            status, body = await self._post(url, {"operations": list(operations.values())}, headers)
         except NotSentError as exc:
             return every(LedgerState.FAILED, str(exc))
         except MaybeSentError as exc:
@@ -416,12 +432,22 @@ class GcpServiceControlClient:
         reason = f"services.report: {_http_reason(status, body)}"
         if status in (401, 403):
             return every(LedgerState.FAILED, reason)  # our credentials were refused: nothing was processed
-        if status == 429 or status >= 500:
+        if status == 429:
+            # RESOURCE_EXHAUSTED: the project's quota. A failed RPC is non-deterministic (ReportResponse),
+            # so the records stay SUBMITTED; retried after Retry-After, if Google sends one
+            wait = retry_after_seconds(headers.get("retry-after"))
+            return {
+                d: SubmitResult(d, LedgerState.SUBMITTED, reason=reason, throttled=True, retry_after=wait)
+                for d in operations
+            }
+        if status >= 500:
             return every(LedgerState.SUBMITTED, reason)  # Google: a failed RPC is non-deterministic
         return every(LedgerState.REJECTED, reason)
 
-    async def _post(self, url: str, body: Mapping[str, Any]) -> tuple[int, Any]:
-        return await post_json(self._session, url, body, self._tokens, refresh_on=(401,))
+    async def _post(
+        self, url: str, body: Mapping[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        return await post_json(self._session, url, body, self._tokens, refresh_on=(401,), headers_out=headers)
 
 
 def _operation(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:
@@ -475,7 +501,7 @@ def _rfc3339(moment: datetime) -> str:
 
 
 async def create(
-    stack: contextlib.AsyncExitStack, secret: SecretRead, attempts: int
+    stack: contextlib.AsyncExitStack, secret: SecretRead, attempts: int, pacer: Pacer | None = None
 ) -> GcpServiceControlClient:
     """Build the adapter from the environment; its HTTP session and credentials close with ``stack``."""
     settings = GcpSettings()
@@ -507,4 +533,6 @@ async def create(
         )
     )
     stack.push_async_callback(session.close)
-    return GcpServiceControlClient(session, tokens, endpoint=settings.service_control_url, attempts=attempts)
+    return GcpServiceControlClient(
+        session, tokens, endpoint=settings.service_control_url, attempts=attempts, pacer=pacer
+    )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import re
+import uuid
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -12,6 +15,8 @@ import asyncpg
 from billing.adapters.postgres_tls import DatabaseTls
 from billing.domain.errors import ConcurrentDecisionError, TransientError
 from billing.domain.model import (
+    REFUSED_STATES,
+    UNFINISHED_STATES,
     Customer,
     CustomerStatus,
     LedgerEntry,
@@ -25,9 +30,7 @@ from billing.domain.model import (
 from billing.ports import CustomerHourState, Run
 
 if TYPE_CHECKING:
-    import uuid
     from collections.abc import AsyncIterator, Mapping, Sequence
-    from datetime import timedelta
 
     from billing.domain.messages import BillMessageV1
     from billing.domain.model import SubmitResult
@@ -46,7 +49,52 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DeadlockDetectedError,
 )
 
-UNFINISHED = [s.value for s in LedgerState if not s.final]
+# Ledger states reach SQL only as parameters bound from LedgerState, never as literals in the text: a
+# statement names them :state_<value> (one state) or :states_unfinished / :states_refused (sets), and
+# a name no state has fails when the module is imported.
+STATE_PARAMETERS: dict[str, object] = {
+    **{f"state_{s.value}": s.value for s in LedgerState},
+    "states_unfinished": sorted(s.value for s in UNFINISHED_STATES),
+    "states_refused": sorted(s.value for s in REFUSED_STATES),
+}
+
+# `:name` not preceded by a colon or a word character, so `::type` casts and `a:b` inside text are left alone
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class Statement:
+    """SQL written with ``:named`` parameters, compiled once to asyncpg's positional ``$n``."""
+
+    text: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sql: str) -> Statement:
+        names: list[str] = []
+
+        def number(found: re.Match[str]) -> str:
+            name = found.group(1)
+            if name.startswith(("state_", "states_")) and name not in STATE_PARAMETERS:
+                raise ValueError(f"{name!r} names no ledger state (LedgerState)")
+            if name not in names:
+                names.append(name)
+            return f"${names.index(name) + 1}"
+
+        return cls(_NAMED.sub(number, sql), tuple(names))
+
+    def args(self, **values: object) -> list[object]:
+        """The positional arguments for ``values`` by name; ledger states are bound here, from the enum."""
+        given = {**STATE_PARAMETERS, **values}
+        missing = [n for n in self.names if n not in given]
+        unused = values.keys() - set(self.names)
+        overridden = values.keys() & STATE_PARAMETERS.keys()
+        if missing or unused or overridden:
+            raise TypeError(
+                f"statement parameters: missing {missing}, unknown {sorted(unused)}, "
+                f"ledger states not from LedgerState {sorted(overridden)}"
+            )
+        return [given[n] for n in self.names]
 
 
 class _NoResetConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -156,95 +204,172 @@ def _entry(row: Mapping[str, Any], period: Period) -> LedgerEntry:
     )
 
 
-_LOAD = """
+_LOAD = Statement.of("""
 SELECT c.*,
   (SELECT coalesce(json_agg(json_build_object(
         'customer_id', l.customer_id, 'dimension', l.dimension, 'quantity', l.quantity,
         'state', l.state, 'attempts', l.attempts, 'record_id', l.record_id,
         'last_error', l.last_error)), '[]')
-     FROM ledger l WHERE l.customer_id = c.id AND l.period = $2) AS entries,
+     FROM ledger l WHERE l.customer_id = c.id AND l.period = :period) AS entries,
   (SELECT coalesce(json_agg(json_build_array(b.dimension, b.carry::text)), '[]')
      FROM balances b WHERE b.customer_id = c.id) AS carries,
   (SELECT coalesce(json_agg(json_build_array(o.dimension, o.hour, o.rated::text)), '[]')
-     FROM usage_observations o WHERE o.customer_id = c.id AND o.hour >= $3 AND o.hour < $4) AS observed
-FROM customers c WHERE c.id = $1
-"""
+     FROM usage_observations o
+    WHERE o.customer_id = c.id AND o.hour >= :window_start AND o.hour < :window_end) AS observed
+FROM customers c WHERE c.id = :customer_id
+""")
 
-_DECIDE = """
+_DECIDE = Statement.of("""
 WITH v AS (
   UPDATE customers SET billing_version = billing_version + 1
-   WHERE id = $1 AND billing_version = $2 RETURNING id
+   WHERE id = :customer_id AND billing_version = :version RETURNING id
 ), l AS (
   INSERT INTO ledger (customer_id, period, dimension, quantity, state, rated, carry_in, carry_out,
                       run_id, attempts, lease_owner, lease_until)
-  SELECT v.id, $3, d.dimension, d.quantity, d.state, d.rated, d.carry_in, d.carry_out,
-         $4, d.attempts, CASE WHEN d.attempts > 0 THEN $5 END,
-         CASE WHEN d.attempts > 0 THEN now() + $6::interval END
-    FROM v, unnest($7::text[], $8::bigint[], $9::text[], $10::numeric[], $11::numeric[], $12::numeric[],
-                   $13::int[]) AS d(dimension, quantity, state, rated, carry_in, carry_out, attempts)
+  SELECT v.id, :period, d.dimension, d.quantity, d.state, d.rated, d.carry_in, d.carry_out,
+         :run_id, d.attempts, CASE WHEN d.attempts > 0 THEN :owner END,
+         CASE WHEN d.attempts > 0 THEN now() + :lease::interval END
+    FROM v, unnest(:dimensions::text[], :quantities::bigint[], :states::text[], :rated::numeric[],
+                   :carry_in::numeric[], :carry_out::numeric[], :attempts::int[])
+            AS d(dimension, quantity, state, rated, carry_in, carry_out, attempts)
   RETURNING 1
 ), b AS (
   INSERT INTO balances (customer_id, dimension, carry)
-  SELECT v.id, d.dimension, d.carry FROM v, unnest($7::text[], $12::numeric[]) AS d(dimension, carry)
+  SELECT v.id, d.dimension, d.carry
+    FROM v, unnest(:dimensions::text[], :carry_out::numeric[]) AS d(dimension, carry)
   ON CONFLICT (customer_id, dimension) DO UPDATE SET carry = excluded.carry, updated_at = now()
   RETURNING 1
 ), o AS (
   INSERT INTO usage_observations (customer_id, dimension, hour, rated)
   SELECT v.id, o.dimension, o.hour, o.rated
-    FROM v, unnest($14::text[], $15::timestamptz[], $16::numeric[]) AS o(dimension, hour, rated)
+    FROM v, unnest(:observed_dimensions::text[], :observed_hours::timestamptz[], :observed_rated::numeric[])
+            AS o(dimension, hour, rated)
   ON CONFLICT (customer_id, dimension, hour) DO UPDATE SET rated = excluded.rated
   RETURNING 1
 )
 SELECT (SELECT count(*) FROM v) AS decided, (SELECT count(*) FROM l) AS rows,
        (SELECT count(*) FROM b) AS balances, (SELECT count(*) FROM o) AS observations
-"""
+""")
+
+
+@dataclass(frozen=True)
+class DecisionRows:
+    """The decide statement's parameters, by name: one ledger row per dimension, observations per hour."""
+
+    customer_id: str
+    version: int
+    period: datetime
+    run_id: uuid.UUID
+    owner: str
+    lease: timedelta
+    dimensions: list[str]
+    quantities: list[int]
+    states: list[str]
+    rated: list[Decimal]
+    carry_in: list[Decimal]
+    carry_out: list[Decimal]
+    attempts: list[int]
+    observed_dimensions: list[str]
+    observed_hours: list[datetime]
+    observed_rated: list[Decimal]
+
+    @classmethod
+    def of(
+        cls,
+        state: CustomerHourState,
+        message: BillMessageV1,
+        decision: Decision,
+        entry_states: Mapping[str, tuple[LedgerState, int]],
+        owner: str,
+        lease: timedelta,
+    ) -> DecisionRows:
+        dims = decision.dimensions
+        obs = sorted(decision.observations.items())
+        return cls(
+            customer_id=state.customer.id,
+            version=state.version,
+            period=message.billing_period.start,
+            run_id=message.run_id,
+            owner=owner,
+            lease=lease,
+            dimensions=[d.dimension for d in dims],
+            quantities=[d.quantity for d in dims],
+            states=[LedgerState(entry_states[d.dimension][0]).value for d in dims],
+            rated=[d.rated for d in dims],
+            carry_in=[d.carry_in for d in dims],
+            carry_out=[d.carry_out for d in dims],
+            attempts=[entry_states[d.dimension][1] for d in dims],
+            observed_dimensions=[dimension for (dimension, _), _ in obs],
+            observed_hours=[hour for (_, hour), _ in obs],
+            observed_rated=[rated for _, rated in obs],
+        )
+
+    def params(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 # Claim the hour's unfinished rows for one more submission. A row leased by another delivery is
 # skipped (the lease condition is on the row itself, so Postgres re-checks it after a concurrent update).
-_CLAIM = """
-UPDATE ledger SET state = 'submitted', attempts = attempts + 1, lease_owner = $3,
-                  -- still 'submitted' here: the last attempt's answer was never recorded
-                  unconfirmed = unconfirmed OR state = 'submitted',
-                  lease_until = now() + $4::interval, updated_at = now()
- WHERE customer_id = $1 AND period = $2 AND state = ANY($5::text[])
-   AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $3)
+_CLAIM = Statement.of("""
+UPDATE ledger SET state = :state_submitted, attempts = attempts + 1, lease_owner = :owner,
+                  -- still submitted here: the last attempt's answer was never recorded
+                  unconfirmed = unconfirmed OR state = :state_submitted,
+                  lease_until = now() + :lease::interval, updated_at = now()
+ WHERE customer_id = :customer_id AND period = :period AND state = ANY(:states_unfinished::text[])
+   AND (lease_until IS NULL OR lease_until < now() OR lease_owner = :owner)
 RETURNING customer_id, dimension, quantity, state, attempts, record_id, last_error
-"""
+""")
 
-_RECORD = """
+_RECORD = Statement.of("""
 UPDATE ledger l SET state = r.state, record_id = coalesce(r.record_id, l.record_id), last_error = r.reason,
-                    unconfirmed = l.unconfirmed OR r.state = 'submitted',
-                    -- failed or rejected: the marketplace's answer proved it did not take the record
-                    refused_attempts = l.refused_attempts + (r.state IN ('failed', 'rejected'))::int,
+                    unconfirmed = l.unconfirmed OR r.state = :state_submitted,
+                    -- the marketplace's answer proved it did not take the record
+                    refused_attempts = l.refused_attempts + (r.state = ANY(:states_refused::text[]))::int,
                     lease_owner = NULL, lease_until = NULL, updated_at = now()
-  FROM unnest($4::text[], $5::text[], $6::text[], $7::text[]) AS r(dimension, state, record_id, reason)
- WHERE l.customer_id = $1 AND l.period = $2 AND l.dimension = r.dimension AND l.lease_owner = $3
-"""
+  FROM unnest(:dimensions::text[], :states::text[], :record_ids::text[], :reasons::text[])
+       AS r(dimension, state, record_id, reason)
+ WHERE l.customer_id = :customer_id AND l.period = :period AND l.dimension = r.dimension
+   AND l.lease_owner = :owner
+""")
 
 # An hour outside the marketplace's window: rows every attempt of which was refused give their quantity
 # back to the carried balance (billed with a later hour); rows that may have been received cannot (a
 # submission unconfirmed, or an attempt without a refusal on record), and are rejected with a reason for
 # an operator.
-_EXPIRE = """
+_EXPIRE = Statement.of("""
 WITH e AS (
-  UPDATE ledger SET state = CASE WHEN state = 'submitted' OR unconfirmed OR refused_attempts < attempts
-                                 THEN 'rejected' ELSE 'expired' END,
-                    last_error = CASE WHEN state = 'submitted' OR unconfirmed OR refused_attempts < attempts
-                                      THEN $4 ELSE $5 END,
-                    lease_owner = NULL, lease_until = NULL, updated_at = now()
-   WHERE customer_id = $1 AND period = $2 AND state = ANY($6::text[])
-     AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $3)
+  UPDATE ledger
+     SET state = CASE WHEN state = :state_submitted OR unconfirmed OR refused_attempts < attempts
+                      THEN :state_rejected ELSE :state_expired END,
+         last_error = CASE WHEN state = :state_submitted OR unconfirmed OR refused_attempts < attempts
+                           THEN :unconfirmed_reason ELSE :carried_reason END,
+         lease_owner = NULL, lease_until = NULL, updated_at = now()
+   WHERE customer_id = :customer_id AND period = :period AND state = ANY(:states_unfinished::text[])
+     AND (lease_until IS NULL OR lease_until < now() OR lease_owner = :owner)
   RETURNING dimension, quantity, state
 ), b AS (
   UPDATE balances b SET carry = b.carry + e.quantity, updated_at = now()
-    FROM e WHERE b.customer_id = $1 AND b.dimension = e.dimension AND e.state = 'expired'
+    FROM e WHERE b.customer_id = :customer_id AND b.dimension = e.dimension AND e.state = :state_expired
   RETURNING 1
 ), v AS (
   UPDATE customers SET billing_version = billing_version + 1
-   WHERE id = $1 AND EXISTS (SELECT 1 FROM e) RETURNING 1
+   WHERE id = :customer_id AND EXISTS (SELECT 1 FROM e) RETURNING 1
 )
 SELECT count(*) FROM e
-"""
+""")
+
+_RATE_CARD = Statement.of("SELECT marketplace, metric, dimension, factor FROM rate_card")
+
+
+def expiry_reasons(window: str) -> tuple[str, str]:
+    """The ledger's reasons for an hour settled outside the marketplace's ``window``: (maybe received,
+    carried)."""
+    return (
+        f"outside the marketplace's {window} window after a submission the marketplace may have "
+        "received (its answer never proved a refusal): check the marketplace's records before billing "
+        "it again",
+        f"outside the marketplace's {window} window: quantity carried to a later hour",
+    )
 
 
 class PostgresBillingRepository:
@@ -256,7 +381,12 @@ class PostgresBillingRepository:
     async def load(
         self, customer_id: str, period: Period, window_start: datetime
     ) -> CustomerHourState | None:
-        row = await self._pool.fetchrow(_LOAD, customer_id, period.start, window_start, period.end)
+        row = await self._pool.fetchrow(
+            _LOAD.text,
+            *_LOAD.args(
+                customer_id=customer_id, period=period.start, window_start=window_start, window_end=period.end
+            ),
+        )
         if row is None:
             return None
         entries = tuple(_entry(e, period) for e in json.loads(row["entries"]))
@@ -275,32 +405,13 @@ class PostgresBillingRepository:
         state: CustomerHourState,
         message: BillMessageV1,
         decision: Decision,
-        entry_states: Mapping[str, tuple[str, int]],
+        entry_states: Mapping[str, tuple[LedgerState, int]],
         owner: str,
         lease: timedelta,
     ) -> bool:
-        dims = decision.dimensions
-        obs = sorted(decision.observations.items())
+        rows = DecisionRows.of(state, message, decision, entry_states, owner, lease)
         try:
-            row = await self._pool.fetchrow(
-                _DECIDE,
-                state.customer.id,
-                state.version,
-                message.billing_period.start,
-                message.run_id,
-                owner,
-                lease,
-                [d.dimension for d in dims],
-                [d.quantity for d in dims],
-                [entry_states[d.dimension][0] for d in dims],
-                [d.rated for d in dims],
-                [d.carry_in for d in dims],
-                [d.carry_out for d in dims],
-                [entry_states[d.dimension][1] for d in dims],
-                [k[0] for k, _ in obs],
-                [k[1] for k, _ in obs],
-                [v for _, v in obs],
-            )
+            row = await self._pool.fetchrow(_DECIDE.text, *_DECIDE.args(**rows.params()))
         except asyncpg.exceptions.UniqueViolationError as exc:
             raise ConcurrentDecisionError("this hour was decided by a concurrent delivery") from exc
         assert row is not None
@@ -309,7 +420,9 @@ class PostgresBillingRepository:
     async def claim(
         self, customer_id: str, period: Period, owner: str, lease: timedelta
     ) -> tuple[LedgerEntry, ...] | None:
-        rows = await self._pool.fetch(_CLAIM, customer_id, period.start, owner, lease, UNFINISHED)
+        rows = await self._pool.fetch(
+            _CLAIM.text, *_CLAIM.args(customer_id=customer_id, period=period.start, owner=owner, lease=lease)
+        )
         if not rows:
             return None
         return tuple(_entry(r, period) for r in rows)
@@ -318,30 +431,34 @@ class PostgresBillingRepository:
         self, customer_id: str, period: Period, owner: str, results: Sequence[SubmitResult]
     ) -> None:
         await self._pool.execute(
-            _RECORD,
-            customer_id,
-            period.start,
-            owner,
-            [r.dimension for r in results],
-            [r.state.value for r in results],
-            [r.record_id for r in results],
-            [r.reason for r in results],
+            _RECORD.text,
+            *_RECORD.args(
+                customer_id=customer_id,
+                period=period.start,
+                owner=owner,
+                dimensions=[r.dimension for r in results],
+                states=[r.state.value for r in results],
+                record_ids=[r.record_id for r in results],
+                reasons=[r.reason for r in results],
+            ),
         )
 
     async def expire(self, customer_id: str, period: Period, owner: str, window: str) -> int:
-        unconfirmed = (
-            f"outside the marketplace's {window} window after a submission the marketplace may have "
-            "received (its answer never proved a refusal): check the marketplace's records before billing "
-            "it again"
-        )
-        carried = f"outside the marketplace's {window} window: quantity carried to a later hour"
+        unconfirmed, carried = expiry_reasons(window)
         count = await self._pool.fetchval(
-            _EXPIRE, customer_id, period.start, owner, unconfirmed, carried, UNFINISHED
+            _EXPIRE.text,
+            *_EXPIRE.args(
+                customer_id=customer_id,
+                period=period.start,
+                owner=owner,
+                unconfirmed_reason=unconfirmed,
+                carried_reason=carried,
+            ),
         )
         return int(count)
 
     async def rate_card(self) -> RateCard:
-        rows = await self._pool.fetch("SELECT marketplace, metric, dimension, factor FROM rate_card")
+        rows = await self._pool.fetch(_RATE_CARD.text)
         return RateCard(
             tuple(
                 Rate(Marketplace(r["marketplace"]), r["metric"], r["dimension"], Decimal(r["factor"]))
@@ -352,6 +469,24 @@ class PostgresBillingRepository:
 
 def _parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text)
+
+
+# keyset pages of the customers billable in an hour: never decided, or with rows still unfinished
+_TO_BILL = Statement.of("""
+SELECT c.id, c.marketplace FROM customers c
+  LEFT JOIN subscription_state s ON s.customer_id = c.id
+ WHERE c.id > :after
+   -- a subject the marketplaces manage (#13): billed for an hour it was ACTIVE during (a suspension's
+   -- hours and every hour after its end are not); a seeded customer without a subscription: its status
+   -- and active range, as before
+   AND CASE WHEN s.customer_id IS NOT NULL THEN s.billable && tstzrange(:period, :period_end)
+            ELSE c.status = :active AND c.active_from < :period_end
+                 AND (c.active_until IS NULL OR c.active_until > :period) END
+   AND (NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = :period)
+        OR EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = :period
+                      AND l.state = ANY(:states_unfinished::text[])))
+ ORDER BY c.id LIMIT :page_size
+""")
 
 
 class PostgresDispatchRepository:
@@ -372,37 +507,27 @@ class PostgresDispatchRepository:
         assert row is not None
         return Run(id=row["id"], period=period, dispatched=row["dispatched"], completed=row["completed"])
 
-    async def customers_to_bill(self, period: Period, page_size: int) -> AsyncIterator[list[str]]:
-        """Keyset pages of the customers billable in the hour whose bill is not finished."""
+    async def customers_to_bill(
+        self, period: Period, page_size: int
+    ) -> AsyncIterator[list[tuple[str, Marketplace]]]:
+        """Keyset pages of the customers billable in the hour whose bill is not finished, with the
+        marketplace whose lane bills them."""
         after = ""
         while True:
             rows = await self._pool.fetch(
-                """
-                SELECT c.id FROM customers c
-                  LEFT JOIN subscription_state s ON s.customer_id = c.id
-                 WHERE c.id > $1
-                   -- a subject the marketplaces manage: billed for an hour it was ACTIVE during (a
-                   -- suspension's hours and every hour after its end are not); a seeded customer without
-                   -- a subscription: its status and active range, as before
-                   AND CASE WHEN s.customer_id IS NOT NULL THEN s.billable && tstzrange($2, $3)
-                            ELSE c.status = 'active' AND c.active_from < $3
-                                 AND (c.active_until IS NULL OR c.active_until > $2) END
-                   AND (NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $2)
-                        OR EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $2
-                                      AND l.state = ANY($5::text[])))
-                 ORDER BY c.id LIMIT $4
-                """,
-                after,
-                period.start,
-                period.end,
-                page_size,
-                UNFINISHED,
+                _TO_BILL.text,
+                *_TO_BILL.args(
+                    after=after,
+                    period=period.start,
+                    period_end=period.end,
+                    page_size=page_size,
+                    active=CustomerStatus.ACTIVE.value,
+                ),
             )
             if not rows:
                 return
-            ids = [r["id"] for r in rows]
-            yield ids
-            after = ids[-1]
+            yield [(r["id"], Marketplace(r["marketplace"])) for r in rows]
+            after = rows[-1]["id"]
 
     async def finish_run(self, run_id: uuid.UUID, dispatched: int) -> None:
         await self._pool.execute(

@@ -6,7 +6,8 @@ from collections import defaultdict
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from billing.domain.model import LedgerState, Marketplace
+from billing.adapters.postgres import Statement
+from billing.domain.model import CustomerStatus, LedgerState, Marketplace
 from billing.domain.reconciliation import LedgerRow, ScopeCustomer
 
 if TYPE_CHECKING:
@@ -20,17 +21,17 @@ if TYPE_CHECKING:
 PairAmounts = dict[tuple[str, str], Decimal]
 PairHours = dict[tuple[str, str], dict["datetime", Decimal]]
 
-_SCOPE = """
+_SCOPE = Statement.of("""
 SELECT c.id, c.marketplace, c.status, c.active_from, c.active_until FROM customers c
- WHERE ($3::text IS NULL OR c.id = $3)
-   AND ((c.status = 'active' AND c.active_from < $2
-         AND (c.active_until IS NULL OR c.active_until > $1))
+ WHERE (:customer::text IS NULL OR c.id = :customer)
+   AND ((c.status = :active AND c.active_from < :end
+         AND (c.active_until IS NULL OR c.active_until > :start))
         OR EXISTS (SELECT 1 FROM ledger l
-                    WHERE l.customer_id = c.id AND l.period >= $1 AND l.period < $2)
+                    WHERE l.customer_id = c.id AND l.period >= :start AND l.period < :end)
         -- ended before the range's end: usage recorded after the end is reported (unbillable after end)
-        OR (c.active_until IS NOT NULL AND c.active_until < $2))
+        OR (c.active_until IS NOT NULL AND c.active_until < :end))
  ORDER BY c.id
-"""
+""")
 
 _OBSERVATIONS = """
 SELECT customer_id, dimension, hour, rated FROM usage_observations
@@ -40,11 +41,11 @@ SELECT customer_id, dimension, hour, rated FROM usage_observations
 # The rows the chain walk needs per (customer, dimension): every decision from the range's first to
 # the first one after its last (decisions need not follow the hours' order: a redriven or backfilled
 # hour is decided late), and every quantity an expiry gave back to the balance in that span.
-_WALK = """
+_WALK = Statement.of("""
 WITH r AS (
   SELECT customer_id, dimension, min(decided_at) AS first_at, max(decided_at) AS last_at
     FROM ledger
-   WHERE customer_id = ANY($3::text[]) AND period >= $1 AND period < $2
+   WHERE customer_id = ANY(:ids::text[]) AND period >= :start AND period < :end
    GROUP BY 1, 2
 ), n AS (
   SELECT r.*, (SELECT min(x.decided_at) FROM ledger x
@@ -53,13 +54,13 @@ WITH r AS (
     FROM r
 )
 SELECT l.customer_id, l.dimension, l.period, l.quantity, l.state, l.rated, l.carry_in, l.carry_out,
-       l.last_error, l.decided_at, l.updated_at, (l.period >= $1 AND l.period < $2) AS in_range,
+       l.last_error, l.decided_at, l.updated_at, (l.period >= :start AND l.period < :end) AS in_range,
        l.attempts, l.refused_attempts, l.unconfirmed
   FROM n JOIN ledger l ON l.customer_id = n.customer_id AND l.dimension = n.dimension
  WHERE l.decided_at BETWEEN n.first_at AND coalesce(n.next_at, n.last_at)
-    OR (l.state = 'expired' AND l.quantity <> 0
+    OR (l.state = :state_expired AND l.quantity <> 0
         AND l.updated_at >= n.first_at AND l.updated_at < coalesce(n.next_at, 'infinity'))
-"""
+""")
 
 _BALANCES = "SELECT customer_id, dimension, carry AS amount FROM balances WHERE customer_id = ANY($1::text[])"
 # all-time sums: every unit of usage billing observed must be accounted for by exactly one decision
@@ -89,7 +90,9 @@ class PostgresReconcileReader:
 
     async def scope_customers(self, start: Period, end: Period, customer: str | None) -> list[ScopeCustomer]:
         """Customers billable in the hours ``start`` .. ``end``, or with ledger rows in them."""
-        rows = await self._pool.fetch(_SCOPE, start.start, end.end, customer)
+        active = CustomerStatus.ACTIVE.value
+        args = _SCOPE.args(start=start.start, end=end.end, customer=customer, active=active)
+        rows = await self._pool.fetch(_SCOPE.text, *args)
         return [
             ScopeCustomer(
                 r["id"], Marketplace(r["marketplace"]), r["status"], r["active_from"], r["active_until"]
@@ -109,7 +112,7 @@ class PostgresReconcileReader:
     ) -> dict[tuple[str, str], list[LedgerRow]]:
         """The ledger rows the carry-chain walk needs (see _WALK), per (customer, dimension)."""
         found: dict[tuple[str, str], list[LedgerRow]] = defaultdict(list)
-        for r in await self._pool.fetch(_WALK, start.start, end.end, ids):
+        for r in await self._pool.fetch(_WALK.text, *_WALK.args(start=start.start, end=end.end, ids=ids)):
             found[(r["customer_id"], r["dimension"])].append(
                 LedgerRow(
                     customer_id=r["customer_id"],

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 import stamina
 from botocore.exceptions import BotoCoreError, ClientError
 
-from billing.domain.errors import PermanentError, TransientError
+from billing.domain.errors import ConfigurationError, PermanentError, TransientError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from billing.domain.messages import BillMessageV1
+    from billing.domain.model import Marketplace
 
 BATCH = 10  # SendMessageBatch's limit
 
@@ -27,13 +28,34 @@ class _PartialFailure(Exception):
 class SqsQueue:
     """Sends every message or raises; entries a batch response reports as failed are sent again."""
 
-    def __init__(self, client: Any, queue_url: str, in_flight: int = 8, attempts: int = 5) -> None:
+    def __init__(
+        self,
+        client: Any,
+        queue_url: str | None,
+        in_flight: int = 8,
+        attempts: int = 5,
+        lanes: Mapping[Marketplace, str] | None = None,
+    ) -> None:
         self._client = client
         self._url = queue_url
         self._in_flight = in_flight
         self._attempts = attempts
+        self._lanes = dict(lanes or {})
 
-    async def send(self, messages: Sequence[BillMessageV1]) -> int:
+    def url(self, lane: Marketplace | None) -> str:
+        """The lane's queue, or the default queue for a marketplace without a lane of its own."""
+        url = self._lanes.get(lane) if lane is not None else None
+        url = url or self._url
+        if url is None:
+            raise ConfigurationError(
+                f"no queue for the {lane} lane: set BILLING_{str(lane).upper()}_QUEUE_URL"
+            )
+        return url
+
+    async def send(
+        self, messages: Sequence[BillMessageV1], lane: Marketplace | None = None, delay_seconds: int = 0
+    ) -> int:
+        url = self.url(lane)
         batches: asyncio.Queue[list[BillMessageV1] | None] = asyncio.Queue()
         for start in range(0, len(messages), BATCH):
             batches.put_nowait(list(messages[start : start + BATCH]))
@@ -45,7 +67,7 @@ class SqsQueue:
         async def worker() -> None:
             nonlocal sent
             while (batch := batches.get_nowait()) is not None:
-                await self._send_batch(batch)
+                await self._send_batch(url, batch, delay_seconds)
                 sent += len(batch)
 
         try:
@@ -57,8 +79,13 @@ class SqsQueue:
             raise failed.exceptions[0] from None
         return sent
 
-    async def _send_batch(self, batch: list[BillMessageV1]) -> None:
-        entries = {str(i): {"Id": str(i), "MessageBody": m.to_body()} for i, m in enumerate(batch)}
+    async def _send_batch(self, url: str, batch: list[BillMessageV1], delay_seconds: int) -> None:
+        entries: dict[str, dict[str, Any]] = {
+            str(i): {"Id": str(i), "MessageBody": m.to_body()} for i, m in enumerate(batch)
+        }
+        if delay_seconds:
+            for entry in entries.values():
+                entry["DelaySeconds"] = delay_seconds
         try:
             async for attempt in stamina.retry_context(
                 on=(_PartialFailure, TransientError), attempts=self._attempts, wait_initial=0.05, wait_max=2.0
@@ -66,7 +93,7 @@ class SqsQueue:
                 with attempt:
                     try:
                         response = await self._client.send_message_batch(
-                            QueueUrl=self._url, Entries=list(entries.values())
+                            QueueUrl=url, Entries=list(entries.values())
                         )
                     except ClientError as exc:
                         code = exc.response.get("Error", {}).get("Code", "")

@@ -41,6 +41,16 @@ class MarketplaceUnavailableError(TransientError):
     """The marketplace still refused or timed out after the adapter's own retries; SQS redelivers."""
 
 
+class ThrottledError(MarketplaceUnavailableError):
+    """Every unsettled record was answered with a throttle, up to the bill's budget: nothing failed but the
+    marketplace's quota, so the message goes back to its lane (SQS), not towards the dead-letter queue."""
+
+    def __init__(self, message: str, marketplace: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.marketplace = marketplace
+        self.retry_after = retry_after
+
+
 class BudgetSpentError(TransientError):
     """The invocation's time budget ran out before the bill settled; SQS redelivers the message."""
 

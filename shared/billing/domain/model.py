@@ -58,6 +58,11 @@ FINAL_STATES = frozenset(
         LedgerState.EXPIRED,
     }
 )
+# Not settled yet: claimed again for another submission, or settled when the marketplace's window closes.
+UNFINISHED_STATES = frozenset(s for s in LedgerState if s not in FINAL_STATES)
+# An answer proving the marketplace did not take the record (throttled, unavailable, refused): only a row
+# whose every attempt ended in one of these may give its quantity back to the carry when its window closes.
+REFUSED_STATES = frozenset({LedgerState.FAILED, LedgerState.REJECTED})
 
 
 def hour_floor(moment: datetime) -> datetime:
@@ -199,6 +204,10 @@ class SubmitResult:
     state: LedgerState
     record_id: str | None = None
     reason: str | None = None
+    # a throttle answer (AWS ThrottlingException, HTTP 429): retried within the bill's budget, and a bill
+    # that stops on nothing but throttles goes back to its lane's queue instead of failing
+    throttled: bool = False
+    retry_after: float | None = None  # seconds, from a Retry-After header
 
     @property
     def retryable(self) -> bool:
@@ -216,6 +225,7 @@ class BillOutcome:
     marketplace_calls: int = 0
     already_billed: bool = False
     stale_final_bill: bool = False  # a final bill whose end instant the database no longer records
+    requeued: bool = False  # throttled until the budget ran out: a copy of the message waits in the lane
 
     def count(self, state: LedgerState) -> int:
         return sum(1 for e in self.entries if e.state is state)

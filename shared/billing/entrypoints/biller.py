@@ -97,7 +97,12 @@ async def bill_body(
         raise
     tracing.record_success(outcome)
     _emit_metrics(outcome, age_ms, failed=False)
-    logger.info("billed", extra={**keys, **summary(outcome)})
+    if outcome.requeued:
+        logger.warning(
+            "throttled for the whole budget: put back on its lane", extra={**keys, **summary(outcome)}
+        )
+    else:
+        logger.info("billed", extra={**keys, **summary(outcome)})
     return outcome
 
 
@@ -108,6 +113,8 @@ def _emit_metrics(outcome: BillOutcome | None, age_ms: int | None, failed: bool)
         metrics.add_dimension("marketplace", outcome.marketplace.value)
         for state, name in _COUNTED.items():
             metrics.add_metric(name=name, unit=MetricUnit.Count, value=outcome.count(state))
+        # throttled for a whole budget and put back on its lane: not a failure, but the lane is at its quota
+        metrics.add_metric(name="BillsRequeued", unit=MetricUnit.Count, value=1 if outcome.requeued else 0)
     metrics.add_metric(name="BillingFailures", unit=MetricUnit.Count, value=1 if failed else 0)
     if age_ms is not None:
         metrics.add_metric(name="MessageAgeMs", unit=MetricUnit.Milliseconds, value=max(age_ms, 0))
@@ -118,6 +125,7 @@ def summary(outcome: BillOutcome) -> dict[str, Any]:
     return {
         "marketplace": outcome.marketplace.value,
         "already_billed": outcome.already_billed,
+        "requeued": outcome.requeued,
         "marketplace_calls": outcome.marketplace_calls,
         **{state.value: outcome.count(state) for state in LedgerState if outcome.count(state)},
     }

@@ -71,13 +71,15 @@ class Subscriptions:
     async def service(self) -> SubscriptionService:
         if self._service is None:
             from billing.adapters.postgres_subscriptions import PostgresSubscriptionRepository
-            from billing.adapters.sqs import SqsQueue
+            from billing.domain.model import Marketplace
             from billing.services.subscriptions import SubscriptionService
 
-            if not self.runtime.settings.queue_url:
-                raise ConfigurationError("BILLING_QUEUE_URL is not set (final bills go to the billing queue)")
+            if not all(self.runtime.settings.lane_queue_url(m.value) for m in Marketplace):
+                raise ConfigurationError(
+                    "set BILLING_QUEUE_URL or every lane's BILLING_<MARKETPLACE>_QUEUE_URL (for final bills)"
+                )
             self._repo = PostgresSubscriptionRepository(await self.runtime.pool())
-            queue = SqsQueue(await self.runtime.aws_client("sqs"), self.runtime.settings.queue_url)
+            queue = await self.runtime.queue()
             self._service = SubscriptionService(
                 self._repo, queue, self.runtime.settings.lookback_hours, clock=self.runtime.clock
             )

@@ -13,16 +13,18 @@ from typing import TYPE_CHECKING
 import stamina
 
 from billing import log_context
+from billing.budget import DEADLINE
 from billing.domain.errors import (
     BadMessageError,
     BudgetSpentError,
     ClaimHeldError,
     ConcurrentDecisionError,
     MarketplaceUnavailableError,
+    ThrottledError,
     TransientError,
     WindowExpiredError,
 )
-from billing.domain.messages import require_billable_now
+from billing.domain.messages import BillMessageV1, require_billable_now
 from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, Marketplace, RateCard, SubmitResult
 from billing.domain.rating import Decision, DimensionDecision, decide, rate_usage
 from billing.ports import BillingRepository, MarketplaceClient, UsageSource
@@ -31,7 +33,6 @@ from billing.tracing import span
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from billing.domain.messages import BillMessageV1
     from billing.domain.model import Period
     from billing.ports import CustomerHourState
 
@@ -68,6 +69,9 @@ class Biller:
     attempts: int = 3
     budget_seconds: float = 45.0  # BILLING_INVOCATION_BUDGET_SECONDS
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    # Puts a copy of the message back on its marketplace's lane, delayed (seconds of Retry-After if
+    # known): a bill throttled until its budget ran out ends there, not as a failed receive (see bill).
+    requeue: Callable[[BillMessageV1, Marketplace, float | None], Awaitable[None]] | None = None
 
     async def bill(self, message: BillMessageV1) -> BillOutcome:
         """Bill the message's customer-hour; idempotent, so any delivery may run it again.
@@ -90,6 +94,8 @@ class Biller:
             # One deadline over every retry below: stopped here, a call in flight is as unconfirmed as after
             # a Lambda timeout (its ledger rows stay SUBMITTED, resubmitted with the same quantities later),
             # but the item fails with a log, a metric and an APM outcome, and the slot is free sooner.
+            # The adapters read the same deadline (billing.budget) to stop retrying throttles in time.
+            budget = DEADLINE.set(asyncio.get_running_loop().time() + self.budget_seconds)
             try:
                 async with asyncio.timeout(self.budget_seconds) as deadline:
                     return await self._bill_with_retries(message, owner, retryable)
@@ -99,6 +105,20 @@ class Biller:
                 raise BudgetSpentError(
                     f"the bill did not settle within its {self.budget_seconds:g} s budget; SQS redelivers it"
                 ) from None
+            except ThrottledError as exc:
+                # Nothing failed but the marketplace's quota, and its answers are recorded (the lease is
+                # released). Failing the item would spend one of the lane's maxReceiveCount receives, so a
+                # long throttle would dead-letter healthy customers: a fresh copy of the message goes back
+                # to the lane instead (billing is idempotent) and this delivery ends as handled. If the copy
+                # cannot be sent, the item fails as before.
+                if self.requeue is None:
+                    raise
+                await self.requeue(message, Marketplace(exc.marketplace), exc.retry_after)
+                return BillOutcome(
+                    message.customer_id, message.billing_period, Marketplace(exc.marketplace), requeued=True
+                )
+            finally:
+                DEADLINE.reset(budget)
 
     async def _bill_with_retries(
         self, message: BillMessageV1, owner: str, retryable: Callable[[Exception], bool]
@@ -179,6 +199,13 @@ class Biller:
         failed = [r for r in results if r.retryable]
         if failed:
             reasons = "; ".join(sorted({f"{r.dimension}: {r.reason}" for r in failed}))
+            if all(r.throttled for r in failed):
+                raise ThrottledError(
+                    f"{customer.marketplace} throttled {len(failed)} of {len(results)} records up to the "
+                    f"bill's budget: {reasons}",
+                    customer.marketplace.value,
+                    max((r.retry_after or 0.0 for r in failed), default=0.0) or None,
+                )
             raise MarketplaceUnavailableError(
                 f"{len(failed)} of {len(results)} records not confirmed by {customer.marketplace}: {reasons}"
             )
@@ -216,14 +243,14 @@ class Biller:
             )
             if expired:
                 decision = _carry_everything(decision)
-        entry_states: dict[str, tuple[str, int]] = {}
+        entry_states: dict[str, tuple[LedgerState, int]] = {}
         for d in decision.dimensions:
             if expired:
-                entry_states[d.dimension] = (LedgerState.EXPIRED.value, 0)
+                entry_states[d.dimension] = (LedgerState.EXPIRED, 0)
             elif d.quantity == 0 and not client.rules.sends_zero:
-                entry_states[d.dimension] = (LedgerState.SKIPPED.value, 0)
+                entry_states[d.dimension] = (LedgerState.SKIPPED, 0)
             else:
-                entry_states[d.dimension] = (LedgerState.SUBMITTED.value, 1)
+                entry_states[d.dimension] = (LedgerState.SUBMITTED, 1)
         with span("ledger write"):
             decided = await self.repo.record_decision(state, message, decision, entry_states, owner, lease)
         if not decided:
@@ -236,7 +263,7 @@ class Biller:
                 d.dimension,
                 period,
                 d.quantity,
-                LedgerState(entry_states[d.dimension][0]),
+                entry_states[d.dimension][0],
                 attempts=entry_states[d.dimension][1],
             )
             for d in decision.dimensions

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from billing.domain.messages import BillMessageV1
-from billing.domain.model import Period
+from billing.domain.model import Marketplace, Period
 
 if TYPE_CHECKING:
     from billing.ports import DispatchRepository, MessageQueue
@@ -45,9 +45,14 @@ async def dispatch(
         return DispatchResult(run.id, period, run.dispatched, already_dispatched=True)
     sent = 0
     async for page in repo.customers_to_bill(period, page_size):
-        sent += await queue.send(
-            [BillMessageV1(customer_id=c, period=period.start, run_id=run.id) for c in page]
-        )
+        # each marketplace bills in its own lane (queue, dead-letter queue, concurrency): a slow or
+        # throttling marketplace never holds the other marketplaces' customers
+        lanes: dict[Marketplace, list[BillMessageV1]] = {}
+        for customer_id, marketplace in page:
+            message = BillMessageV1(customer_id=customer_id, period=period.start, run_id=run.id)
+            lanes.setdefault(marketplace, []).append(message)
+        for marketplace, messages in lanes.items():
+            sent += await queue.send(messages, lane=marketplace)
     if run.completed:
         return DispatchResult(run.id, period, run.dispatched, already_dispatched=True, resent=sent)
     await repo.finish_run(run.id, sent)

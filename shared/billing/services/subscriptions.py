@@ -110,7 +110,8 @@ class SubscriptionService:
             )
             messages = [m for m in messages if m.period not in done]
         if messages:
-            await self.queue.send(messages)
+            # on the subject's own lane, as the dispatcher would send them
+            await self.queue.send(messages, lane=state.key.marketplace)
         deadline = None
         if state.ends_at is not None:
             deadline = state.ends_at + FINAL_METERING_WINDOW[state.key.marketplace]

@@ -122,6 +122,8 @@ class Subscriptions:
                     "status": outcome.recorded.state.status.value,
                     "link_problem": outcome.recorded.link_problem,
                     "final_bills": outcome.final_bills,
+                    # the end instant + the marketplace's final-metering window, for an operator's check
+                    "final_deadline": outcome.final_deadline.isoformat() if outcome.final_deadline else None,
                 },
             )
             outcomes.append(outcome)

@@ -18,7 +18,18 @@ from typing import Any
 
 from bench.common import RESULTS, Section, machine, markdown, print_table, section_doc, write_json
 
-SECTIONS = ("scheduling", "cost", "dispatcher", "coldstart", "reports", "profile", "lambda", "quota", "lanes")
+SECTIONS = (
+    "scheduling",
+    "cost",
+    "dispatcher",
+    "coldstart",
+    "reports",
+    "profile",
+    "lambda",
+    "quota",
+    "lanes",
+    "demo_scaling",
+)
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -48,6 +59,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "lambda": {"invocations": 150, "reps": 1},
             "quota": {"customers": 150, "quota": 10.0, "consumers": 10},
             "lanes": {"customers": 90, "throttle_s": 15.0, "budget_s": 8.0, "aws_quota": 10.0},
+            "demo_scaling": {"small": 100, "large": 1_000, "baseline": 10},
         }
     return {
         "scheduling": {
@@ -75,6 +87,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
         # N/Q = 60 s: one run well under two minutes
         "quota": {"customers": 600, "quota": 10.0, "consumers": 10},
         "lanes": {"customers": 300, "throttle_s": 60.0, "budget_s": 10.0, "aws_quota": 10.0},
+        "demo_scaling": {"small": 300, "large": 3_000, "baseline": 10},
     }
 
 
@@ -119,7 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
     }
 
-    from bench import coldstart, cost, dispatcher, lambda_warm, lanes, profile, reports, scheduling
+    from bench import (
+        coldstart,
+        cost,
+        demo_scaling,
+        dispatcher,
+        lambda_warm,
+        lanes,
+        profile,
+        reports,
+        scheduling,
+    )
     from bench.env import bench_stack
 
     sections: list[Section] = []
@@ -149,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 section = lanes.run_quota(lanes.QuotaParams(**sizes["quota"]), log)
             elif key == "lanes":
                 section = lanes.run_lanes(lanes.LanesParams(**sizes["lanes"]), log)
+            elif key == "demo_scaling":
+                section = demo_scaling.run(demo_scaling.ScalingParams(**sizes["demo_scaling"]), log)
             else:
                 section = reports.run(bench, log, sizes["reports"]["customers"])
             section.seconds = time.perf_counter() - began

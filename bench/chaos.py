@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -47,15 +46,25 @@ from urllib.parse import urlsplit, urlunsplit
 
 from bench.common import machine, write_json
 from billing_local.faults import (
-    Proxy,
+    AFTER_ACCEPT,
+    AFTER_DECISION,
+    Clock,
+    ConnectionKiller,
+    Deliveries,
+    Drain,
+    FaultyUsage,
+    Gate,
+    KillingLedger,
+    RandomFaults,
     ShortMarketplaceTimeouts,
-    marketplace_error,
-    reset_connection,
-    with_middleware,
+    dead_letters,
+    held_records,
+    identities,
+    redrive,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import Iterator
 
 ALL = ("aws", "gcp", "azure")
 TIMEOUT_S = 2.0  # how long the marketplace clients wait for an answer in the chaos run
@@ -93,10 +102,6 @@ class Rates:
     outage_s: float = 25.0  # > 1+2+3+4+5 s: the runner's redelivery delays before a 6th receive dead-letters
 
 
-class Killed(Exception):
-    """The biller's process died here; the runner, like Lambda, leaves the message for SQS."""
-
-
 @dataclass
 class Injected:
     """What the chaos run actually injected, by kind."""
@@ -104,62 +109,8 @@ class Injected:
     counts: Counter[str] = field(default_factory=Counter)
 
     def add(self, kind: str, n: int = 1) -> None:
-        self.counts[kind] += n
-
-
-# --- the time the biller and the emulators see -----------------------------------------------------------
-
-
-@dataclass
-class Clock:
-    now: datetime
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-# --- faults in front of the marketplace emulators -------------------------------------------------------
-
-
-class Gate:
-    """An aiohttp middleware in front of one emulator, answering a share of the calls with a fault."""
-
-    KINDS: tuple[int | str, ...] = (429, 500, 503, "timeout", "lost", "reset")
-
-    def __init__(self, marketplace: str, rng: random.Random, injected: Injected) -> None:
-        self.marketplace = marketplace
-        self.rate = 0.0
-        self.down_until = 0.0  # time.monotonic(): an outage, every call 503 until then
-        self.rng = rng
-        self.injected = injected
-
-    def middleware(self) -> Any:
-        from aiohttp import web
-
-        @web.middleware
-        async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
-            if time.monotonic() < self.down_until:
-                self.injected.add(f"{self.marketplace} outage 503")
-                return marketplace_error(self.marketplace, 503)
-            if not self.rate or self.rng.random() >= self.rate:
-                return await handler(request)
-            fault = self.rng.choice(self.KINDS)
-            self.injected.add(f"{self.marketplace} {fault}")
-            if fault == "lost":
-                response = await handler(request)
-                await asyncio.sleep(HANG_S)
-                return response
-            if fault == "reset":  # taken, then RST while the client reads the answer
-                response = await handler(request)
-                reset_connection(request)
-                return response
-            if fault == "timeout":
-                await asyncio.sleep(HANG_S)
-                return marketplace_error(self.marketplace, 504)
-            assert isinstance(fault, int)
-            return marketplace_error(self.marketplace, fault)
-
-        return gate
+        if n:
+            self.counts[kind] += n
 
 
 class _CountingRandom(random.Random):
@@ -174,179 +125,94 @@ class _CountingRandom(random.Random):
         return chosen
 
 
-# --- faults inside the billing code ---------------------------------------------------------------------
+# --- the faults (billing_local.faults, shared with the fault-injection suite) --------------------------
 
 
 @dataclass
 class Chaos:
     """The faults of the billing code and the runner; all off (``on`` False) in the clean run and between
-    an hour's first drain and its redrives."""
+    an hour's first drain and its redrives. Each fault goes in through a parameter: the composition
+    root's ``wrappers`` (ledger, usage source), ``run_hour``'s drain (deliveries, connections)."""
 
     clock: Clock
     rates: Rates
     rng: random.Random
     injected: Injected
+    dsn: str
     on: bool = False
-    # every delivery the handler saw, by message body: (receive count, what came of it)
-    trace: dict[str, list[str]] = field(default_factory=dict)
+    deliveries: Deliveries = field(init=False)
+    killer: ConnectionKiller = field(init=False)
+    usages: list[FaultyUsage] = field(default_factory=list)
+    ledgers: list[KillingLedger] = field(default_factory=list)
 
-    def strikes(self, rate: float, kind: str) -> bool:
-        if self.on and self.rng.random() < rate:
-            self.injected.add(kind)
-            return True
-        return False
+    def __post_init__(self) -> None:
+        self.deliveries = Deliveries(twice=self._twice)
+        self.killer = ConnectionKiller(self.dsn)
 
+    def strikes(self, rate: float) -> bool:
+        return self.on and self.rng.random() < rate
 
-class ChaoticLedger(Proxy):
-    """The biller's process dies, now and then, right after its decision was recorded, or after the
-    marketplace accepted the records and before the ledger recorded that answer."""
+    def _twice(self, body: str) -> str | None:
+        if self.strikes(self.rates.twice_in_sequence):
+            return "sequence"
+        return "at once" if self.strikes(self.rates.twice_at_once) else None
 
-    def __init__(self, inner: Any, chaos: Chaos) -> None:
-        super().__init__(inner)
-        self.chaos = chaos
+    def _kills(self, step: str, customer: str) -> bool:
+        rate = {AFTER_DECISION: self.rates.kill_after_decision, AFTER_ACCEPT: self.rates.kill_after_accept}
+        return self.strikes(rate[step])
 
-    async def record_decision(self, state: Any, *args: Any, **kwargs: Any) -> bool:
-        decided: bool = await self.inner.record_decision(state, *args, **kwargs)
-        if self.chaos.strikes(self.chaos.rates.kill_after_decision, "biller killed after its decision"):
-            raise Killed("after the decision")
-        return decided
+    def _usage_fault(self, customer: str) -> str | None:
+        if self.strikes(self.rates.usage_timeout):
+            return "timeout"
+        return "slow" if self.strikes(self.rates.slow_usage) else None
 
-    async def record_results(self, *args: Any, **kwargs: Any) -> None:
-        if self.chaos.strikes(
-            self.chaos.rates.kill_after_accept, "biller killed after the marketplace accepted"
-        ):
-            raise Killed("after the marketplace accepted")
-        await self.inner.record_results(*args, **kwargs)
+    def runtime(self, settings: Any) -> Any:
+        """The composition root with the virtual clock, a short lease, short marketplace timeouts and the
+        ledger and usage faults around its real adapters."""
+        import aioboto3
 
+        from billing.bootstrap import Runtime, Wrappers
 
-class ChaoticUsage(Proxy):
-    """A usage search that now and then times out, or answers slowly."""
+        def ledger(repo: Any) -> KillingLedger:
+            self.ledgers.append(KillingLedger(repo, self._kills))
+            return self.ledgers[-1]
 
-    def __init__(self, inner: Any, chaos: Chaos) -> None:
-        super().__init__(inner)
-        self.chaos = chaos
+        def usage(source: Any) -> FaultyUsage:
+            self.usages.append(FaultyUsage(source, self._usage_fault, slow_s=0.3))
+            return self.usages[-1]
 
-    async def hourly_usage(self, customer_id: str, start: datetime, end: datetime) -> Any:
-        from billing.domain.errors import TransientError
+        return Runtime(
+            settings.model_copy(update={"lease_seconds": LEASE_S}),
+            clock=self.clock,
+            aws_session=ShortMarketplaceTimeouts(aioboto3.Session(), TIMEOUT_S),
+            wrappers=Wrappers(repository=ledger, usage_source=usage),
+        )
 
-        if self.chaos.strikes(self.chaos.rates.usage_timeout, "usage search timed out"):
-            raise TransientError("usage search timed out")
-        if self.chaos.strikes(self.chaos.rates.slow_usage, "usage search slow"):
-            await asyncio.sleep(0.3)
-        return await self.inner.hourly_usage(customer_id, start, end)
+    def drain(self) -> Drain:
+        """The runner's drain with duplicate deliveries, and PostgreSQL terminating busy connections."""
+        return Drain(
+            deliveries=self.deliveries,
+            beside=lambda: self.killer.every(self.rates.db_terminate_every_s, on=lambda: self.on),
+        )
 
-
-def runtime_class(chaos: Chaos) -> type[Any]:
-    """Runtime, the composition root, with the virtual clock, a short lease and the faults in its Biller."""
-    from billing.bootstrap import Runtime
-
-    class ChaosRuntime(Runtime):
-        _chaos_applied = False
-
-        async def biller(self) -> Any:
-            biller = await super().biller()
-            if not self._chaos_applied:
-                self._chaos_applied = True
-                biller.clock = chaos.clock
-                biller.lease_seconds = LEASE_S
-                biller.usage = ChaoticUsage(biller.usage, chaos)
-                biller.repo = ChaoticLedger(biller.repo, chaos)
-            return biller
-
-        def _aws_session(self) -> Any:
-            return ShortMarketplaceTimeouts(super()._aws_session(), TIMEOUT_S)
-
-    return ChaosRuntime
-
-
-def drain_with(
-    chaos: Chaos, dsn: str, original: Callable[..., Awaitable[Any]]
-) -> Callable[..., Awaitable[Any]]:
-    """The runner's drain, with duplicate deliveries and PostgreSQL terminating connections beside it."""
-
-    async def drain(
-        sqs: Any, queue_url: str, handle: Any, concurrency: int, *args: Any, **kwargs: Any
-    ) -> Any:
-        async with terminating_connections(dsn, chaos):
-            return await original(
-                sqs,
-                queue_url,
-                _traced(_duplicating(handle, sqs, queue_url, chaos), chaos),
-                concurrency,
-                *args,
-                **kwargs,
-            )
-
-    return drain
-
-
-def _traced(handle: Any, chaos: Chaos) -> Any:
-    async def deliver(delivery: Any) -> Any:
-        seen = chaos.trace.setdefault(delivery.body, [])
-        try:
-            outcome = await handle(delivery)
-        except BaseException as exc:
-            seen.append(f"#{delivery.receive_count} {type(exc).__name__}")
-            raise
-        seen.append(f"#{delivery.receive_count} ok")
-        return outcome
-
-    return deliver
-
-
-def _duplicating(handle: Any, sqs: Any, queue_url: str, chaos: Chaos) -> Any:
-    copied: set[str] = set()
-
-    async def deliver(delivery: Any) -> Any:
-        if delivery.body in copied:
-            return await handle(delivery)
-        if chaos.strikes(chaos.rates.twice_in_sequence, "message delivered twice in sequence"):
-            copied.add(delivery.body)
-            outcome = await handle(delivery)
-            await sqs.send_message(QueueUrl=queue_url, MessageBody=delivery.body)
-            return outcome
-        if chaos.strikes(chaos.rates.twice_at_once, "message delivered twice at once"):
-            copied.add(delivery.body)
-            twin = dataclasses.replace(delivery, message_id=f"{delivery.message_id}-twin")
-            first, second = await asyncio.gather(handle(delivery), handle(twin), return_exceptions=True)
-            if isinstance(second, Exception):  # SQS would deliver the twin again
-                await sqs.send_message(QueueUrl=queue_url, MessageBody=delivery.body)
-            if isinstance(first, BaseException):
-                raise first
-            return first
-        return await handle(delivery)
-
-    return deliver
-
-
-@contextlib.asynccontextmanager
-async def terminating_connections(dsn: str, chaos: Chaos) -> AsyncIterator[None]:
-    """PostgreSQL terminates every billing connection busy with a query every few seconds (chaos on)."""
-    import asyncpg
-
-    if not chaos.on:
-        yield
-        return
-    admin = await asyncpg.connect(dsn)
-
-    async def terminate() -> None:
-        while True:
-            await asyncio.sleep(chaos.rates.db_terminate_every_s)
-            n = await admin.fetchval(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name = 'marketplace-billing'"
-                " AND state = 'active' AND pid <> pg_backend_pid()"
-            )
-            chaos.injected.add("database connection terminated", n)
-
-    task = asyncio.create_task(terminate())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await admin.close()
+    def count(self, gates: dict[str, Gate]) -> None:
+        """Add what was injected to ``injected``, from what each fault recorded."""
+        windows = self.deliveries.duplicated.values()
+        self.injected.add(
+            "message delivered twice in sequence", sum(1 for how in windows if how == "sequence")
+        )
+        self.injected.add("message delivered twice at once", sum(1 for how in windows if how == "at once"))
+        for ledger in self.ledgers:
+            for step, _ in ledger.killed:
+                self.injected.add(f"biller killed {step}")
+        for source in self.usages:
+            self.injected.add("usage search timed out", source.faults["timeout"])
+            self.injected.add("usage search slow", source.faults["slow"])
+        self.injected.add("database connection terminated", len(self.killer.killed))
+        for marketplace, gate in gates.items():
+            assert isinstance(gate.plan, RandomFaults)
+            for kind, n in gate.plan.chosen.items():
+                self.injected.add(f"{marketplace} {kind}", n)
 
 
 # --- one run: a fresh database and stack ----------------------------------------------------------------
@@ -381,14 +247,6 @@ def bill_hours(
     name: str, server: str, customers: int, hours: int, seed: int, rates: Rates | None, concurrency: int
 ) -> Run:
     """Bill ``hours`` hours for ``customers`` customers on a fresh database and stack; chaos if ``rates``."""
-    import billing.bootstrap
-    import billing_local.emulators.aws_metering
-    import billing_local.emulators.azure
-    import billing_local.emulators.gcp
-    import billing_local.progress
-    import billing_local.runner
-    import billing_local.stack
-    from billing_local.local_run import seed_database as _seed
     from billing_local.local_run import subscribe_all as _subscribe_all
     from billing_local.migrate import migrate
     from billing_local.stack import environment, local_stack
@@ -399,31 +257,30 @@ def bill_hours(
     clock = Clock(first.end + timedelta(minutes=20))
     injected = run.injected
     rng = random.Random(f"{seed}-{name}")
-    chaos = Chaos(clock, rates or Rates(), random.Random(rng.random()), injected)
-    gates = {m: Gate(m, random.Random(rng.random()), injected) for m in ALL}
-    with _database(server, name) as dsn, _patched() as patch:
+    chaos_rng = random.Random(rng.random())
+    gates = {m: Gate(m, HANG_S) for m in ALL}
+    for gate in gates.values():
+        gate.plan = RandomFaults(random.Random(rng.random()))
+    with _database(server, name) as dsn:
+        chaos = Chaos(clock, rates or Rates(), chaos_rng, injected, dsn)
         asyncio.run(migrate(dsn))
-        linear_moto = functools.partial(billing_local.stack.moto_server_process, "bench.moto_linear")
-        patch(billing_local.stack, "moto_server_process", linear_moto)
-        patch(billing_local.progress, "progress_bar", _no_progress)
-        patch(billing.bootstrap, "Runtime", runtime_class(chaos))
-        patch(billing_local.runner, "drain", drain_with(chaos, dsn, billing_local.runner.drain))
-        for module, gate in (
-            (billing_local.emulators.aws_metering, gates["aws"]),
-            (billing_local.emulators.gcp, gates["gcp"]),
-            (billing_local.emulators.azure, gates["azure"]),
+        middlewares = {m: gate.middleware() for m, gate in gates.items()}
+        # moto with bench.moto_linear's fixes: as shipped, its SQS costs O(queue depth) per message
+        with (
+            local_stack(dsn, middlewares=middlewares, moto_module="bench.moto_linear") as stack,
+            environment({**stack.env, **ENV}),
         ):
-            patch(module, "create_app", with_middleware(module.create_app, gate.middleware))
-        with local_stack(dsn) as stack, environment({**stack.env, **ENV}):
             stack.metering.clock = stack.gcp.clock = stack.azure.clock = clock
             stack.metering.rng = _CountingRandom(rng.random())
             stack.metering.rng.injected = injected
             stack.metering.fault_kinds = ("throttle", "internal", "unprocessed")
             for quota in (stack.metering.quota, stack.gcp.quota, stack.azure.quota):
                 quota.reset(rate=QUOTA)
-            asyncio.run(_seed(dsn, customers, hours, seed, first.shifted(hours - 1), ALL))
+            asyncio.run(_seed(dsn, customers, hours, seed, first.shifted(hours - 1)))
             asyncio.run(_subscribe_all(stack))
-            identities = asyncio.run(_identities(dsn))
+            ids = asyncio.run(identities(dsn))
+            for gate in gates.values():
+                gate.identities = ids
             for h in range(hours):
                 hour = first.shifted(h)
                 clock.now = hour.end + timedelta(minutes=20)
@@ -434,7 +291,8 @@ def bill_hours(
                 _bill_hour(run, stack, hour, chaos, gates, rates, concurrency)
                 if late:
                     asyncio.run(_arrive(dsn, late))
-            _collect(run, stack, identities, dsn)
+            chaos.count(gates)
+            _collect(run, stack, ids, dsn)
     run.seconds = time.perf_counter() - began
     return run
 
@@ -449,36 +307,35 @@ def _bill_hour(
     concurrency: int,
 ) -> None:
     """The hour's scheduled run (chaos on, if any), then redrives until every customer-hour is settled."""
-    from billing_local.local_run import run_hour
-
     poison = _poison(hour, rates.poison_per_hour) if rates is not None else []
+    plans = {m: gate.plan for m, gate in gates.items() if isinstance(gate.plan, RandomFaults)}
     if rates is not None:
         chaos.on = True
-        for gate in gates.values():
-            gate.rate = rates.marketplace
-        gates[ALL[run.hours_billed % len(ALL)]].down_until = time.monotonic() + rates.outage_s
+        for plan in plans.values():
+            plan.rate = rates.marketplace
+        plans[ALL[run.hours_billed % len(ALL)]].down_until = time.monotonic() + rates.outage_s
         stack.metering.fault_rate = rates.aws_emulator
         _send(stack.queue_url, poison)
         chaos.injected.add("poison messages", len(poison))
         run.poison.update(poison)
     try:
-        result = asyncio.run(run_hour({"period": hour.isoformat()}, concurrency, retry_delay_s=1))
+        result = _run_hour(hour, chaos, concurrency)
     finally:
         chaos.on = False
-        for gate in gates.values():
-            gate.rate, gate.down_until = 0.0, 0.0
+        for plan in plans.values():
+            plan.rate, plan.down_until = 0.0, 0.0
         stack.metering.fault_rate = 0.0
         run.hours_billed += 1
     run.invocations += result.stats.invocations
     run.failed += result.stats.failed
     # the faults are over: redrive what the dead-letter queue holds (poison goes back there) and drain
     for _ in range(5):
-        stranded = [body for body in _dead_letters(stack) if body not in run.poison]
+        stranded = [body for body in dead_letters(stack) if body not in run.poison]
         if not result.report.unbilled and not stranded:
             break
         run.redrive_rounds += 1
-        run.redriven += _redrive(stack)
-        result = asyncio.run(run_hour({"period": hour.isoformat()}, concurrency, retry_delay_s=1))
+        run.redriven += int(redrive(stack).moved)
+        result = _run_hour(hour, chaos, concurrency)
         run.invocations += result.stats.invocations
         run.failed += result.stats.failed
     run.unbilled_after += [
@@ -487,34 +344,33 @@ def _bill_hour(
     ]
 
 
+def _run_hour(hour: Any, chaos: Chaos, concurrency: int) -> Any:
+    from billing_local.local_run import run_hour
+
+    event = {"period": hour.isoformat()}
+    return asyncio.run(
+        run_hour(event, concurrency, retry_delay_s=1, runtime=chaos.runtime, drain=chaos.drain(), quiet=True)
+    )
+
+
 def _deliveries(chaos: Chaos, customer_id: str, hour: Any) -> list[str]:
     """What the handler saw of this customer-hour's messages."""
     seen: list[str] = []
-    for body, events in chaos.trace.items():
+    for window in chaos.deliveries.windows:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
-            message = json.loads(body)
+            message = json.loads(window.body)
             if message.get("customer_id") == customer_id and message.get("period", "").startswith(
                 hour.start.strftime("%Y-%m-%dT%H")
             ):
-                seen += events
+                seen.append(f"#{window.receive_count} {window.outcome}")
     return seen
 
 
-def _collect(run: Run, stack: Any, identities: dict[tuple[str, str], str], dsn: str) -> None:
-    from billing.domain.model import hour_floor
-
-    def hold(marketplace: str, key: str, dimension: str, hour: datetime, quantity: int) -> None:
-        run.held.setdefault((identities[marketplace, key], dimension, hour_floor(hour)), []).append(quantity)
-
-    for r in stack.metering.accepted():
-        hold("aws", r.customer, r.dimension, r.timestamp, r.quantity)
-    for g in list(stack.gcp.records.values()):
-        hold("gcp", g.consumer_id, g.metric, g.start_time, g.value)
-    for (resource, dimension, hour), event in list(stack.azure.accepted.items()):
-        hold("azure", resource, dimension, hour, int(event.quantity))
+def _collect(run: Run, stack: Any, ids: dict[tuple[str, str], str], dsn: str) -> None:
+    run.held = held_records(stack, ids)
     rows = asyncio.run(_fetch(dsn, "SELECT customer_id, dimension, period, state, quantity FROM ledger"))
     run.ledger = {(r["customer_id"], r["dimension"], r["period"]): (r["state"], r["quantity"]) for r in rows}
-    run.dead_letters = _dead_letters(stack)
+    run.dead_letters = dead_letters(stack)
 
 
 # --- the comparison -------------------------------------------------------------------------------------
@@ -583,26 +439,6 @@ def first_hour(hours: int) -> Any:
 
 
 @contextlib.contextmanager
-def _patched() -> Iterator[Callable[[Any, str, Any], None]]:
-    undo: list[tuple[Any, str, Any]] = []
-
-    def patch(target: Any, name: str, value: Any) -> None:
-        undo.append((target, name, getattr(target, name)))
-        setattr(target, name, value)
-
-    try:
-        yield patch
-    finally:
-        for target, name, value in reversed(undo):
-            setattr(target, name, value)
-
-
-@contextlib.contextmanager
-def _no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    yield lambda n: None
-
-
-@contextlib.contextmanager
 def _database(server: str, name: str) -> Iterator[str]:
     db = f"chaos_{name}_{uuid.uuid4().hex[:8]}"
     asyncio.run(_execute(server, f"CREATE DATABASE {db}"))
@@ -632,17 +468,16 @@ async def _fetch(dsn: str, query: str, *args: Any) -> list[Any]:
         await conn.close()
 
 
-async def _identities(dsn: str) -> dict[tuple[str, str], str]:
-    """(marketplace, the marketplace's key for the customer) -> customer id."""
-    out = {}
-    for r in await _fetch(dsn, "SELECT * FROM customers"):
-        key = {
-            "aws": r["aws_customer_identifier"] or r["aws_account_id"],
-            "gcp": r["gcp_usage_reporting_id"],
-            "azure": (r["azure_resource_id"] or "").lower() or r["azure_resource_uri"],
-        }[r["marketplace"]]
-        out[r["marketplace"], key] = r["id"]
-    return out
+async def _seed(dsn: str, customers: int, hours: int, seed: int, last: Any) -> None:
+    import asyncpg
+
+    from billing_local.seed import seed as seed_data
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        await seed_data(pool, customers, hours, seed, last, ALL)
+    finally:
+        await pool.close()
 
 
 async def _hold_back(dsn: str, hour: Any, customers: int, share: float, rng: random.Random) -> list[Any]:
@@ -704,40 +539,6 @@ def _send(queue_url: str, bodies: list[str]) -> None:
     sqs = _sqs()
     for body in bodies:
         sqs.send_message(QueueUrl=queue_url, MessageBody=body)
-
-
-def _redrive(stack: Any) -> int:
-    """`billing redrive`'s own code: the dead-letter queue back into the billing queue."""
-    import boto3
-    from botocore.config import Config
-
-    from billing_local.cli_ops import redrive, resolve_queue
-
-    sqs = _sqs()
-    probe = boto3.client("sqs", config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
-    dlq = resolve_queue(sqs, stack.dlq_url, None, "dead-letter queue")
-    queue = resolve_queue(sqs, stack.queue_url, None, "billing queue")
-    quiet = lambda label, total: contextlib.nullcontext(lambda n: None)  # noqa: E731
-    return int(redrive(sqs, dlq, queue, probe=probe, wait_seconds=0, progress=quiet).moved)
-
-
-def _dead_letters(stack: Any) -> list[str]:
-    """The bodies in the dead-letter queue, left there and visible again."""
-    sqs = _sqs()
-    bodies: dict[str, str] = {}
-    handles = []
-    while got := sqs.receive_message(
-        QueueUrl=stack.dlq_url, MaxNumberOfMessages=10, VisibilityTimeout=60
-    ).get("Messages", []):
-        bodies |= {m["MessageId"]: m["Body"] for m in got}
-        handles += [m["ReceiptHandle"] for m in got]
-    for start in range(0, len(handles), 10):
-        entries = [
-            {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
-            for i, h in enumerate(handles[start : start + 10])
-        ]
-        sqs.change_message_visibility_batch(QueueUrl=stack.dlq_url, Entries=entries)
-    return sorted(bodies.values())
 
 
 # --- main -----------------------------------------------------------------------------------------------

@@ -18,6 +18,21 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 
+# "billed" in a summary: the marketplace holds the record, or there was nothing to send
+SETTLED_STATES = frozenset({LedgerState.ACCEPTED, LedgerState.DUPLICATE, LedgerState.SKIPPED})
+# a record in one of these states is money not collected (yet): a run that leaves one fails
+UNSETTLED_OUTCOMES = (LedgerState.REJECTED, LedgerState.FAILED, LedgerState.EXPIRED)
+
+
+def run_failures(counts: dict[LedgerState, int], allow_rejected: bool) -> dict[LedgerState, int]:
+    """The record counts that make a run exit 1: rejected (unless allowed), failed and expired."""
+    return {
+        state: counts.get(state, 0)
+        for state in UNSETTLED_OUTCOMES
+        if counts.get(state, 0) and not (allow_rejected and state is LedgerState.REJECTED)
+    }
+
+
 @dataclass(frozen=True)
 class StateGroup:
     """The sums of one marketplace's ledger rows of an hour in one state (never submitted apart)."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from billing_local import cli_customers, cli_invoke, cli_ops
+from billing_local import cli_customers, cli_invoke, cli_local, cli_ops
 from billing_local.local_run import HourResult, parse_marketplaces
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database commands.", pretty_exceptions_show_locals=False)
 app.add_typer(db_app, name="db")
+app.add_typer(cli_local.local_app, name="local")
 cli_ops.register(app)
 cli_invoke.register(app)
 cli_customers.register(app)
@@ -79,10 +80,19 @@ def seed_command(
     """Write deterministic synthetic customers, rate card and usage to DATABASE_URL."""
     chosen = _marketplaces(marketplaces)
     last = _period(end) if end else _last_complete_hour()
+    if end and last.end > datetime.now(UTC):
+        raise typer.BadParameter(
+            f"{last} has not ended yet: usage of a future hour is not billable", param_hint="--end"
+        )
     from billing_local.local_run import seed_database
 
     summary = asyncio.run(seed_database(_dsn(), customers, hours, seed, last, chosen))
-    out.print(f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s)")
+    cli_local.notify_stack()  # a running `billing local up` subscribes them with its emulators
+    first = last.shifted(1 - hours)
+    out.print(
+        f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s): "
+        f"{first} to {last} (bill them with `billing run --period HOUR`)"
+    )
 
 
 def _marketplaces(text: str) -> tuple[str, ...]:
@@ -119,8 +129,16 @@ def run_command(
             "(after a purge or a lost message; billing is idempotent)."
         ),
     ] = False,
+    allow_rejected: Annotated[
+        bool,
+        typer.Option(
+            help="Exit 0 although records were rejected (a run that rejects on purpose); failed and "
+            "expired records still exit 1."
+        ),
+    ] = False,
 ) -> None:
-    """Dispatch an hour and drain the queue against the configured backends."""
+    """Dispatch an hour and drain the queue; exit 1 if a customer is unfinished or a record was
+    rejected, failed or expired."""
     from billing_local.stack import QueueSettings
 
     _quiet_by_default(verbose)
@@ -133,16 +151,34 @@ def run_command(
         event["resend_unbilled"] = True
     from billing_local.local_run import run_hour
 
+    cli_local.notify_stack()  # customers written by other means than `billing seed`
     result = asyncio.run(run_hour(event, cap, apm_client=apm))
+    wall = time.perf_counter() - began
     _finish_apm(apm_events, timeline)
-    _print_summary(result, time.perf_counter() - began)
+    _print_summary(result, wall)
     if report:
-        _write_report(report, result)
-    if result.report.unbilled:
+        _write_report(report, result, wall)
+    _exit_on_failures(result, allow_rejected)
+
+
+def _exit_on_failures(result: HourResult, allow_rejected: bool) -> None:
+    """Exit 1 when a customer is unfinished or a record was rejected (unless allowed), failed or expired."""
+    from billing.domain.model import LedgerState
+    from billing_local.accounting import run_failures
+
+    r = result.report
+    failures = run_failures({s: r.count(s) for s in LedgerState}, allow_rejected)
+    if r.unbilled:
         console.print(
-            f"[red]{len(result.report.unbilled)} customer(s) left unbilled[/red]: "
-            + ", ".join(result.report.unbilled[:10])
+            f"[red]{len(r.unbilled)} customer(s) left unfinished[/red]: " + ", ".join(r.unbilled[:10])
         )
+    if failures:
+        console.print(
+            "[red]not billed:[/red] "
+            + ", ".join(f"{n} record(s) {s.value}" for s, n in failures.items())
+            + " (`billing status --period HOUR` names each one and why)"
+        )
+    if r.unbilled or failures:
         raise typer.Exit(1)
 
 
@@ -193,6 +229,7 @@ def _demo(
     report: Path | None,
     apm: Any = None,
 ) -> None:
+    from billing.domain.model import LedgerState
     from billing_local.local_run import run_demo
 
     cap = concurrency or stack.queue.max_concurrency
@@ -207,7 +244,8 @@ def _demo(
         began = time.perf_counter()
 
     result = run_demo(stack, customers, seed, marketplaces, now, cap, apm_client=apm, on_start=starting)
-    _print_summary(result.first, time.perf_counter() - began)
+    wall = time.perf_counter() - began
+    _print_summary(result.first, wall)
     again = result.again
     out.print(
         f"same hour again: {'already dispatched, ' if again.dispatch.already_dispatched else ''}"
@@ -216,12 +254,22 @@ def _demo(
         f"({', '.join(f'{m} {n}' for m, n in sorted(result.held.items()))})"
     )
     if report:
-        _write_report(report, result.first)
+        _write_report(report, result.first, wall)
+    # the demo leaves one AWS customer in fifty unsubscribed on purpose (local_run.subscribe_all)
+    if result.first.report.count(LedgerState.REJECTED):
+        out.print(DEMO_REJECTS)
     # #13: customers subscribing through the marketplaces' own events, and their final partial hours
     from billing_local.lifecycle import lifecycle_demo
 
     out.print("subscription lifecycle:")
     asyncio.run(lifecycle_demo(stack, now))
+    _exit_on_failures(result.first, allow_rejected=True)
+
+
+DEMO_REJECTS = (
+    "rejected records are expected here: the demo leaves one AWS customer in fifty unsubscribed to show "
+    "what a rejection looks like (`billing run` exits 1 on them unless --allow-rejected)"
+)
 
 
 def _quiet_by_default(verbose: bool) -> None:
@@ -294,10 +342,10 @@ def _print_summary(result: HourResult, wall: float) -> None:
     )
 
 
-def _write_report(path: Path, result: HourResult) -> None:
+def _write_report(path: Path, result: HourResult, wall: float) -> None:
     from billing_local.render import hour_document
 
-    path.write_text(json.dumps(hour_document(result), indent=2) + "\n")
+    path.write_text(json.dumps(hour_document(result, wall), indent=2) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

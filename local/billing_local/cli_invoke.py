@@ -76,8 +76,8 @@ INVOKE_HELP = "\n\n".join(
         " customers (cust-000000, cust-000001...) and their usage for the event's hour; moto for SQS; the"
         " marketplace emulators, with every customer subscribed. The sample events name the fixed hour"
         " 2026-11-26T13:00Z, long past the marketplaces' windows, so the emulators' clocks and the Biller's"
-        " clock (the runtime.biller() of the imported handler module) read 20 minutes after that hour ended,"
-        " as if the hour were being billed on time.",
+        " clock (the imported handler module's runtime is built again with that clock) read 20 minutes"
+        " after that hour ended, as if the hour were being billed on time.",
         "The APM agent gets an in-memory transport (billing_local.apm_capture) unless"
         " ELASTIC_APM_TRANSPORT_CLASS says otherwise, so nothing tries to reach an APM Server.",
     )
@@ -414,9 +414,10 @@ def _set_biller_clock(now: datetime | None) -> Callable[[ModuleType], None] | No
         return None
 
     def set_clock(module: ModuleType) -> None:
-        from billing.entrypoints.loop import LOOP
+        from billing.bootstrap import Runtime
 
-        biller = LOOP.run_until_complete(module.runtime.biller())
-        biller.clock = lambda: now
+        # the composition root again, with the clock: what module init builds, reading `now`
+        built: Runtime = getattr(module, "runtime")  # noqa: B009 (a handler module's global)
+        setattr(module, "runtime", Runtime(built.settings, clock=lambda: now))  # noqa: B010
 
     return set_clock

@@ -491,6 +491,12 @@ async def _reconcile(start: Any, end: Any, customer: str | None, show_progress: 
     runtime = Runtime(settings)
     try:
         pool = await runtime.pool()
+        known = customer is None or await pool.fetchval("SELECT 1 FROM customers WHERE id = $1", customer)
+        if not known:
+            # else the scope is empty and the answer would be "clean: 0 of 0"
+            raise typer.BadParameter(
+                f"no customer {customer!r} in the customers table", param_hint="--customer"
+            )
         usage = await runtime.usage_source()
         return await reconcile(
             PostgresReconcileReader(pool),
@@ -516,8 +522,12 @@ def reconcile_command(
         bool, typer.Option("--json", help="Print every customer and dimension as JSON.")
     ] = False,
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
+    limit: Annotated[
+        int, typer.Option(min=0, help="At most this many customer-dimensions' details (--json: all).")
+    ] = 20,
 ) -> None:
-    """Reconcile usage-source totals with the ledger per customer and dimension; list every difference.
+    """Reconcile usage-source totals with the ledger per customer and dimension: totals, then the
+    differences (unexplained first).
 
     Exits 1 when a difference is unexplained (a rejected or unsettled quantity, a changed ledger row,
     a broken carry chain, late usage that will never be billed).
@@ -531,7 +541,7 @@ def reconcile_command(
     else:
         from billing_local.render import iter_lines
 
-        for line in iter_lines(result):
+        for line in iter_lines(result, limit):
             typer.echo(line)
     if not result.clean:
         raise typer.Exit(1)

@@ -6,6 +6,7 @@ it imports no CLI module, and prints nothing but its progress bars.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -16,9 +17,11 @@ from billing_local.report import PeriodReport
 from billing_local.runner import RunnerStats
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
     from datetime import datetime
 
+    from billing.bootstrap import Runtime
+    from billing.config import Settings
     from billing_local.seed import SeedSummary
     from billing_local.stack import LocalStack
 
@@ -78,40 +81,54 @@ async def run_hour(
     apm_client: Any = None,
     latency_s: float | None = None,
     clock: Callable[[], datetime] | None = None,
+    *,
+    runtime: Callable[[Settings], Runtime] | None = None,
+    drain: Callable[..., Awaitable[RunnerStats]] | None = None,
+    quiet: bool = False,
 ) -> HourResult:
     """Dispatch an hour exactly as the scheduled rule would, then drain the queue with the runner.
 
     ``clock`` is what the dispatcher and the biller ask "has this hour ended, is it inside the
-    marketplace's window?" (the wall clock when None).
+    marketplace's window?" (the wall clock when None). ``runtime`` builds the composition root from the
+    run's settings (``Runtime`` with that clock by default); ``drain`` replaces the runner's drain
+    (billing_local.faults.Drain wraps it with faults).
     """
     from billing.bootstrap import Runtime
     from billing.config import load_settings
     from billing.entrypoints.biller import bill_body
-    from billing_local.progress import progress_bar
+    from billing_local.progress import SettledProgress, progress_bar
     from billing_local.report import period_report
-    from billing_local.runner import drain, drain_lanes, merged
+    from billing_local.runner import drain as runner_drain
+    from billing_local.runner import drain_lanes, merged
+
+    drain = drain or runner_drain
 
     settings = load_settings()
     lanes = lane_pools(settings, concurrency)
     total = sum(cap for _url, cap in lanes.values()) if lanes else concurrency
     # one process runs every consumer: give them a connection each, as Lambda would
     settings = settings.model_copy(update={"db_pool_max": total})
-    runtime = Runtime(settings)
-    if clock is not None:
-        runtime.clock = clock  # before the biller is built: it takes the runtime's clock
+    if runtime is None:
+        built = Runtime(settings, clock=clock) if clock is not None else Runtime(settings)
+    else:
+        built = runtime(settings)
     lane_stats: dict[str, RunnerStats] = {}
     try:
-        dispatched = await _dispatch(runtime, event, apm_client)
-        sqs = await runtime.aws_client("sqs", max_pool_connections=total + 10)
-        with progress_bar("billing customers", total=dispatched.dispatched) as advance:
-            handle = lambda d: bill_body(runtime, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
+        dispatched = await _dispatch(built, event, apm_client)
+        sqs = await built.aws_client("sqs", max_pool_connections=total + 10)
+        # this run's messages: a resend sends only the unfinished customers again
+        expected = dispatched.resent if dispatched.already_dispatched else dispatched.dispatched
+        bar = progress_bar if not quiet else _no_progress
+        with bar("customer-hours settled", total=expected) as advance:
+            settled = SettledProgress(advance)
+            handle = lambda d: bill_body(built, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
             if lanes:
                 lane_stats = await drain_lanes(
                     sqs,
                     lanes,
                     handle,
                     retry_delay_s=retry_delay_s,
-                    progress=lambda s: advance(1),
+                    progress=settled,
                     apm_client=apm_client,
                 )
                 stats = merged(lane_stats.values())
@@ -123,15 +140,20 @@ async def run_hour(
                     handle,
                     concurrency,
                     retry_delay_s=retry_delay_s,
-                    progress=lambda s: advance(1),
+                    progress=settled,
                     apm_client=apm_client,
                 )
         if apm_client is not None:
             apm_client._transport.flush()
-        report = await period_report(await runtime.pool(), dispatched.period)
+        report = await period_report(await built.pool(), dispatched.period)
         return HourResult(dispatched, stats, report, total, latency_s, lane_stats)
     finally:
-        await runtime.close()
+        await built.close()
+
+
+@contextlib.contextmanager
+def _no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
 
 
 def _sent(attributes: dict[str, Any]) -> int | None:

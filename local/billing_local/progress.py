@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from billing_local.runner import RunnerStats
+
 
 @contextlib.contextmanager
 def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -50,3 +52,28 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
             print(f"{label}: {done}/{total} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
 
     yield advance_plain
+
+
+class SettledProgress:
+    """A runner's progress callback counting customer-hours finished, not invocations.
+
+    A redelivered or duplicate message of a customer already finished, a failed invocation and a
+    throttled customer requeued on its lane advance nothing, so the count never passes the customers
+    sent (it read 2300/1000 when it counted invocations). Each lane's runner has its own stats; one
+    instance serves them all (the consumers are tasks of one event loop, so no lock).
+    """
+
+    def __init__(self, advance: Callable[[int], None]) -> None:
+        self.advance = advance
+        self.settled: set[str] = set()
+        self._succeeded: dict[int, int] = {}  # id(stats) -> successes already looked at
+
+    def __call__(self, stats: RunnerStats) -> None:
+        if stats.succeeded == self._succeeded.get(id(stats), 0):
+            return  # this invocation failed: its message comes back
+        self._succeeded[id(stats)] = stats.succeeded
+        outcome = stats.outcomes[-1]
+        if outcome.requeued or outcome.customer_id in self.settled:
+            return
+        self.settled.add(outcome.customer_id)
+        self.advance(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from billing.domain.model import HOUR, LedgerState
@@ -17,39 +18,61 @@ if TYPE_CHECKING:
     from billing_local.report import PeriodReport
     from billing_local.runner import RunnerStats
 
-# always shown, even at 0: what a reader looks for first (was it billed, did the window close?)
-_ALWAYS = (LedgerState.ACCEPTED, LedgerState.EXPIRED)
+FOOTNOTE = (
+    "billed: every record of the customer accepted or duplicate (the marketplace holds it) or skipped",
+    "skipped: nothing to send (a zero quantity the marketplace does not want)",
+    "expired: the hour was past the marketplace's window; its units went back to the carry for a later hour",
+    "rejected: refused for good, not retried; failed: not settled yet (retried, or in the dead-letter queue)",
+)
 
 
 def hour_lines(r: PeriodReport) -> Iterable[str]:
-    """Per marketplace: customers, records per ledger state, and units billed, expired and carried."""
-    yield f"customers: {r.customers} billable, {r.billed} billed, {len(r.unbilled)} unbilled"
+    """Per marketplace: customers, records and units in every ledger state, and units carried."""
+    not_billed = r.billed - r.settled
+    yield (
+        f"customers: {r.customers} billable, {r.settled} billed, {not_billed} finished not billed "
+        f"(a record rejected or expired), {len(r.unbilled)} unfinished"
+    )
     for marketplace in sorted(set(r.marketplaces) | set(r.states)):
         customers = r.marketplaces.get(marketplace)
         if customers is not None:
             yield (
-                f"  {marketplace}: customers {customers.customers} billable, {customers.billed} billed, "
-                f"{len(customers.missing)} unbilled"
+                f"  {marketplace}: customers {customers.customers} billable, {customers.settled} billed, "
+                f"{customers.billed - customers.settled} finished not billed, "
+                f"{len(customers.missing)} unfinished"
             )
         else:
             yield f"  {marketplace}: customers 0 billable"
-        states = ", ".join(
-            f"{s.value} {r.count(s, marketplace)}"
-            for s in LedgerState
-            if s in _ALWAYS or r.count(s, marketplace)
-        )
-        yield f"    records: {states}"
+        dimensions = r.dimensions.get(marketplace, {})
+        for state in LedgerState:
+            n = r.count(state, marketplace)
+            if not n and state not in SHOWN_STATES:
+                continue  # pending and submitted: only while a run is in flight
+            units = ", ".join(f"{d} {q}" for d, q in sorted(dimensions.get(state.value, {}).items()))
+            yield f"    {state.value:<9} {n:>6} record(s)" + (f": {units}" if units else "")
         q = r.quantities.get(marketplace)
         if q is not None:
-            unsettled = f", {q.unsettled} not held (rejected, failed or unsettled)" if q.unsettled else ""
             yield (
                 f"    units: {q.billed} billed, {num(q.expired)} expired (back to the carry), "
-                f"{num(q.carried)} carried to later hours{unsettled}"
+                f"{num(q.carried)} carried to later hours"
             )
+    yield from FOOTNOTE
 
 
-def iter_lines(reconciliation: Reconciliation) -> Iterable[str]:
-    """The human report: one block per customer and dimension with a difference."""
+# every state a record can end in, shown even at 0 so that a reader sees what did not happen too
+SHOWN_STATES = (
+    LedgerState.ACCEPTED,
+    LedgerState.DUPLICATE,
+    LedgerState.REJECTED,
+    LedgerState.FAILED,
+    LedgerState.EXPIRED,
+    LedgerState.SKIPPED,
+)
+
+
+def iter_lines(reconciliation: Reconciliation, limit: int | None = None) -> Iterable[str]:
+    """The human report: totals first, then one block per customer and dimension with a difference,
+    unexplained ones first, at most ``limit`` blocks (None: all)."""
     r = reconciliation
     hours = int((r.end.end - r.start.start) / HOUR)
     yield (
@@ -61,9 +84,17 @@ def iter_lines(reconciliation: Reconciliation) -> Iterable[str]:
         "BILLING_USAGE_SOURCE=elasticsearch, is reconciled the same way)"
     )
     yield "source = usage rated now with the rate card; billed = accepted + duplicate quantities"
-    for line in r.lines:
-        if not line.differences:
-            continue
+    different = [line for line in r.lines if line.differences]
+    explained = sum(1 for line in different for d in line.differences if d.explained)
+    yield (
+        f"totals: source {num(sum((line.source for line in r.lines), Decimal(0)))}, "
+        f"billed {sum(line.billed for line in r.lines)}; "
+        f"{len(different)} customer-dimension(s) with a difference: "
+        f"{r.unexplained} unexplained, {explained} explained"
+    )
+    different.sort(key=lambda line: not line.unexplained)  # stable: unexplained first, then as listed
+    shown = different if limit is None else different[:limit]
+    for line in shown:
         yield (
             f"{line.customer_id} {line.dimension} ({line.marketplace}): source {num(line.source)}, "
             f"billed {line.billed}, carry {num(line.carry_in)} → {num(line.carry_out)}"
@@ -72,40 +103,55 @@ def iter_lines(reconciliation: Reconciliation) -> Iterable[str]:
             label = "explained" if d.explained else "UNEXPLAINED"
             at = f"{d.period} " if d.period else ""
             yield f"    {label:<11} {num(d.amount):>10}  {at}{d.kind}: {d.reason}"
+    if len(shown) < len(different):
+        yield (
+            f"... {len(different) - len(shown)} more customer-dimension(s) with a difference "
+            "(--limit N to show more, --json for all)"
+        )
     clean = sum(1 for line in r.lines if line.clean)
     verdict = "clean" if r.clean else f"{r.unexplained} unexplained difference(s)"
     yield f"{verdict}: {clean} of {len(r.lines)} customer-dimension(s) fully explained"
 
 
-def hour_document(result: HourResult) -> dict[str, Any]:
-    """The JSON report of a run (`--report FILE.json`): counts per marketplace and state, units, timings."""
+def hour_document(result: HourResult, wall_s: float | None = None) -> dict[str, Any]:
+    """The JSON report of a run (`--report FILE.json`): what the summary prints, run id, timings."""
     r = result.report
     return {
         "period": r.period,
+        "run_id": str(result.dispatch.run_id),
+        "wall_time_s": None if wall_s is None else round(wall_s, 3),
         "customers": r.customers,
         "customer_hours": r.customers,
-        "billed": r.billed,
+        "billed": r.settled,
+        "finished_not_billed": r.billed - r.settled,
         "unbilled": r.unbilled,
         "marketplaces": {
-            mp: {
-                s.value: r.count(s, mp)
-                for s in (
-                    LedgerState.ACCEPTED,
-                    LedgerState.DUPLICATE,
-                    LedgerState.REJECTED,
-                    LedgerState.FAILED,
-                    LedgerState.SKIPPED,
-                    LedgerState.EXPIRED,
-                )
+            mp: {s.value: r.count(s, mp) for s in SHOWN_STATES}
+            | {
+                "customers": _customers(r, mp),
+                "quantities": {s.value: r.dimensions.get(mp, {}).get(s.value, {}) for s in SHOWN_STATES},
             }
             | _units(r, mp)
-            for mp in sorted(r.states)
+            for mp in sorted(set(r.states) | set(r.marketplaces))
         },
+        "footnote": list(FOOTNOTE),
         "invocations": result.stats.invocations,
         "concurrency": result.concurrency,
         "makespan_s": round(result.stats.makespan, 4),
         "ideal_makespan_s": _ideal_makespan(result),
         **_duration_ratios(result.stats),
+    }
+
+
+def _customers(r: PeriodReport, marketplace: str) -> dict[str, int]:
+    c = r.marketplaces.get(marketplace)
+    if c is None:
+        return {"billable": 0, "billed": 0, "finished_not_billed": 0, "unfinished": 0}
+    return {
+        "billable": c.customers,
+        "billed": c.settled,
+        "finished_not_billed": c.billed - c.settled,
+        "unfinished": len(c.missing),
     }
 
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from billing.domain.model import LedgerState, Period
-from billing_local.accounting import HourQuantities, StateGroup, hour_quantities
+from billing_local.accounting import SETTLED_STATES, HourQuantities, StateGroup, hour_quantities
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -28,8 +28,9 @@ class MarketplaceCustomers:
     """Billable customers of one marketplace in an hour, and which of them lack a complete ledger."""
 
     customers: int = 0
-    billed: int = 0
+    billed: int = 0  # every record in a final state (rejected and expired included)
     missing: list[str] = field(default_factory=list)
+    settled: int = 0  # every record held by the marketplace (accepted, duplicate) or with nothing to send
 
 
 @dataclass
@@ -42,6 +43,9 @@ class PeriodReport:
     failures: list[dict[str, str]] = field(default_factory=list)
     marketplaces: dict[str, MarketplaceCustomers] = field(default_factory=dict)
     quantities: dict[str, HourQuantities] = field(default_factory=dict)  # marketplace -> units
+    # marketplace -> state -> dimension -> quantity (the units each state's records hold)
+    dimensions: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    settled: int = 0  # customers whose every record the marketplace holds (or had nothing to send)
 
     def count(self, state: LedgerState, marketplace: str | None = None) -> int:
         groups = [self.states.get(marketplace, {})] if marketplace else list(self.states.values())
@@ -56,7 +60,10 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
         SELECT c.id, c.marketplace,
                EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $1)
                AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $1
-                                  AND NOT (l.state = ANY($3::text[]))) AS billed
+                                  AND NOT (l.state = ANY($3::text[]))) AS billed,
+               EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $1)
+               AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $1
+                                  AND NOT (l.state = ANY($4::text[]))) AS settled
           FROM customers c
          WHERE c.status = 'active' AND c.active_from < $2 AND (c.active_until IS NULL OR c.active_until > $1)
          ORDER BY c.id
@@ -64,20 +71,24 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
         period.start,
         period.end,
         finals,
+        [s.value for s in SETTLED_STATES],
     )
     rows = await pool.fetch(
         """
-        SELECT c.marketplace, l.state, l.attempts = 0 AS unsent, count(*) AS n,
+        SELECT c.marketplace, l.state, l.dimension, l.attempts = 0 AS unsent, count(*) AS n,
                sum(l.quantity) AS quantity, sum(l.carry_in) AS carry_in, sum(l.carry_out) AS carry_out
           FROM ledger l JOIN customers c ON c.id = l.customer_id
-         WHERE l.period = $1 GROUP BY 1, 2, 3
+         WHERE l.period = $1 GROUP BY 1, 2, 3, 4
         """,
         period.start,
     )
     states: dict[str, dict[str, int]] = defaultdict(dict)
     groups: dict[str, list[StateGroup]] = defaultdict(list)
+    dimensions: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         states[r["marketplace"]][r["state"]] = states[r["marketplace"]].get(r["state"], 0) + int(r["n"])
+        per_dimension = dimensions[r["marketplace"]][r["state"]]
+        per_dimension[r["dimension"]] = per_dimension.get(r["dimension"], 0) + int(r["quantity"])
         groups[r["marketplace"]].append(
             StateGroup(
                 LedgerState(r["state"]), bool(r["unsent"]), int(r["quantity"]), r["carry_in"], r["carry_out"]
@@ -101,6 +112,8 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
             counts.billed += 1
         else:
             counts.missing.append(c["id"])
+        if c["settled"]:
+            counts.settled += 1
     return PeriodReport(
         period=period.isoformat(),
         customers=len(customers),
@@ -110,6 +123,8 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
         failures=[dict(f) for f in failures],
         marketplaces=dict(by_marketplace),
         quantities={m: hour_quantities(g) for m, g in groups.items()},
+        dimensions={m: {s: dict(d) for s, d in by_state.items()} for m, by_state in dimensions.items()},
+        settled=sum(1 for c in customers if c["settled"]),
     )
 
 

@@ -217,20 +217,34 @@ def create_queues(moto_url: str, queue: QueueSettings, name: str = "billing-queu
 
 
 @contextlib.contextmanager
-def local_stack(database_url: str | None = None, lanes: bool = False) -> Iterator[LocalStack]:
+def local_stack(
+    database_url: str | None = None,
+    lanes: bool = False,
+    *,
+    middlewares: Mapping[str, Any] | None = None,
+    moto_module: str = "billing_local.moto_fixes",
+) -> Iterator[LocalStack]:
     """Start everything a local run needs; an existing ``database_url`` is used instead of embedded.
 
     ``lanes``: one queue and dead-letter queue per marketplace, as template.yaml deploys them (the
     Dispatcher routes each customer to its lane, the runner drains each lane with its own consumers);
-    without, every marketplace shares one queue."""
+    without, every marketplace shares one queue. ``middlewares`` puts an aiohttp middleware in front of
+    the "aws", "gcp" or "azure" emulator (what billing_local.faults injects with); ``moto_module`` is the
+    ``python -m`` module serving moto.
+    """
     from billing_local.emulators import azure, gcp
     from billing_local.emulators.aws_metering import MeteringState, create_app
     from billing_local.emulators.server import BackgroundServer
 
+    def app(marketplace: str, application: Any) -> Any:
+        if middlewares and marketplace in middlewares:
+            application.middlewares.append(middlewares[marketplace])
+        return application
+
     queue = QueueSettings.from_template()
     with contextlib.ExitStack() as stack:
         dsn = database_url or stack.enter_context(embedded_postgres())
-        moto_url = stack.enter_context(moto_server_process())
+        moto_url = stack.enter_context(moto_server_process(moto_module))
         queue_url, dlq_url = create_queues(moto_url, queue)
         lane_queues = (
             {m: create_queues(moto_url, queue, name=f"billing-queue-{m}") for m in ("aws", "gcp", "azure")}
@@ -238,13 +252,13 @@ def local_stack(database_url: str | None = None, lanes: bool = False) -> Iterato
             else {}
         )
         metering = MeteringState()
-        metering_server = stack.enter_context(BackgroundServer(create_app(metering)))
+        metering_server = stack.enter_context(BackgroundServer(app("aws", create_app(metering))))
         # the GCP and Azure emulators take a fixed bearer token (their token flows are tested on their own)
         token = secrets.token_urlsafe(24)
         gcp_state = gcp.GcpEmulator(services={}, consumers={}, fixed_tokens={token})
-        gcp_server = stack.enter_context(BackgroundServer(gcp.create_app(gcp_state)))
+        gcp_server = stack.enter_context(BackgroundServer(app("gcp", gcp.create_app(gcp_state))))
         azure_state = azure.AzureEmulator(resources={}, fixed_tokens={token})
-        azure_server = stack.enter_context(BackgroundServer(azure.create_app(azure_state)))
+        azure_server = stack.enter_context(BackgroundServer(app("azure", azure.create_app(azure_state))))
         env = {
             **aws_env(moto_url),
             "AWS_ENDPOINT_URL_MARKETPLACE_METERING": metering_server.url,

@@ -161,6 +161,12 @@ def write_timeline(
     """Render the NDJSON file at ``ndjson_path`` to ``html_path``; return the header figures."""
     run = _collect(load_events(ndjson_path))
     stats = _stats(run)
+    if not stats.transactions:
+        # an empty page with "0 transactions" looks like a run that did nothing, not a wrong file
+        raise TimelineInputError(
+            f"{ndjson_path}: no transaction events (an APM intake NDJSON, e.g. from --apm-events, has one "
+            "line per transaction)"
+        )
     page = _render(run, stats, title or f"{DEFAULT_TITLE}: {Path(ndjson_path).name}")
     Path(html_path).write_text(page, encoding="utf-8")
     return stats
@@ -393,10 +399,13 @@ def _row(tx: _Transaction, origin_us: float, range_ms: float) -> str:
     customer = tx.label("customer_id")
     primary = customer or tx.name
     secondary = tx.label("marketplace") if customer else tx.type
+    bad = _bad_records(tx)
+    flag = f' data-records="{bad}"' if bad else ""
+    badge = f'<span class="rj">{bad}</span>' if bad else ""
     parts = [
         f'<div class="r" data-transaction-id="{_esc(tx.id)}" data-outcome="{_esc(tx.outcome)}"'
-        f' data-customer="{_esc(customer)}"{row_style}>'
-        f'<div class="l"><b>{_esc(primary)}</b> <small>{_esc(secondary)}</small>'
+        f' data-customer="{_esc(customer)}"{flag}{row_style}>'
+        f'<div class="l"><b>{_esc(primary)}</b> <small>{_esc(secondary)}</small>{badge}'
         f"<em>{_esc(_ms(tx.duration_ms))}</em></div>"
         '<div class="k">'
     ]
@@ -433,6 +442,93 @@ def _row(tx: _Transaction, origin_us: float, range_ms: float) -> str:
     return "".join(parts)
 
 
+def _bad_records(tx: _Transaction) -> str:
+    """'rejected' or 'failed' when the bill left such a record (billing.tracing.record_success says so
+    in the transaction's result and labels); '' otherwise. A failed invocation is its outcome's."""
+    if tx.result == "rejected" or _count(tx.label("records_rejected")):
+        return "rejected"
+    if _count(tx.label("records_failed")):
+        return "failed"
+    return ""
+
+
+def _count(text: str) -> int:
+    try:
+        return int(float(text))
+    except ValueError:
+        return 0
+
+
+STRIP_BUCKETS = 120
+HISTOGRAM_BINS = 24
+
+
+def concurrency_strip(transactions: list[_Transaction], buckets: int = STRIP_BUCKETS) -> list[int]:
+    """The most transactions in flight at once within each of ``buckets`` equal slices of the run."""
+    placed = [tx for tx in transactions if tx.start_us is not None]
+    if not placed:
+        return []
+    first = min(tx.start_us or 0.0 for tx in placed)
+    last = max((tx.start_us or 0.0) + tx.duration_ms * 1000 for tx in placed)
+    width = (last - first) / buckets
+    # every start (+1) and end (-1) in time order, an end before a start at the same instant
+    edges = sorted(
+        [((tx.start_us or 0.0), 1) for tx in placed]
+        + [((tx.start_us or 0.0) + tx.duration_ms * 1000, -1) for tx in placed]
+    )
+    level = 0  # in flight as the slice begins
+    out: list[int] = []
+    cursor = 0
+    for index in range(buckets):
+        slice_end = first + (index + 1) * width
+        peak = level
+        while cursor < len(edges) and (edges[cursor][0] < slice_end or index == buckets - 1):
+            level += edges[cursor][1]
+            peak = max(peak, level)
+            cursor += 1
+        out.append(peak)
+    return out
+
+
+def duration_histogram(
+    transactions: list[_Transaction], bins: int = HISTOGRAM_BINS
+) -> list[tuple[float, float, int]]:
+    """(from ms, to ms, transactions) over equal bins from 0 to the longest duration."""
+    durations = [tx.duration_ms for tx in transactions]
+    if not durations:
+        return []
+    top = max(max(durations), 1e-3)
+    width = top / bins
+    counts = [0] * bins
+    for d in durations:
+        counts[min(int(d / width), bins - 1)] += 1
+    return [(i * width, (i + 1) * width, n) for i, n in enumerate(counts)]
+
+
+def _header_charts(transactions: list[_Transaction]) -> str:
+    strip = concurrency_strip(transactions)
+    histogram = duration_histogram(transactions)
+    if not strip:
+        return ""
+    peak = max(strip) or 1
+    strip_bars = "".join(
+        f'<i data-in-flight="{n}" style="height:{_pct(n / peak * 100, 1)}%" title="{n} in flight"></i>'
+        for n in strip
+    )
+    most = max(n for _, _, n in histogram) or 1
+    bars = "".join(
+        f'<i data-from-ms="{lo:.3f}" data-to-ms="{hi:.3f}" data-count="{n}"'
+        f' style="height:{_pct(n / most * 100, 1)}%" title="{_esc(_ms(lo))} to {_esc(_ms(hi))}: {n}"></i>'
+        for lo, hi, n in histogram
+    )
+    return (
+        f'<div class="charts"><figure id="concurrency" data-peak="{max(strip)}">'
+        f'<div class="bars">{strip_bars}</div><figcaption>in flight over the run (peak {max(strip)})'
+        f'</figcaption></figure><figure id="durations"><div class="bars">{bars}</div>'
+        f"<figcaption>durations, 0 to {_esc(_ms(histogram[-1][1]))}</figcaption></figure></div>"
+    )
+
+
 def _run_labels(transactions: list[_Transaction]) -> str:
     shown: list[str] = []
     for key in ("run_id", "billing_hour"):
@@ -465,8 +561,11 @@ def _render(run: _Run, stats: TimelineStats, title: str) -> str:
         ("p50", _ms(stats.p50_ms)),
         ("p99", _ms(stats.p99_ms)),
     ]
+    rejected = sum(_bad_records(tx) == "rejected" for tx in run.transactions)
+    figures.insert(3, ("rejected", str(rejected)))
     cards = "".join(
-        f'<div class="c{" bad" if name == "failures" and stats.failures else ""}" data-stat="{name}">'
+        f'<div class="c{" bad" if name in ("failures", "rejected") and value != "0" else ""}"'
+        f' data-stat="{name}">'
         f"<b>{_esc(value)}</b>{name}</div>"
         for name, value in figures
     )
@@ -479,6 +578,7 @@ def _render(run: _Run, stats: TimelineStats, title: str) -> str:
             f"<header><h1>{_esc(title)}</h1><p>t = 0 at {started} UTC"
             f"{' · ' + run_labels if run_labels else ''}</p>",
             f'<div class="cards">{cards}</div>',
+            _header_charts(placed),
             f'<div class="legend">{_LEGEND}</div>',
             "".join(f'<p class="note">{_esc(note)}</p>' for note in notes),
             "</header>\n",
@@ -550,7 +650,12 @@ background:repeating-linear-gradient(135deg,#cfd8dc 0 2px,transparent 2px 6px)}
 .e{position:absolute;top:-4px;width:8px;height:8px;margin-left:-4px;background:#d32f2f;transform:rotate(45deg);
 border:1px solid #fff}
 .legend .sw.q{height:10px}.legend .sw.e{width:8px;height:8px;transform:rotate(45deg);margin:0 6px 0 3px}
-.ff .r:not([data-outcome=failure]){display:none}
+.ff .r:not([data-outcome=failure]):not([data-records]){display:none}
+.rj{color:#fff;background:#c62828;border-radius:3px;padding:0 4px;font-size:11px}
+.charts{display:flex;gap:16px;margin-bottom:8px}.charts figure{margin:0;flex:1;max-width:520px}
+.charts .bars{display:flex;align-items:flex-end;gap:1px;height:48px;background:#fff;border:1px solid #dde1e5}
+.charts .bars i{flex:1;background:#5c7cfa;min-height:0}
+.charts figcaption{font-size:11px;color:#666}
 #tip{position:fixed;z-index:9;max-width:460px;padding:6px 9px;background:#263238;color:#fff;border-radius:4px;
 font-size:12px;white-space:pre-line;pointer-events:none;box-shadow:0 2px 8px #0004}
 #tip::first-line{font-weight:600}

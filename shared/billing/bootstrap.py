@@ -8,23 +8,31 @@ import json
 import math
 import random
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from billing.config import Settings, UsageSourceKind
 from billing.domain.errors import ConfigurationError
 from billing.domain.model import Marketplace
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     import asyncpg
 
     from billing.adapters.postgres_tls import DatabaseTls
-    from billing.adapters.sqs import SqsQueue
     from billing.domain.messages import BillMessageV1
-    from billing.ports import MarketplaceClient, UsageSource
+    from billing.ports import (
+        BillingRepository,
+        DispatchRepository,
+        MarketplaceClient,
+        MessageQueue,
+        UsageSource,
+    )
     from billing.services.bill import Biller
     from billing.services.dispatch import DispatchResult
+
+
+_T = TypeVar("_T")
 
 
 def _secret(arn: str, *, fresh: bool = False) -> str:
@@ -94,6 +102,14 @@ def _rds_secret_dsn(raw: str, arn: str) -> str:
     )
 
 
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _wrapped(wrap: Callable[[_T], _T] | None, inner: _T) -> _T:
+    return inner if wrap is None else wrap(inner)
+
+
 def _database_tls(settings: Settings) -> DatabaseTls:
     from billing.adapters.postgres_tls import SHIPPED_CA_FILES, DatabaseTls
 
@@ -101,13 +117,53 @@ def _database_tls(settings: Settings) -> DatabaseTls:
     return DatabaseTls(verify=settings.db_tls_verify, ca_files=files)
 
 
-class Runtime:
-    """What one execution environment keeps warm: the pool, the clients, the settings."""
+class Wrappers:
+    """What the root wraps each collaborator in once built (or given): the seam fault injection uses."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        repository: Callable[[BillingRepository], BillingRepository] | None = None,
+        usage_source: Callable[[UsageSource], UsageSource] | None = None,
+        marketplace: Callable[[MarketplaceClient], MarketplaceClient] | None = None,
+        queue: Callable[[MessageQueue], MessageQueue] | None = None,
+    ) -> None:
+        self.repository = repository
+        self.usage_source = usage_source
+        self.marketplace = marketplace
+        self.queue = queue
+
+
+class Runtime:
+    """What one execution environment keeps warm: the pool, the clients, the settings.
+
+    Every collaborator is a parameter with the production default (cosmicpython's ``bootstrap``): the
+    handlers pass only the settings, tests and benchmarks pass their clock, an AWS session, fakes of
+    the ports, or ``wrappers`` around the real adapters. Defaults are built on first use, so a cold
+    start imports only what its function uses.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        aws_session: Any = None,
+        repository: BillingRepository | None = None,
+        usage_source: UsageSource | None = None,
+        marketplaces: Mapping[Marketplace, MarketplaceClient] | None = None,
+        dispatch_repository: DispatchRepository | None = None,
+        queue: MessageQueue | None = None,
+        wrappers: Wrappers | None = None,
+    ) -> None:
         self.settings = settings
-        # the one clock of the environment: what "has this hour ended?" is asked of (tests inject theirs)
-        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        # the one clock of the environment: what "has this hour ended?" is asked of
+        self.clock: Callable[[], datetime] = clock or _wall_clock
+        self._given_repository = repository
+        self._given_usage = usage_source
+        self._given_dispatch_repository = dispatch_repository
+        self._queue: MessageQueue | None = queue
+        self._wrappers = wrappers or Wrappers()
         # The database secret is read now, at cold start: one that cannot be read fails the init (a Lambda
         # error, alarmed) instead of failing every message until it reaches the DLQ. Other secrets are
         # read when their adapter is first built (the Dispatcher may not even read them).
@@ -120,10 +176,13 @@ class Runtime:
             self._tls.check(known)  # a DSN asking for weak TLS, or a missing CA file, fails the init
         self._stack = contextlib.AsyncExitStack()
         self._pool: asyncpg.Pool | None = None
-        self._session: Any = None
-        self._marketplaces: dict[Marketplace, MarketplaceClient] = {}
+        self._session: Any = aws_session
+        self._given_marketplaces = {
+            marketplace: _wrapped(self._wrappers.marketplace, client)
+            for marketplace, client in (marketplaces or {}).items()
+        }
+        self._marketplaces: dict[Marketplace, MarketplaceClient] = dict(self._given_marketplaces)
         self._biller: Biller | None = None
-        self._queue: SqsQueue | None = None
         self._lock = asyncio.Lock()  # builds marketplace adapters
         self._build_lock = asyncio.Lock()  # builds the pool and the biller: first callers race at cold start
 
@@ -168,7 +227,8 @@ class Runtime:
         """The marketplace's adapter, built on first use (so unused SDKs are never imported)."""
         async with self._lock:
             if marketplace not in self._marketplaces:
-                self._marketplaces[marketplace] = await self._build_marketplace(marketplace)
+                built = await self._build_marketplace(marketplace)
+                self._marketplaces[marketplace] = _wrapped(self._wrappers.marketplace, built)
         return self._marketplaces[marketplace]
 
     async def _build_marketplace(self, marketplace: Marketplace) -> MarketplaceClient:
@@ -201,6 +261,10 @@ class Runtime:
         raise ConfigurationError(f"no adapter for the {marketplace} marketplace")
 
     async def usage_source(self) -> UsageSource:
+        source = self._given_usage or await self._build_usage_source()
+        return _wrapped(self._wrappers.usage_source, source)
+
+    async def _build_usage_source(self) -> UsageSource:
         if self.settings.usage_source is UsageSourceKind.ELASTICSEARCH:
             from elasticsearch import AsyncElasticsearch
 
@@ -225,14 +289,18 @@ class Runtime:
         return self._biller
 
     async def _build_biller(self) -> None:
-        pool = await self.pool()
+        repo = self._given_repository
+        if repo is None:
+            pool = await self.pool()
+            from billing.adapters.postgres import PostgresBillingRepository
+
+            repo = PostgresBillingRepository(pool)
         async with self._build_lock:
             if self._biller is not None:
                 return
-            from billing.adapters.postgres import PostgresBillingRepository
             from billing.services.bill import Biller, RateCardCache
 
-            repo = PostgresBillingRepository(pool)
+            repo = _wrapped(self._wrappers.repository, repo)
             self._biller = Biller(
                 repo=repo,
                 usage=await self.usage_source(),
@@ -245,16 +313,17 @@ class Runtime:
                 requeue=self.requeue if self.settings.requeue_throttled else None,
             )
 
-    async def queue(self) -> SqsQueue:
-        """The billing queues (one lane per marketplace), through one SQS client."""
+    async def queue(self) -> MessageQueue:
+        """The billing queues (one lane per marketplace), through one SQS client, unless one was given."""
         if self._queue is None:
             from billing.adapters.sqs import SqsQueue
 
             sqs = await self.aws_client("sqs")
             lanes = {m: url for m in Marketplace if (url := getattr(self.settings, f"{m.value}_queue_url"))}
-            self._queue = SqsQueue(
+            built: MessageQueue = SqsQueue(
                 sqs, self.settings.queue_url, in_flight=self.settings.dispatch_in_flight, lanes=lanes
             )
+            self._queue = _wrapped(self._wrappers.queue, built)
         return self._queue
 
     async def requeue(self, message: BillMessageV1, lane: Marketplace, retry_after: float | None) -> None:
@@ -270,10 +339,10 @@ class Runtime:
         from billing.services.dispatch import dispatch
 
         request = dispatch_request(event, self.settings.settle_delay, self.clock)
-        if not all(self.settings.lane_queue_url(m.value) for m in Marketplace):
+        if self._queue is None and not all(self.settings.lane_queue_url(m.value) for m in Marketplace):
             raise ConfigurationError("set BILLING_QUEUE_URL or every lane's BILLING_<MARKETPLACE>_QUEUE_URL")
         queue = await self.queue()
-        repo = PostgresDispatchRepository(await self.pool())
+        repo = self._given_dispatch_repository or PostgresDispatchRepository(await self.pool())
         return await dispatch(
             request.period,
             repo,
@@ -286,4 +355,4 @@ class Runtime:
         await self._stack.aclose()
         self._pool = None
         self._biller = None
-        self._marketplaces.clear()
+        self._marketplaces = dict(self._given_marketplaces)

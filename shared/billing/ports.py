@@ -134,9 +134,11 @@ class DispatchRepository(Protocol):
 
 
 class MessageQueue(Protocol):
-    async def send(self, messages: Sequence[BillMessageV1], lane: Marketplace | None = None) -> int:
+    async def send(
+        self, messages: Sequence[BillMessageV1], lane: Marketplace | None = None, delay_seconds: int = 0
+    ) -> int:
         """Send every message to the marketplace's lane (its own queue; None: the default queue), 10 a
-        call, several calls in flight; return how many were sent."""
+        call, several calls in flight, each delayed ``delay_seconds``; return how many were sent."""
         ...
 
 

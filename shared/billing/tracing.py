@@ -9,6 +9,8 @@ import elasticapm
 from elasticapm.contrib.serverless.aws import prep_kwargs
 from elasticapm.traces import execution_context
 
+from billing.domain.model import LedgerState
+
 if TYPE_CHECKING:
     from elasticapm.traces import capture_span as CaptureSpan
 
@@ -70,9 +72,13 @@ def record_success(outcome: BillOutcome) -> None:
         return
     elasticapm.label(marketplace=outcome.marketplace.value)
     elasticapm.set_transaction_outcome("success", override=False)
-    elasticapm.set_transaction_result(
-        "already billed" if outcome.already_billed else "billed", override=False
-    )
+    # the invocation worked, but a record the marketplace refused is money not collected: the result
+    # and a label say so, and the local timeline marks the customer (billing_local.timeline)
+    rejected = outcome.count(LedgerState.REJECTED)
+    if rejected:
+        elasticapm.label(records_rejected=rejected)
+    result = "already billed" if outcome.already_billed else "rejected" if rejected else "billed"
+    elasticapm.set_transaction_result(result, override=False)
 
 
 def record_failure(exc: BaseException) -> None:

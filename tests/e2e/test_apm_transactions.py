@@ -68,10 +68,9 @@ def handlers(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Modu
         stack.metering.subscribe(PRODUCT, f"aws-{c}")
     runtimes = []
     for module in (biller, dispatcher):
-        runtime = Runtime(load_settings())
+        runtime = Runtime(load_settings(), clock=within_window if module is biller else None)
         monkeypatch.setattr(module, "runtime", runtime)
         runtimes.append(runtime)
-    LOOP.run_until_complete(biller.runtime.biller()).clock = within_window
     CAPTURE.reset()
     yield biller, dispatcher
     for runtime in runtimes:
@@ -154,6 +153,31 @@ def test_each_transaction_has_a_span_per_query_and_marketplace_call(
         assert t["span_count"]["dropped"] == 0
 
 
+def test_a_bill_the_marketplace_rejected_says_so_in_its_result_and_labels(
+    handlers: tuple[ModuleType, ModuleType], stack: Any
+) -> None:
+    biller, dispatcher = handlers
+    # Given the hour dispatched, and AWS no longer knowing the first customer as subscribed
+    stack.metering.subscriptions[PRODUCT].discard(f"aws-{CUSTOMERS[0]}")
+    dispatcher.lambda_handler({"period": HOUR.isoformat()}, LambdaContext.of())
+    # When every message is billed
+    for record in lambda_records(stack.queues.url):
+        assert biller.lambda_handler({"Records": [record]}, LambdaContext.of()) == {"batchItemFailures": []}
+    # Then the invocation succeeded, but its result and a label say its records were rejected
+    bills = {
+        t["context"]["tags"]["customer_id"]: t
+        for t in CAPTURE.of_type("transaction")
+        if t["type"] == "messaging"
+    }
+    rejected = bills.pop(CUSTOMERS[0])
+    assert (rejected["outcome"], rejected["result"]) == ("success", "rejected")
+    assert rejected["context"]["tags"]["records_rejected"] >= 1
+    assert {(t["result"], "records_rejected" in t["context"]["tags"]) for t in bills.values()} == {
+        ("billed", False)
+    }
+    _validate_against_intake_schemas()
+
+
 def test_a_failed_bill_is_a_failure_transaction_with_its_error(
     handlers: tuple[ModuleType, ModuleType], stack: Any
 ) -> None:
@@ -199,11 +223,6 @@ def test_the_local_runner_produces_the_same_transactions_without_queue_wait(stac
 
 async def _run_within_window(run_hour: Any, event: dict[str, Any], client: Any) -> Any:
     """run_hour with the biller's clock inside the marketplace window of the fixed test hour."""
-    from billing.services import bill
-
-    original = bill.Biller.clock
-    bill.Biller.clock = staticmethod(within_window)  # type: ignore[assignment]
-    try:
-        return await run_hour(event, concurrency=1, apm_client=client)
-    finally:
-        bill.Biller.clock = original  # type: ignore[method-assign]
+    return await run_hour(
+        event, concurrency=1, apm_client=client, runtime=lambda s: Runtime(s, clock=within_window)
+    )

@@ -164,8 +164,7 @@ def test_an_hour_whose_messages_were_lost_is_finished_by_resending_the_unbilled(
     from billing.config import load_settings
 
     async def dispatch_only() -> None:
-        runtime = Runtime(load_settings())
-        runtime.clock = clock
+        runtime = Runtime(load_settings(), clock=clock)
         try:
             await runtime.dispatch({"period": HOUR.isoformat()})
         finally:

@@ -263,10 +263,9 @@ def handlers(doubles: Doubles, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
 
     runtimes = []
     for module in (biller, dispatcher):
-        runtime = Runtime(load_settings())
+        runtime = Runtime(load_settings(), clock=within_window if module is biller else None)
         monkeypatch.setattr(module, "runtime", runtime)
         runtimes.append(runtime)
-    LOOP.run_until_complete(biller.runtime.biller()).clock = within_window
     CAPTURE.reset()
     yield biller, dispatcher
     for runtime in runtimes:

@@ -21,6 +21,7 @@ from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.domain.errors import BadMessageError
 from billing.entrypoints.loop import LOOP
+from billing_local.faults import Clock
 from billing_local.lambda_shapes import LambdaContext
 from testkit import HOUR, PRODUCT, RATES, within_window
 
@@ -64,9 +65,12 @@ async def _seed(dsn: str, customers: list[str]) -> None:
         await conn.close()
 
 
-def _fresh_runtime(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The module as imported once by Lambda, with a runtime built for this test's environment."""
-    runtime = Runtime(load_settings())
+def _fresh_runtime(
+    module: ModuleType, monkeypatch: pytest.MonkeyPatch, clock: Clock | None = None
+) -> Iterator[ModuleType]:
+    """The module as imported once by Lambda, with a runtime built for this test's environment (and
+    clock: its ``now`` is what the test says it is)."""
+    runtime = Runtime(load_settings(), clock=clock or Clock(within_window()))
     monkeypatch.setattr(module, "runtime", runtime)
     yield module
     run(runtime.close())
@@ -81,9 +85,7 @@ def biller_handler(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Modu
     run(_seed(stack.database_url, ["cust-000000", "cust-000001"]))
     for c in ("cust-000000", "cust-000001"):
         stack.metering.subscribe(PRODUCT, f"aws-{c}")
-    for module in _fresh_runtime(biller, monkeypatch):
-        run(module.runtime.biller()).clock = within_window
-        yield module
+    yield from _fresh_runtime(biller, monkeypatch)
 
 
 def test_biller_bills_the_customer_of_a_one_record_event(biller_handler: ModuleType, stack: Any) -> None:
@@ -128,7 +130,7 @@ def dispatcher_handler(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     import dispatcher
 
     run(_seed(stack.database_url, [f"cust-{i:06d}" for i in range(25)]))
-    yield from _fresh_runtime(dispatcher, monkeypatch)
+    yield from _fresh_runtime(dispatcher, monkeypatch, Clock(datetime.now(UTC)))
 
 
 def _queued(stack: Any) -> list[dict[str, Any]]:
@@ -169,7 +171,7 @@ def test_backfill_event_dispatches_the_named_hour_once(dispatcher_handler: Modul
 
 def test_the_biller_fails_the_item_of_an_hour_not_yet_ended(biller_handler: ModuleType, stack: Any) -> None:
     # Given the biller's clock half way through the message's hour
-    run(biller_handler.runtime.biller()).clock = lambda: HOUR.start + timedelta(minutes=30)
+    biller_handler.runtime.clock.now = HOUR.start + timedelta(minutes=30)
     # Then the item fails (SQS redelivers it until the dead-letter queue holds it) and nothing is sent
     response = biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of())
     assert response == {"batchItemFailures": [{"itemIdentifier": "0f8d3a5e-1c7b-4e8e-9a64-000000000001"}]}
@@ -186,7 +188,7 @@ def test_the_biller_fails_the_item_of_an_hour_not_yet_ended(biller_handler: Modu
 def test_the_dispatcher_refuses_an_hour_not_yet_ended_by_its_clock(
     dispatcher_handler: ModuleType, stack: Any, name: str, now: datetime
 ) -> None:
-    dispatcher_handler.runtime.clock = lambda: now
+    dispatcher_handler.runtime.clock.now = now
     with pytest.raises(BadMessageError, match="has not ended yet"):
         dispatcher_handler.lambda_handler(event(name), DISPATCHER)
     assert _queued(stack) == []
@@ -277,8 +279,7 @@ def _bill(module: ModuleType, customer_id: str) -> None:
     """The customer's hour (2026-11-26T13:00) billed by the real biller, as its message would be."""
     from testkit import message
 
-    biller = run(module.runtime.biller())
-    biller.clock = within_window
+    biller = run(module.runtime.biller())  # its clock: 20 minutes after the hour (_fresh_runtime)
     run(biller.bill(message(customer_id)))
 
 

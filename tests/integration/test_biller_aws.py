@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from billing.bootstrap import Runtime
+from billing.bootstrap import Runtime, Wrappers
 from billing.budget import RESERVE_SECONDS
 from billing.config import load_settings
 from billing.domain.errors import (
@@ -28,6 +28,7 @@ from billing.domain.errors import (
 )
 from billing.domain.model import LedgerState, Marketplace
 from billing.services.bill import Biller
+from billing_local.faults import AFTER_ACCEPT, Clock, Killed, KillingLedger
 from testkit import (
     HOUR,
     PRODUCT,
@@ -42,10 +43,16 @@ from testkit import (
 
 
 @pytest.fixture
-async def runtime(stack: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtime]:
+def clock() -> Clock:
+    """The biller's clock: 20 minutes after the hour ended, until a test moves it."""
+    return Clock(within_window())
+
+
+@pytest.fixture
+async def runtime(stack: Any, monkeypatch: pytest.MonkeyPatch, clock: Clock) -> AsyncIterator[Runtime]:
     monkeypatch.setenv("BILLING_MARKETPLACE_ATTEMPTS", "2")
     stack.metering.clock = within_window
-    rt = Runtime(load_settings())
+    rt = Runtime(load_settings(), clock=clock)
     yield rt
     await rt.close()
 
@@ -54,9 +61,7 @@ async def runtime(stack: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
 async def biller(runtime: Runtime, pool: Any, stack: Any) -> Biller:
     await add_rates(pool)
     stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb"})
-    b = await runtime.biller()
-    b.clock = within_window
-    return b
+    return await runtime.biller()
 
 
 async def test_customer_hour_is_billed_and_the_answer_recorded(biller: Biller, pool: Any, stack: Any) -> None:
@@ -107,19 +112,25 @@ async def test_redelivered_message_makes_no_marketplace_call(biller: Biller, poo
 
 
 async def test_crash_between_submit_and_record_resubmits_the_recorded_decision(
-    biller: Biller, pool: Any, stack: Any, monkeypatch: pytest.MonkeyPatch
+    pool: Any, stack: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a biller that dies after AWS accepted the records but before the ledger recorded the answer
+    armed = [True]
+
+    def killing(repo: Any) -> KillingLedger:
+        return KillingLedger(repo, lambda step, customer: armed[0] and step == AFTER_ACCEPT)
+
+    monkeypatch.setenv("BILLING_MARKETPLACE_ATTEMPTS", "2")
+    stack.metering.clock = within_window
+    runtime = Runtime(load_settings(), clock=clock, wrappers=Wrappers(repository=killing))
+    await add_rates(pool)
+    stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb"})
+    biller = await runtime.biller()
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "5")
-
-    async def crash(*args: Any, **kwargs: Any) -> None:
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(biller.repo, "record_results", crash)
-    with pytest.raises(SystemExit):
+    with pytest.raises(Killed):
         await biller.bill(message("c1"))
-    monkeypatch.undo()
+    armed[0] = False
     first_ids = {r.dimension: r.record_id for r in stack.metering.accepted()}
     assert {r["state"] for r in (await ledger(pool, "c1")).values()} == {"submitted"}
     # and late usage arrives meanwhile (it must not change the recorded decision)
@@ -134,6 +145,7 @@ async def test_crash_between_submit_and_record_resubmits_the_recorded_decision(
         "DataTransferGb": ("accepted", 0, first_ids["DataTransferGb"]),
     }
     assert len(stack.metering.accepted()) == 2
+    await runtime.close()
 
 
 async def test_two_deliveries_at_the_same_moment_bill_once(biller: Biller, pool: Any, stack: Any) -> None:
@@ -280,12 +292,12 @@ async def test_unknown_customer_is_a_bad_message(biller: Biller) -> None:
 
 
 async def test_a_message_for_an_hour_not_yet_ended_is_a_bad_message_and_bills_nothing(
-    biller: Biller, pool: Any, stack: Any
+    clock: Clock, biller: Biller, pool: Any, stack: Any
 ) -> None:
     # Given a customer with usage, and a message for the hour while it is still going on
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "7")
-    biller.clock = lambda: HOUR.end - timedelta(minutes=1)
+    clock.now = HOUR.end - timedelta(minutes=1)
     # When it is delivered, Then it is refused (the item fails until the dead-letter queue holds it)
     with pytest.raises(BadMessageError, match="has not ended yet"):
         await biller.bill(message("c1"))
@@ -295,13 +307,13 @@ async def test_a_message_for_an_hour_not_yet_ended_is_a_bad_message_and_bills_no
 
 
 async def test_an_hour_that_ended_inside_the_settle_delay_is_billed(
-    biller: Biller, pool: Any, stack: Any
+    clock: Clock, biller: Biller, pool: Any, stack: Any
 ) -> None:
     # The settle delay is the schedule's courtesy to late usage, not a rule of the biller: usage later
     # still is billed with the next hour, so a message the minute after the hour ends is billed.
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "7")
-    biller.clock = lambda: HOUR.end + timedelta(minutes=1)
+    clock.now = HOUR.end + timedelta(minutes=1)
     await biller.bill(message("c1"))
     assert {r.dimension: r.quantity for r in stack.metering.accepted()}["CapacityGbHours"] == 7
 
@@ -324,13 +336,13 @@ async def test_a_bill_that_outlives_its_budget_fails_the_item_and_leaves_its_rec
 
 
 async def test_an_hour_past_the_window_carries_its_usage_to_the_next_hour(
-    biller: Biller, pool: Any, stack: Any
+    clock: Clock, biller: Biller, pool: Any, stack: Any
 ) -> None:
     # Given an hour whose message is processed 7 hours later (AWS accepts 6)
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "4.5")
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = lambda: late
+    clock.now = late
     stack.metering.clock = lambda: late
     outcome = await biller.bill(message("c1"))
     # Then nothing is sent for it and its quantity is carried
@@ -348,7 +360,7 @@ async def test_an_hour_past_the_window_carries_its_usage_to_the_next_hour(
 
 
 async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
-    biller: Biller, pool: Any, stack: Any
+    clock: Clock, biller: Biller, pool: Any, stack: Any
 ) -> None:
     # Given an hour decided and throttled, whose redelivery comes after the window closed
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
@@ -358,7 +370,7 @@ async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
         await biller.bill(message("c1"))
     stack.metering.fault_rate = 0.0
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = lambda: late
+    clock.now = late
     stack.metering.clock = lambda: late
     await biller.bill(message("c1"))
     rows = await ledger(pool, "c1")
@@ -373,7 +385,7 @@ async def test_decided_hour_past_the_window_returns_its_quantity_to_the_carry(
 
 
 async def test_a_failed_row_without_a_refusal_on_record_is_not_carried_past_the_window(
-    biller: Biller, pool: Any, stack: Any
+    clock: Clock, biller: Biller, pool: Any, stack: Any
 ) -> None:
     # Given an hour whose submission ended 'failed' with no refusal on record (as a release before migration
     # 0004 left it: it also took a reset after sending for 'failed'), redelivered after the window
@@ -385,7 +397,8 @@ async def test_a_failed_row_without_a_refusal_on_record_is_not_carried_past_the_
     stack.metering.fault_rate = 0.0
     await pool.execute("UPDATE ledger SET refused_attempts = 0 WHERE customer_id = 'c1'")
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = stack.metering.clock = lambda: late
+    clock.now = late
+    stack.metering.clock = lambda: late
     # When it is redelivered after the window closed
     await biller.bill(message("c1"))
     # Then the hour is left for an operator (AWS may hold it), its quantity not carried to a later hour

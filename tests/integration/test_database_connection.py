@@ -179,9 +179,8 @@ async def test_a_rotated_password_is_read_again_and_no_message_reaches_the_dead_
     for customer in ("c1", "c2"):
         stack.metering.subscribe(PRODUCT, await add_aws_customer(admin, customer))
         await add_usage(admin, customer, PERIOD.start + timedelta(minutes=5), "capacity_gb_hours", "3")
-    runtime = Runtime(load_settings())
+    runtime = Runtime(load_settings(), clock=within_window)
     biller = await runtime.biller()
-    biller.clock = within_window
 
     async def handle(delivery: Delivery) -> Any:
         return await biller.bill(parse_message(delivery.body))

@@ -70,3 +70,60 @@ def test_with_the_fix_only_the_deleted_message_goes(queue: Any, at_look: int) ->
 
 
 _SHIPPED_DELETE = Queue.delete_message
+
+
+SCANNING = (
+    "approximate_number_of_messages",
+    "approximate_number_of_messages_not_visible",
+    "approximate_number_of_messages_delayed",
+)
+
+
+def scans_per_send(depth: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many scans of the whole queue one SendMessage makes once ``depth`` messages are queued."""
+    scans = 0
+    for name in SCANNING:
+        shipped = getattr(Queue, name)
+
+        def counted(self: Any, shipped: Any = shipped) -> Any:
+            nonlocal scans
+            scans += 1
+            return shipped.fget(self)
+
+        monkeypatch.setattr(Queue, name, property(counted))
+    with mock_aws():
+        backend = sqs_backends[ACCOUNT][REGION]
+        backend.create_queue("deep")
+        for i in range(depth):
+            backend.send_message("deep", f"m{i}")
+        scans = 0
+        backend.send_message("deep", "one more")
+        return scans
+
+
+def test_moto_as_shipped_scans_the_whole_queue_on_every_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    moto_fixes.patch()
+    monkeypatch.setattr(Queue, "attributes", moto_fixes.SHIPPED["attributes"])
+    # each scan reads every queued message: a send costs O(queue depth) (the reason for the fix)
+    assert scans_per_send(50, monkeypatch) > 0
+
+
+def test_with_the_fix_a_send_scans_nothing_whatever_the_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    moto_fixes.patch()
+    assert scans_per_send(0, monkeypatch) == 0
+    assert scans_per_send(500, monkeypatch) == 0
+
+
+def test_the_fixed_attributes_equal_motos_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    moto_fixes.patch()
+    with mock_aws():
+        backend = sqs_backends[ACCOUNT][REGION]
+        backend.create_queue("dlq")
+        dlq_arn = backend.get_queue("dlq").queue_arn
+        redrive = f'{{"deadLetterTargetArn": "{dlq_arn}", "maxReceiveCount": "5"}}'
+        backend.create_queue("q2", RedrivePolicy=redrive, VisibilityTimeout="60")
+        backend.send_message("q2", "x")
+        queue = backend.get_queue("q2")
+        lazy = dict(queue.attributes)
+        shipped = moto_fixes.SHIPPED["attributes"].fget(queue)
+        assert lazy == shipped

@@ -28,6 +28,7 @@ from billing.config import load_settings
 from billing.domain.model import Period
 from billing.services.bill import Biller
 from billing_local.cli_ops import BY_HAND, MOVE_TASK, QueueRef, redrive, register
+from billing_local.faults import Clock
 from billing_local.stack import REGION, aws_env
 from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, message, throttle_every_call
 
@@ -281,7 +282,8 @@ BOTH_HOURS_SETTLED = HOUR.shifted(1).end + timedelta(minutes=20)
 async def runtime(stack: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtime]:
     monkeypatch.setenv("BILLING_MARKETPLACE_ATTEMPTS", "2")
     stack.metering.clock = lambda: BOTH_HOURS_SETTLED
-    rt = Runtime(load_settings())
+    # the biller's clock: a Clock the tests move (biller.clock.now = ...)
+    rt = Runtime(load_settings(), clock=Clock(BOTH_HOURS_SETTLED))
     yield rt
     await rt.close()
 
@@ -290,9 +292,7 @@ async def runtime(stack: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
 async def biller(runtime: Runtime, pool: Any, stack: Any) -> Biller:
     await add_rates(pool)
     stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb"})
-    b = await runtime.biller()
-    b.clock = lambda: BOTH_HOURS_SETTLED
-    return b
+    return await runtime.biller()
 
 
 async def subscribed(pool: Any, stack: Any, customer_id: str) -> None:
@@ -420,6 +420,50 @@ async def test_reconcile_reports_a_rejected_quantity_as_money_not_collected(
     assert "1 unexplained difference(s)" in result.output
 
 
+async def test_reconcile_prints_totals_first_and_at_most_limit_details_unexplained_first(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given three unsubscribed customers whose usage AWS rejected, and a paying one with a carried half
+    for c in ("gone1", "gone2", "gone3"):
+        await add_aws_customer(pool, c)
+        await add_usage(pool, c, HOUR.start, "capacity_gb_hours", "3")
+    await subscribed(pool, stack, "paying")
+    await add_usage(pool, "paying", HOUR.start, "data_transfer_gb", "3")  # 1.5 units: 1 billed, 0.5 carried
+    await bill_hour(biller, ["gone1", "gone2", "gone3", "paying"])
+    # When the hour is reconciled with at most two detail blocks
+    result = await run_cli_async(*reconcile_args(), "--limit", "2")
+    lines = result.stdout.splitlines()
+    # Then the totals come before any detail (the rejected customers' zero-quantity DataTransferGb
+    # records and the paying customer's carried half are explained differences), and only two of the
+    # seven differences are detailed, both unexplained rejections although the listing order would
+    # put gone1's explained DataTransferGb second
+    assert result.exit_code == 1
+    totals = next(i for i, line in enumerate(lines) if line.startswith("totals: "))
+    assert lines[totals] == (
+        "totals: source 10.5, billed 1; 7 customer-dimension(s) with a difference: 3 unexplained, 4 explained"
+    )
+    details = [i for i, line in enumerate(lines) if " (aws): source " in line]
+    assert len(details) == 2 and totals < min(details)
+    assert all("CapacityGbHours (aws): source 3, billed 0" in lines[i] for i in details)
+    more = "... 5 more customer-dimension(s) with a difference (--limit N to show more, --json for all)"
+    assert more in lines
+    # and --json still lists every line
+    doc = json.loads((await run_cli_async(*reconcile_args(), "--json", "--limit", "2")).stdout)
+    assert sum(1 for x in doc["lines"] if x["differences"]) == 7
+
+
+async def test_reconcile_of_an_unknown_customer_is_an_error(biller: Biller, pool: Any, stack: Any) -> None:
+    # Given a billed customer
+    await subscribed(pool, stack, "c1")
+    await bill_hour(biller, ["c1"])
+    # When a customer that does not exist is reconciled
+    result = await run_cli_async(*reconcile_args(), "--customer", "nobody")
+    # Then it is a usage error naming it, not "clean: 0 of 0"
+    assert result.exit_code == 2
+    assert "no customer 'nobody' in the customers table" in result.output
+    assert "clean" not in result.output
+
+
 async def test_reconcile_reports_a_changed_ledger_quantity_as_unexplained(
     biller: Biller, pool: Any, stack: Any
 ) -> None:
@@ -528,7 +572,8 @@ async def test_reconcile_explains_an_expired_hour_billed_with_a_later_one(
         await bill_hour(biller, ["c1"])
     stack.metering.fault_rate = 0.0
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = stack.metering.clock = lambda: late
+    biller.clock.now = late
+    stack.metering.clock = lambda: late
     await biller.bill(message("c1"))
     await bill_hour(biller, ["c1"], HOUR.shifted(6))
     # When the seven hours are reconciled
@@ -554,7 +599,8 @@ async def expired_without_a_refusal_on_record(biller: Biller, pool: Any, stack: 
         await bill_hour(biller, ["c1"])
     stack.metering.fault_rate = 0.0
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = stack.metering.clock = lambda: late
+    biller.clock.now = late
+    stack.metering.clock = lambda: late
     await bill_hour(biller, ["c1"])
     await bill_hour(biller, ["c1"], HOUR.shifted(6))
     await pool.execute("UPDATE ledger SET refused_attempts = 0 WHERE period = $1", HOUR.start)
@@ -602,7 +648,8 @@ async def test_reconcile_flags_an_unconfirmed_hour_left_past_the_window_as_maybe
     with pytest.raises(Exception, match="InternalServiceErrorException"):
         await bill_hour(biller, ["c1"])
     late = HOUR.start + timedelta(hours=7)
-    biller.clock = stack.metering.clock = lambda: late
+    biller.clock.now = late
+    stack.metering.clock = lambda: late
     await bill_hour(biller, ["c1"])
     # When the hour is reconciled
     result = await run_cli_async(*reconcile_args(), "--json")
@@ -619,7 +666,8 @@ async def test_reconcile_explains_late_usage_as_pending_for_the_next_hour(
     # Given the last complete hour billed, then 1.5 GB-hours of its usage arriving late
     hour = Period.last_complete_before(datetime.now(UTC), timedelta(minutes=15))
     after = hour.end + timedelta(minutes=20)
-    biller.clock = stack.metering.clock = lambda: after
+    biller.clock.now = after
+    stack.metering.clock = lambda: after
     await subscribed(pool, stack, "c1")
     await add_usage(pool, "c1", hour.start, "capacity_gb_hours", "2")
     await bill_hour(biller, ["c1"], hour)

@@ -14,9 +14,10 @@ import pytest
 import stamina
 import stamina.instrumentation
 
-from billing.bootstrap import Runtime
+from billing.bootstrap import Runtime, Wrappers
 from billing.config import load_settings
 from billing.domain.errors import TransientError
+from billing_local.faults import Proxy
 from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage, message, within_window
 
 if TYPE_CHECKING:
@@ -25,17 +26,30 @@ if TYPE_CHECKING:
     from billing.services.bill import Biller
 
 
+class FlakyLoad(Proxy):
+    """The repository, whose ``load`` raises a TransientError the first ``times`` calls."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.times = 0
+        self.calls: list[int] = []
+
+    async def load(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(1)
+        if len(self.calls) <= self.times:
+            raise TransientError("connection to the database lost")
+        return await self.inner.load(*args, **kwargs)
+
+
 @pytest.fixture
 async def biller(stack: Any, pool: Any) -> AsyncIterator[Biller]:
     stack.metering.clock = within_window
-    runtime = Runtime(load_settings())
+    runtime = Runtime(load_settings(), clock=within_window, wrappers=Wrappers(repository=FlakyLoad))
     await add_rates(pool)
     stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb"})
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     await add_usage(pool, "c1", HOUR.start, "capacity_gb_hours", "3")
-    b = await runtime.biller()
-    b.clock = within_window
-    yield b
+    yield await runtime.biller()
     await runtime.close()
 
 
@@ -63,19 +77,12 @@ def retries() -> Iterator[list[RetryDetails]]:
     stamina.instrumentation.set_on_retry_hooks(hooks)
 
 
-def _load_failing(biller: Biller, monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+def _load_failing(biller: Biller, times: int) -> list[int]:
     """The repository's load raises a TransientError ``times`` times, then works; returns its calls."""
-    calls: list[int] = []
-    load = biller.repo.load
-
-    async def flaky(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) <= times:
-            raise TransientError("connection to the database lost")
-        return await load(*args, **kwargs)
-
-    monkeypatch.setattr(biller.repo, "load", flaky)
-    return calls
+    repo = biller.repo
+    assert isinstance(repo, FlakyLoad)
+    repo.times = times
+    return repo.calls
 
 
 async def test_a_bill_that_succeeds_at_once_opens_one_retry_context(
@@ -89,10 +96,10 @@ async def test_a_bill_that_succeeds_at_once_opens_one_retry_context(
 
 
 async def test_a_transient_failure_of_the_first_attempt_is_retried_and_reported(
-    biller: Biller, retries: list[RetryDetails], monkeypatch: pytest.MonkeyPatch, stack: Any
+    biller: Biller, retries: list[RetryDetails], stack: Any
 ) -> None:
     # Given the database fails the first attempt's first query
-    calls = _load_failing(biller, monkeypatch, times=1)
+    calls = _load_failing(biller, times=1)
     # When the customer-hour is billed
     outcome = await biller.bill(message("c1"))
     # Then the second attempt bills it, and stamina reported the retry with its cause
@@ -102,10 +109,10 @@ async def test_a_transient_failure_of_the_first_attempt_is_retried_and_reported(
 
 
 async def test_a_bill_failing_every_attempt_makes_exactly_the_configured_attempts(
-    biller: Biller, retries: list[RetryDetails], monkeypatch: pytest.MonkeyPatch, stack: Any
+    biller: Biller, retries: list[RetryDetails], stack: Any
 ) -> None:
     # Given the database fails every attempt
-    calls = _load_failing(biller, monkeypatch, times=100)
+    calls = _load_failing(biller, times=100)
     # When the customer-hour is billed, the failure is raised (SQS will redeliver the message)
     with pytest.raises(TransientError):
         await biller.bill(message("c1"))

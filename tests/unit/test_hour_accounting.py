@@ -45,3 +45,12 @@ def test_rejected_failed_and_unfinished_quantities_are_not_billed_but_unsettled(
 
 def test_no_rows_no_units() -> None:
     assert hour_quantities([]) == HourQuantities(billed=0, expired=D(0), carried=D(0), unsettled=0)
+
+
+def test_a_run_fails_on_rejected_failed_and_expired_records_and_only_rejected_can_be_allowed() -> None:
+    from billing_local.accounting import run_failures
+
+    counts = {S.ACCEPTED: 9, S.DUPLICATE: 1, S.SKIPPED: 2, S.REJECTED: 3, S.FAILED: 4, S.EXPIRED: 5}
+    assert run_failures(counts, allow_rejected=False) == {S.REJECTED: 3, S.FAILED: 4, S.EXPIRED: 5}
+    assert run_failures(counts, allow_rejected=True) == {S.FAILED: 4, S.EXPIRED: 5}
+    assert run_failures({S.ACCEPTED: 9, S.SKIPPED: 2, S.REJECTED: 0}, allow_rejected=False) == {}

@@ -514,6 +514,7 @@ def test_header_shows_counts_makespan_and_percentiles() -> None:
         "transactions": "7",
         "spans": "45",
         "failures": "1",
+        "rejected": "0",
         "errors": "1",
         "makespan": "2.23 s",
         "p50": "640 ms",
@@ -584,3 +585,73 @@ def test_write_timeline_writes_the_page_and_returns_its_figures(tmp_path: Path) 
     assert len(rows(parse(html_path.read_text(encoding="utf-8")))) == 7
     assert (stats.transactions, stats.spans, stats.errors, stats.failures) == (7, 45, 1, 1)
     assert stats.makespan_ms == pytest.approx(2233.962)
+
+
+def test_a_customer_whose_records_were_rejected_is_marked_and_counted() -> None:
+    # Given the fixture, with one successful bill whose records AWS rejected (billing.tracing labels it)
+    events = fixture_events()
+    billed = [
+        t
+        for t in inner(events, "transaction")
+        if t.get("outcome") == "success" and t["context"]["tags"].get("customer_id")
+    ]
+    billed[0]["result"] = "rejected"
+    billed[0]["context"]["tags"]["records_rejected"] = 2
+
+    # When the timeline is rendered
+    dom = parse(render_timeline(events))
+
+    # Then its row is marked (and kept by "failures only"), the others are not, and the header counts it
+    marked = [r.attrs["data-transaction-id"] for r in rows(dom) if r.attrs.get("data-records") == "rejected"]
+    assert marked == [billed[0]["id"]]
+    (card,) = dom.find_all("data-stat", "rejected")
+    assert card.children[0].text_content() == "1" and "bad" in card.classes()
+
+
+def sweep_peak(transactions: list[dict[str, Any]]) -> int:
+    """The most transactions in flight at once, counted independently of the page."""
+    edges = sorted(
+        [(t["timestamp"], 1) for t in transactions]
+        + [(t["timestamp"] + t["duration"] * 1000, -1) for t in transactions]
+    )
+    level = peak = 0
+    for _, step in edges:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+def test_header_has_a_concurrency_strip_whose_peak_is_the_runs_most_in_flight() -> None:
+    # Given the fixture's transactions
+    events = fixture_events()
+    transactions = inner(events, "transaction")
+
+    # When the timeline is rendered
+    dom = parse(render_timeline(events))
+
+    # Then the strip's tallest slice is the most transactions that overlapped, and none holds more
+    (strip,) = dom.find_all("id", "concurrency")
+    in_flight = [int(n.attrs["data-in-flight"]) for n in strip.find_all("data-in-flight")]
+    assert max(in_flight) == sweep_peak(transactions) == int(strip.attrs["data-peak"])
+    # the first slice holds the first start, the last the last end
+    assert len(in_flight) == 120 and in_flight[0] >= 1 and in_flight[-1] >= 1
+
+
+def test_header_has_a_duration_histogram_counting_every_transaction_once() -> None:
+    # Given the fixture's transactions
+    events = fixture_events()
+    durations = [t["duration"] for t in inner(events, "transaction")]
+
+    # When the timeline is rendered
+    dom = parse(render_timeline(events))
+
+    # Then the histogram's bins cover 0 to the longest duration and count each transaction in its bin
+    (histogram,) = dom.find_all("id", "durations")
+    bins = [
+        (float(n.attrs["data-from-ms"]), float(n.attrs["data-to-ms"]), int(n.attrs["data-count"]))
+        for n in histogram.find_all("data-count")
+    ]
+    assert sum(n for _, _, n in bins) == len(durations)
+    assert bins[0][0] == 0 and bins[-1][1] == pytest.approx(max(durations), abs=1e-3)
+    for low, high, n in bins[:-1]:
+        assert n == sum(1 for d in durations if low <= d < high)

@@ -117,10 +117,20 @@ def lifecycle_emulators(stack: LocalStack, clock: Clock) -> Iterator[tuple[Any, 
 
 
 async def _bill_queue(subs: Any, sqs: Any, url: str) -> list[str]:
-    """Drain the billing queue through the real Biller, as the Biller function does per record."""
+    """Drain the billing queue and every lane's (final bills go to the subject's lane) through the real
+    Biller, as the Biller function does per record."""
     from billing.domain.messages import parse_message
+    from billing.domain.model import Marketplace
 
     biller = await subs.runtime.biller()
+    billed = []
+    urls = {url} | {u for m in Marketplace if (u := subs.runtime.settings.lane_queue_url(m.value))}
+    for queue_url in sorted(urls):
+        billed += await _drain(biller, sqs, queue_url, parse_message)
+    return billed
+
+
+async def _drain(biller: Any, sqs: Any, url: str, parse_message: Any) -> list[str]:
     billed = []
     while got := (await sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)).get("Messages", []):
         for m in got:

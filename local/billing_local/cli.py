@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from billing_local import cli_invoke, cli_local, cli_ops
+from billing_local import cli_customers, cli_invoke, cli_local, cli_ops
 from billing_local.local_run import HourResult, parse_marketplaces
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(cli_local.local_app, name="local")
 cli_ops.register(app)
 cli_invoke.register(app)
+cli_customers.register(app)
 console = Console(stderr=True)
 out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 80 columns
 
@@ -287,6 +288,11 @@ def _demo(
     # the demo leaves one AWS customer in fifty unsubscribed on purpose (local_run.subscribe_all)
     if result.first.report.count(LedgerState.REJECTED):
         out.print(DEMO_REJECTS)
+    # #13: customers subscribing through the marketplaces' own events, and their final partial hours
+    from billing_local.lifecycle import lifecycle_demo
+
+    out.print("subscription lifecycle:")
+    asyncio.run(lifecycle_demo(stack, now))
     _exit_on_failures(result.first, allow_rejected=True)
 
 

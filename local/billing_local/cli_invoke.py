@@ -54,6 +54,7 @@ class Function(StrEnum):
 
     DISPATCHER = "Dispatcher"
     BILLER = "Biller"
+    SUBSCRIPTIONS = "Subscriptions"
 
     @property
     def logical_id(self) -> str:
@@ -89,7 +90,7 @@ def register(app: typer.Typer) -> None:
 
 
 def invoke_command(
-    function: Annotated[Function, typer.Argument(help="The function: Dispatcher or Biller.")],
+    function: Annotated[Function, typer.Argument(help="The function: Dispatcher, Biller or Subscriptions.")],
     event: Annotated[
         Path,
         typer.Option(

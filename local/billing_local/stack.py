@@ -176,10 +176,13 @@ class LocalStack:
 
         for c in customers:
             if c["marketplace"] == "aws":
-                self.metering.add_product(c["aws_product_code"], dimensions.get("aws"))
-                self.metering.subscribe(
-                    c["aws_product_code"], c["aws_customer_identifier"] or c["aws_account_id"]
-                )
+                # a license subject (2026) may have no product code: its license names the product
+                product = c["aws_product_code"] or "license-based"
+                self.metering.add_product(product, dimensions.get("aws"))
+                if c.get("aws_license_arn"):
+                    self.metering.add_license(product, c["aws_account_id"], c["aws_license_arn"])
+                else:
+                    self.metering.subscribe(product, c["aws_customer_identifier"] or c["aws_account_id"])
             elif c["marketplace"] == "gcp":
                 self.gcp.services[c["gcp_service_name"]] = dimensions.get("gcp")  # type: ignore[index]
                 self.gcp.consumers[c["gcp_usage_reporting_id"]] = []  # type: ignore[index]

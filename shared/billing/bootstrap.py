@@ -203,7 +203,10 @@ class Runtime:
         if self._session is None:
             import aioboto3
 
-            self._session = aioboto3.Session()
+            from billing.adapters.aws_metering import use_shipped_models
+
+            # the layer's newer meteringmarketplace model (LicenseArn) first on this session's data path
+            self._session = use_shipped_models(aioboto3.Session())
         return self._session
 
     async def aws_client(self, service: str, **config: Any) -> Any:

@@ -15,6 +15,7 @@ from billing.domain.model import (
     LedgerState,
     Period,
 )
+from billing.domain.subscriptions import SubscriptionState
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     )
     from billing.domain.rating import Decision
     from billing.domain.reconciliation import LedgerRow, ScopeCustomer
+    from billing.domain.subscriptions import LifecycleEvent
 
 
 @dataclass(frozen=True)
@@ -164,3 +166,25 @@ class ReconcileReader(Protocol):
     async def all_observed(self, ids: Sequence[str]) -> dict[tuple[str, str], Decimal]: ...
 
     async def last_decided(self, ids: Sequence[str]) -> dict[str, datetime]: ...
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording one subscription event did."""
+
+    state: SubscriptionState
+    appended: bool  # False: the event id was already in the history (a replay)
+    customer_id: str | None  # the linked customers row (the tenant id), if any
+    link_problem: str | None  # why a subject is not billed yet, for operators
+
+
+class SubscriptionRepository(Protocol):
+    """The subjects' history and state (billing.adapters.postgres_subscriptions)."""
+
+    async def record(self, event: LifecycleEvent) -> Recorded:
+        """Append the event once and apply it, in one transaction."""
+        ...
+
+    async def finished_hours(self, customer_id: str, start: datetime, end: datetime) -> set[datetime]:
+        """The hours in [start, end] whose every ledger row for the customer is final."""
+        ...

@@ -22,6 +22,9 @@ DOCUMENTED_STAR_ACTIONS: Mapping[str, str] = {
     "aws-marketplace:BatchMeterUsage": (
         "Service Authorization Reference, AWS Marketplace Metering Service: no resource types"
     ),
+    "aws-marketplace:ResolveCustomer": (
+        "Service Authorization Reference, AWS Marketplace Metering Service: no resource types"
+    ),
     "ec2:DescribeNetworkInterfaces": (
         "AWS Lambda Developer Guide, VPC execution role permissions: works only on Resource '*'"
     ),

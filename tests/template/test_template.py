@@ -1094,6 +1094,23 @@ def _denies_plain_http(statement: dict[str, Any]) -> bool:
     )
 
 
+# Services that deliver to a queue on the stack's behalf (#13: the marketplace's SNS topic, an EventBridge
+# rule's dead letters), each allowed only for one named source (aws:SourceArn), and only SendMessage.
+_DELIVERING_SERVICES = frozenset({"sns.amazonaws.com", "events.amazonaws.com"})
+
+
+def _scoped_service_delivery(statement: dict[str, Any], principal: Any) -> bool:
+    if not (isinstance(principal, dict) and set(principal) == {"Service"}):
+        return False
+    condition = statement.get("Condition", {})
+    scoped = any("aws:SourceArn" in (test or {}) for test in condition.values())
+    return (
+        principal["Service"] in _DELIVERING_SERVICES
+        and scoped
+        and statement.get("Action") == "sqs:SendMessage"
+    )
+
+
 def check_queue_policies(template: Template) -> list[str]:
     """Each queue's policy allows only the stack's roles and refuses requests without TLS."""
     problems = []
@@ -1116,6 +1133,8 @@ def check_queue_policies(template: Template) -> list[str]:
                 else [principal]
             )
             for node in principals:
+                if _scoped_service_delivery(statement, node):
+                    continue
                 target = node.get("Fn::GetAtt", [None])[0] if isinstance(node, dict) else None
                 if template["Resources"].get(target, {}).get("Type") != "AWS::IAM::Role":
                     problems.append(f"{logical_id}'s policy allows {node!r}, not a role of the stack")

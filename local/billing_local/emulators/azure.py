@@ -9,6 +9,8 @@ the documented behaviour (see billing.adapters.azure_metering for the sources).
   24 hours before the clock), ``ResourceNotFound``, ``ResourceNotAuthorized``, ``ResourceNotActive``,
   ``InvalidDimension``, ``InvalidQuantity`` (<= 0), ``BadArgument``, and ``Error`` when injected. The single
   event API answers a duplicate with 409 Conflict and the same ``additionalInfo``.
+- The SaaS fulfillment API and the webhook signer's JWK Set when ``fulfillment``/``webhook_signer`` are set
+  (billing_local.emulators.azure_fulfillment).
 - ``POST /{tenant}/oauth2/v2.0/token`` (client credentials, scope ``<marketplace resource>/.default``, what
   azure-identity sends) and the v1 ``POST /{tenant}/oauth2/token`` (``resource=…``, what Microsoft's
   marketplace pages show). azure-identity accepts only an https authority, so this app is served over TLS by
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from billing_local.emulators.azure_fulfillment import Fulfillment, WebhookSigner, add_jwks_route, add_routes
 from billing_local.emulators.quota import Quota
 from billing_local.emulators.server import BackgroundServer
 
@@ -55,6 +58,8 @@ class AzureResource:
     dimensions: Iterable[str]
     status: str = "Subscribed"  # anything else answers ResourceNotActive
     authorized: bool = True  # False: published with another Entra app id (ResourceNotAuthorized)
+    # when an Unsubscribed resource ended: usage for hours that began before it is still taken (below)
+    ended_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,10 @@ class AzureEmulator:
     exchanges: list[Exchange] = field(default_factory=list)
     token_requests: int = 0
     fixed_tokens: set[str] = field(default_factory=set)
+    # the SaaS fulfillment API (same host and tokens as metering) and the key the webhook sender signs with
+    # (its JWK Set at /{tenant}/discovery/v2.0/keys)
+    fulfillment: Fulfillment | None = None
+    webhook_signer: WebhookSigner | None = None
     _tokens: dict[str, float] = field(default_factory=dict)
     _http_faults: deque[int] = field(default_factory=deque)
     _item_faults: dict[str, deque[str]] = field(default_factory=dict)
@@ -183,7 +192,7 @@ class AzureEmulator:
             return _Outcome("ResourceNotFound", f"resource {key} not found")
         if not resource.authorized:
             return _Outcome("ResourceNotAuthorized", "not authorized to emit usage for this resource")
-        if resource.status != "Subscribed":
+        if resource.status != "Subscribed" and not _before_the_end(resource, effective):
             return _Outcome("ResourceNotActive", f"the resource is {resource.status}")
         if plan_id != resource.plan_id:
             return _Outcome("BadArgument", f"planId {plan_id} is not the resource's plan")
@@ -255,6 +264,10 @@ def create_app(emulator: AzureEmulator) -> web.Application:
     app = web.Application()
     app.router.add_post("/api/batchUsageEvent", batch)
     app.router.add_post("/api/usageEvent", single)
+    if emulator.fulfillment is not None:
+        add_routes(app, emulator.fulfillment, emulator._authorized)
+    if emulator.webhook_signer is not None:
+        add_jwks_route(app, emulator.webhook_signer)
     return app
 
 
@@ -380,6 +393,17 @@ async def _answer(
     if emulator._delay:
         await asyncio.sleep(emulator._delay)
     return web.json_response(answer, status=status)
+
+
+def _before_the_end(resource: AzureResource, effective: datetime) -> bool:
+    """Usage of an unsubscribed resource for an hour that began before the unsubscription. Microsoft documents
+    events "against an active resource (subscribed)" and a 24-hour delay for every event ("if a usage event
+    occurs at 1 PM on a day, you have until 1 PM on the next day", metered billing FAQ); this double reads the
+    two together as the project does: the hours the customer was subscribed stay billable for 24 hours, the
+    final partial hour included, and nothing after the end is taken. Not confirmed against Azure itself."""
+    if resource.status != "Unsubscribed" or resource.ended_at is None:
+        return False
+    return effective.replace(minute=0, second=0, microsecond=0) < resource.ended_at
 
 
 def _item(event: Any, outcome: _Outcome) -> dict[str, Any]:

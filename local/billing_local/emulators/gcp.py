@@ -3,6 +3,8 @@ token endpoint, following the documented behaviour (see billing.adapters.gcp_ser
 
 - ``POST /token``: the JWT bearer grant a service-account key file's ``token_uri`` receives. The assertion's
   RS256 signature is verified against the public half of a key made by ``make_service_account_key``.
+- ``/v1/providers/…`` (the Partner Procurement API) when ``procurement`` is set, ``GET /oauth2/v1/certs``
+  (the push signer's certificate) when ``push_signer`` is set: billing_local.emulators.gcp_procurement.
 - ``POST /v1/services/{service}:check`` and ``…:report``: a bearer token from ``/token`` (or a fixed one) is
   required, 401 UNAUTHENTICATED otherwise. A report is validated like Google does (unknown fields, missing
   times, duplicate metric values: 400 INVALID_ARGUMENT for the whole request); each operation is then
@@ -28,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from billing_local.emulators.gcp_procurement import Procurement, PushSigner, add_certs_route, add_routes
 from billing_local.emulators.quota import Quota
 
 REPORT_WITHIN = timedelta(hours=1)
@@ -122,6 +125,10 @@ class GcpEmulator:
     exchanges: list[Exchange] = field(default_factory=list)
     token_requests: int = 0
     fixed_tokens: set[str] = field(default_factory=set)
+    # the Partner Procurement API (served beside Service Control, with the same tokens) and the key the
+    # Pub/Sub push sender signs with (its certificate served at /oauth2/v1/certs)
+    procurement: Procurement | None = None
+    push_signer: PushSigner | None = None
     _public_keys: dict[str, Any] = field(default_factory=dict)
     _tokens: dict[str, float] = field(default_factory=dict)
     _http_faults: dict[str, deque[int]] = field(default_factory=dict)
@@ -177,6 +184,24 @@ class GcpEmulator:
         lifetime = self.token_lifetime if self.advertised_lifetime is None else self.advertised_lifetime
         return {"access_token": token, "expires_in": lifetime, "token_type": "Bearer"}
 
+    def _consumer_codes(self, consumer: str) -> list[str] | None:
+        """The CheckError codes of a known consumer ([] when it may be billed); None when unknown. With the
+        Procurement double, every entitlement's usageReportingId is a consumer: billable while the entitlement
+        is active (a pending cancellation or plan change included); reports for a cancelled one are still
+        taken (Google: usage after a cancellation is reported with a time before it)."""
+        if consumer in self.consumers:
+            return list(self.consumers[consumer])
+        state = self.procurement.consumer_state(consumer) if self.procurement is not None else None
+        if state is None:
+            return None
+        active = (
+            "ENTITLEMENT_ACTIVE",
+            "ENTITLEMENT_PENDING_CANCELLATION",
+            "ENTITLEMENT_PENDING_PLAN_CHANGE",
+            "ENTITLEMENT_PENDING_PLAN_CHANGE_APPROVAL",
+        )
+        return [] if state in active else ["SERVICE_NOT_ACTIVATED"]
+
     def _check(self, service: str, body: Any) -> tuple[int, Any]:
         operation = body.get("operation") if isinstance(body, dict) else None
         if not isinstance(operation, dict) or not operation.get("consumerId"):
@@ -186,7 +211,8 @@ class GcpEmulator:
             "operationId": operation.get("operationId", ""),
             "serviceConfigId": "emulated-1",
         }
-        codes = list(self.consumers.get(consumer, ())) if consumer in self.consumers else ["NOT_FOUND"]
+        known = self._consumer_codes(consumer)
+        codes = known if known is not None else ["NOT_FOUND"]
         if codes:
             answer["checkErrors"] = [
                 {"code": code, "subject": f"project:{consumer}", "detail": f"emulated {code} for {consumer}"}
@@ -219,7 +245,7 @@ class GcpEmulator:
                     code = forced.popleft()
                     errors.append(_report_error(op_id, code, f"emulated {code}"))
                     continue
-                if operation["consumerId"] not in self.consumers:
+                if self._consumer_codes(operation["consumerId"]) is None:
                     errors.append(_report_error(op_id, "INVALID_ARGUMENT", "unknown consumerId"))
                     continue
                 if allowed is not None and metric not in allowed:
@@ -293,6 +319,10 @@ def create_app(emulator: GcpEmulator) -> web.Application:
     app = web.Application()
     app.router.add_post("/token", token)
     app.router.add_post("/v1/services/{call}", api)
+    if emulator.procurement is not None:
+        add_routes(app, emulator.procurement, emulator._authorized)
+    if emulator.push_signer is not None:
+        add_certs_route(app, emulator.push_signer)
     return app
 
 

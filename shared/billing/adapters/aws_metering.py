@@ -1,10 +1,26 @@
-"""AWS Marketplace through aioboto3 `meteringmarketplace.batch_meter_usage`."""
+"""AWS Marketplace through aioboto3 `meteringmarketplace.batch_meter_usage`.
+
+Two identities, never mixed (AWS Marketplace Metering API reference, BatchMeterUsage, 2026):
+- license-based (SaaS listings since June 2026, "Concurrent Agreements": one AWS account may hold
+  several agreements for one product): each UsageRecord carries ``LicenseArn`` and
+  ``CustomerAWSAccountId``, and the request has NO ``ProductCode``;
+- legacy: the request carries ``ProductCode`` and each record ``CustomerIdentifier`` (or
+  ``CustomerAWSAccountId``).
+AWS: "Sending metering records with both ProductCode and LicenseArn for the same customer within the
+same hour will result in duplicate billing." A subject that has a license ARN is therefore metered by
+license only, for every hour, whatever legacy identifiers it also carries.
+
+The pinned botocore (1.40.61, through aioboto3 15.5.0) has neither ``LicenseArn`` nor an optional
+``ProductCode`` in its model: `use_shipped_models` puts the newer model shipped in the layer
+(billing/botocore_data, from botocore 1.43.115) first on the session's data-loader search path.
+"""
 
 from __future__ import annotations
 
 import random
 import socket
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -35,6 +51,8 @@ _PERMANENT_CODES = frozenset(
         "InvalidProductCodeException",
         "InvalidUsageDimensionException",
         "InvalidCustomerIdentifierException",
+        # a LicenseArn that is not valid, not the customer's, or past its activation period (2026 model)
+        "InvalidLicenseException",
         "InvalidTagException",
         "InvalidUsageAllocationsException",
         "DisabledApiException",
@@ -46,6 +64,47 @@ _PERMANENT_CODES = frozenset(
 _DEFINITE_TRANSIENT_CODES = frozenset({"ThrottlingException", "ThrottledException", "RequestLimitExceeded"})
 # the hour is outside AWS's 6-hour window: nothing in the request was taken, and retrying cannot help
 _OUT_OF_BOUNDS = "TimestampOutOfBoundsException"
+
+# botocore's data layout (<service>/<api-version>/service-2.json); see botocore_data/NOTICE.md
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "botocore_data"
+
+
+def use_shipped_models(session: Any) -> Any:
+    """Put the layer's service models first on ``session``'s botocore data-loader search path.
+
+    ``session`` is an aioboto3/boto3 Session or a botocore/aiobotocore one. botocore's Loader looks a
+    model up in its search paths in order (the first that holds ``<service>/<version>/service-2.json``
+    wins; the bundled data come last), so only the shipped services change, and only for this session:
+    not the process-wide ``AWS_DATA_PATH``. Call it before the session's first client is created
+    (the loader caches what it loaded).
+    """
+    core = getattr(session, "_session", session)
+    loader = core.get_component("data_loader")
+    path = str(SHIPPED_MODELS)
+    if path not in loader.search_paths:
+        loader.search_paths.insert(0, path)
+    return session
+
+
+def identity(customer: Customer) -> tuple[dict[str, str], dict[str, str]]:
+    """(request-level, record-level) identity fields of a customer's BatchMeterUsage call.
+
+    A license subject gets ``LicenseArn`` + ``CustomerAWSAccountId`` on each record and no
+    ``ProductCode``; any other gets ``ProductCode`` and its legacy identifier. Never both.
+    """
+    if customer.aws_license_arn:
+        if not customer.aws_account_id:
+            raise PermanentError(f"customer {customer.id} has a license ARN but no AWS account id")
+        return {}, {"LicenseArn": customer.aws_license_arn, "CustomerAWSAccountId": customer.aws_account_id}
+    if not customer.aws_product_code:
+        raise PermanentError(f"customer {customer.id} has neither an AWS license ARN nor a product code")
+    if customer.aws_customer_identifier:
+        return {"ProductCode": customer.aws_product_code}, {
+            "CustomerIdentifier": customer.aws_customer_identifier
+        }
+    if customer.aws_account_id:
+        return {"ProductCode": customer.aws_product_code}, {"CustomerAWSAccountId": customer.aws_account_id}
+    raise PermanentError(f"customer {customer.id} has no AWS customer identifier or account id")
 
 
 class AwsMeteringClient:
@@ -65,8 +124,7 @@ class AwsMeteringClient:
     async def submit(
         self, customer: Customer, period: Period, entries: Sequence[LedgerEntry]
     ) -> list[SubmitResult]:
-        if not customer.aws_product_code:
-            raise PermanentError(f"customer {customer.id} has no AWS product code")
+        identity(customer)  # a customer without a usable identity is refused before any call
         results: list[SubmitResult] = []
         for start in range(0, len(entries), RULES.batch_limit):
             chunk = entries[start : start + RULES.batch_limit]
@@ -111,10 +169,10 @@ class AwsMeteringClient:
                 for e in entries
             }
 
+        request, who = identity(customer)
         try:
             response = await self._client.batch_meter_usage(
-                ProductCode=customer.aws_product_code,
-                UsageRecords=[_record(customer, period, e) for e in entries],
+                **request, UsageRecords=[_record(who, period, e) for e in entries]
             )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "Unknown")
@@ -166,18 +224,9 @@ def _out_of_bounds(result: SubmitResult) -> bool:
     return (result.reason or "").startswith(_OUT_OF_BOUNDS)
 
 
-def _record(customer: Customer, period: Period, entry: LedgerEntry) -> dict[str, Any]:
+def _record(who: Mapping[str, str], period: Period, entry: LedgerEntry) -> dict[str, Any]:
     # The timestamp is the hour's start, so a resubmission is the identical request.
-    record: dict[str, Any] = {
-        "Timestamp": period.start,
-        "Dimension": entry.dimension,
-        "Quantity": entry.quantity,
-    }
-    if customer.aws_customer_identifier:
-        record["CustomerIdentifier"] = customer.aws_customer_identifier
-    else:
-        record["CustomerAWSAccountId"] = customer.aws_account_id
-    return record
+    return {"Timestamp": period.start, "Dimension": entry.dimension, "Quantity": entry.quantity, **who}
 
 
 def _result(dimension: str, result: dict[str, Any]) -> SubmitResult:

@@ -112,6 +112,21 @@ async def post_json(
     call repeated, and if that is refused too (or no token can be had) the credentials are read again once
     (a rotated secret). Raises NotSentError or MaybeSentError when there is no answer. ``headers_out``
     receives the answer's headers, names in lower case (Retry-After)."""
+    return await request_json(session, "POST", url, body, tokens, refresh_on, headers_out=headers_out)
+
+
+async def request_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: Mapping[str, Any] | None,
+    tokens: TokenSource,
+    refresh_on: Collection[int],
+    headers: Mapping[str, str] | None = None,
+    headers_out: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """``post_json`` for any method (GET and PATCH of the marketplaces' subscription APIs); ``body`` None
+    sends no body."""
     refresh = reloaded = False
     while True:
         try:
@@ -122,7 +137,8 @@ async def post_json(
                 continue
             raise NotSentError(f"no access token: {exc}") from exc
         try:
-            async with session.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as response:
+            sent = {**(headers or {}), "Authorization": f"Bearer {token}"}
+            async with session.request(method, url, json=body, headers=sent) as response:
                 raw = await response.read()
                 status = response.status
                 if headers_out is not None:

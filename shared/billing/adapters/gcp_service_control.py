@@ -161,11 +161,16 @@ class ServiceAccountTokens:
     REFRESH_MARGIN = timedelta(minutes=5)
 
     def __init__(
-        self, info: Mapping[str, Any], timeout: float, reloader: SecretReloader | None = None
+        self,
+        info: Mapping[str, Any],
+        timeout: float,
+        reloader: SecretReloader | None = None,
+        scopes: Sequence[str] = (SCOPE,),
     ) -> None:
         from google.auth.transport.requests import Request
 
-        self._credentials = _credentials(info)
+        self._scopes = tuple(scopes)
+        self._credentials = _credentials(info, self._scopes)
         self._request = Request()
         self._timeout = timeout
         self._reloader = reloader
@@ -202,7 +207,7 @@ class ServiceAccountTokens:
         if raw is None:
             return False
         try:
-            credentials = _credentials(_key_info(raw))
+            credentials = _credentials(_key_info(raw), self._scopes)
         except ConfigurationError:
             return False  # a broken new key: the refusal of the old one stands
         async with self._lock:
@@ -220,12 +225,12 @@ def _key_info(raw: str) -> dict[str, Any]:
     return info
 
 
-def _credentials(info: Mapping[str, Any]) -> Any:
+def _credentials(info: Mapping[str, Any], scopes: Sequence[str] = (SCOPE,)) -> Any:
     from google.oauth2 import service_account
 
     try:
         return service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
-            dict(info), scopes=[SCOPE]
+            dict(info), scopes=list(scopes)
         )
     except (ValueError, KeyError) as exc:
         raise ConfigurationError(f"invalid GCP service-account key: {exc}") from None

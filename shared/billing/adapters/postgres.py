@@ -188,6 +188,7 @@ def _customer(row: Mapping[str, Any]) -> Customer:
         aws_customer_identifier=row["aws_customer_identifier"],
         aws_account_id=row["aws_account_id"],
         aws_product_code=row["aws_product_code"],
+        aws_license_arn=row["aws_license_arn"],
         gcp_usage_reporting_id=row["gcp_usage_reporting_id"],
         gcp_service_name=row["gcp_service_name"],
         azure_resource_id=row["azure_resource_id"],
@@ -479,8 +480,14 @@ def _parse_ts(text: str) -> datetime:
 # keyset pages of the customers billable in an hour: never decided, or with rows still unfinished
 _TO_BILL = Statement.of("""
 SELECT c.id, c.marketplace FROM customers c
- WHERE c.id > :after AND c.status = :active
-   AND c.active_from < :period_end AND (c.active_until IS NULL OR c.active_until > :period)
+  LEFT JOIN subscription_state s ON s.customer_id = c.id
+ WHERE c.id > :after
+   -- a subject the marketplaces manage (#13): billed for an hour it was ACTIVE during (a suspension's
+   -- hours and every hour after its end are not); a seeded customer without a subscription: its status
+   -- and active range, as before
+   AND CASE WHEN s.customer_id IS NOT NULL THEN s.billable && tstzrange(:period, :period_end)
+            ELSE c.status = :active AND c.active_from < :period_end
+                 AND (c.active_until IS NULL OR c.active_until > :period) END
    AND (NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = :period)
         OR EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = :period
                       AND l.state = ANY(:states_unfinished::text[])))

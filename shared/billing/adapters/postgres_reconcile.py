@@ -27,7 +27,9 @@ SELECT c.id, c.marketplace, c.status, c.active_from, c.active_until FROM custome
    AND ((c.status = :active AND c.active_from < :end
          AND (c.active_until IS NULL OR c.active_until > :start))
         OR EXISTS (SELECT 1 FROM ledger l
-                    WHERE l.customer_id = c.id AND l.period >= :start AND l.period < :end))
+                    WHERE l.customer_id = c.id AND l.period >= :start AND l.period < :end)
+        -- ended before the range's end: usage recorded after the end is reported (unbillable after end)
+        OR (c.active_until IS NOT NULL AND c.active_until < :end))
  ORDER BY c.id
 """)
 

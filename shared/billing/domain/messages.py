@@ -16,10 +16,11 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from billing.domain.errors import BadMessageError
-from billing.domain.model import Period
+from billing.domain.model import HOUR, Period
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -67,6 +68,10 @@ class BillMessageV1(BaseModel):
     customer_id: CustomerId
     period: Rfc3339Time = Field(description="start of the UTC hour to bill")
     run_id: uuid.UUID
+    # A final bill (#13): the subscription ended at this instant inside the hour, which is billed at once
+    # with usage up to the end, before the hour itself is over (the marketplaces' final-metering windows
+    # are shorter than waiting for the hour and the dispatcher). Absent for every other bill.
+    final_until: Rfc3339Time | None = None
 
     @field_validator("period")
     @classmethod
@@ -74,12 +79,19 @@ class BillMessageV1(BaseModel):
         Period(value)  # on the hour, in range
         return value
 
+    @model_validator(mode="after")
+    def _final_inside_the_hour(self) -> BillMessageV1:
+        if self.final_until is not None and not self.period < self.final_until <= self.period + HOUR:
+            raise ValueError("final_until lies inside the billed hour (after its start, at most its end)")
+        return self
+
     @property
     def billing_period(self) -> Period:
         return Period(self.period)
 
     def to_body(self) -> str:
-        return self.model_dump_json()
+        # an ordinary bill's body stays exactly what consumers without final bills read
+        return self.model_dump_json(exclude_none=True)
 
 
 def parse_message(body: str) -> BillMessageV1:
@@ -95,6 +107,20 @@ def parse_message(body: str) -> BillMessageV1:
 def problems(exc: ValidationError) -> str:
     """Every problem pydantic found, one per field, without echoing the input."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+def require_billable_now(message: BillMessageV1, clock: Callable[[], datetime]) -> None:
+    """An ordinary bill needs its hour over; a final bill only its end instant passed (its hour is
+    billed up to that instant, and usage after it is never billed)."""
+    if message.final_until is None:
+        require_ended(message.billing_period, clock, "the bill message")
+        return
+    now = clock().astimezone(UTC)
+    if message.final_until > now:
+        raise BadMessageError(
+            f"the final bill names an end instant {message.final_until:%Y-%m-%dT%H:%M:%SZ} that has not "
+            f"passed yet (now {now:%Y-%m-%dT%H:%M:%SZ})"
+        )
 
 
 def require_ended(period: Period, clock: Callable[[], datetime], what: str) -> None:

@@ -129,6 +129,9 @@ class Customer:
     aws_customer_identifier: str | None = None
     aws_account_id: str | None = None
     aws_product_code: str | None = None
+    # since June 2026 (AWS "Concurrent Agreements"): one subject per license, metered by LicenseArn
+    # with aws_account_id and no product code; see billing.adapters.aws_metering.identity
+    aws_license_arn: str | None = None
     # GCP
     gcp_usage_reporting_id: str | None = None
     gcp_service_name: str | None = None
@@ -221,6 +224,7 @@ class BillOutcome:
     entries: list[LedgerEntry] = field(default_factory=list)
     marketplace_calls: int = 0
     already_billed: bool = False
+    stale_final_bill: bool = False  # a final bill whose end instant the database no longer records
     requeued: bool = False  # throttled until the budget ran out: a copy of the message waits in the lane
 
     def count(self, state: LedgerState) -> int:

@@ -170,6 +170,8 @@ def reconcile_pair(
     all_observed: Decimal,
     next_hour: datetime | None,
     lookback: timedelta,
+    after_end: Mapping[datetime, Decimal] | None = None,
+    ended_at: datetime | None = None,
 ) -> DimensionReconciliation:
     """Account for source − billed of one customer and dimension over the range.
 
@@ -217,6 +219,21 @@ def reconcile_pair(
     for r in sorted(in_range, key=lambda r: r.period):
         diffs += _row_differences(r)
     diffs += _chain(rows, balance)
+    unbillable = sum((after_end or {}).values(), ZERO)
+    if unbillable:
+        # #13: not part of source − billed (source stops at the end instant); reported so it is never lost
+        # silently, and explained: no marketplace takes usage of a subscription after its end
+        hours = sorted(after_end or {})
+        diffs.append(
+            Difference(
+                "unbillable after end",
+                unbillable,
+                explained=True,
+                reason=f"usage recorded after the subscription ended at {_iso(ended_at) if ended_at else '?'}"
+                f" ({len(hours)} hour(s) from {_iso(hours[0])}): never sent to the marketplace",
+                in_sum=False,
+            )
+        )
     return DimensionReconciliation(
         customer_id=customer_id,
         marketplace=marketplace,

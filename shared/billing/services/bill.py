@@ -24,7 +24,7 @@ from billing.domain.errors import (
     TransientError,
     WindowExpiredError,
 )
-from billing.domain.messages import BillMessageV1, require_ended
+from billing.domain.messages import BillMessageV1, require_billable_now
 from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, Marketplace, RateCard, SubmitResult
 from billing.domain.rating import Decision, DimensionDecision, decide, rate_usage
 from billing.ports import BillingRepository, MarketplaceClient, UsageSource
@@ -79,9 +79,11 @@ class Biller:
         An hour that has not ended by ``clock`` is a bad message (it fails until the dead-letter queue
         holds it): its usage is still coming in. One that ended inside the settle delay is billed: the
         delay is the scheduler's courtesy to late usage, and usage later still is billed with the next
-        hour anyway.
+        hour anyway. A final bill (``final_until``) is the one exception: its hour is billed once the
+        subscription's end instant has passed, up to that instant, and only while the database still
+        records that end (a final bill for a subscription since reinstated does nothing).
         """
-        require_ended(message.billing_period, self.clock, "the bill message")
+        require_billable_now(message, self.clock)
         owner = f"{message.run_id}:{uuid.uuid4().hex[:12]}"
 
         def retryable(exc: Exception) -> bool:
@@ -151,6 +153,12 @@ class Biller:
         customer = state.customer
         log_context.add(marketplace=customer.marketplace.value)
         outcome = BillOutcome(customer.id, period, customer.marketplace)
+        if message.final_until is not None and customer.active_until != message.final_until:
+            # the subscription was reinstated or its end moved since the final bill was sent: the
+            # dispatcher bills the hour as usual once it is over (up to whatever end is recorded then)
+            outcome.entries = list(state.entries)
+            outcome.stale_final_bill = True
+            return outcome
         if state.entries and all(e.state.final for e in state.entries):
             outcome.entries = list(state.entries)
             outcome.already_billed = True
@@ -223,7 +231,12 @@ class Biller:
         period = message.billing_period
         card = await self.rate_cards.get()
         rates = card.for_marketplace(customer.marketplace)
-        usage = await self.usage.hourly_usage(customer.id, window_start, period.end)
+        # usage after the subscription's end instant is never billed (reconcile reports it as
+        # unbillable-after-end); the hour of the end is billed up to the instant
+        usage_end = period.end
+        if customer.active_until is not None:
+            usage_end = max(period.start, min(period.end, customer.active_until))
+        usage = await self.usage.hourly_usage(customer.id, window_start, usage_end)
         with span("rate usage"):
             decision = decide(
                 card.dimensions(customer.marketplace), rate_usage(usage, rates), state.observed, state.carries

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from billing.domain.reconciliation import ScopeCustomer
     from billing.ports import ReconcileReader, UsageSource
 
+Usage = dict[tuple[str, str], dict[datetime, "Decimal"]]
 Progress = Callable[[str, int], AbstractContextManager[Callable[[int], Any]]]
 
 
@@ -53,7 +54,7 @@ async def reconcile(
     ids = [c.id for c in customers]
     card = await reader.rate_card()
     with progress("reading usage", len(customers)) if progress else nullcontext(None) as advance:
-        source = await _source_usage(usage, customers, card, start, end, concurrency, advance)
+        source, after_end = await _source_usage(usage, customers, card, start, end, concurrency, advance)
     observed = await reader.observations(ids, start, end)
     rows = await reader.ledger_walk(ids, start, end)
     balances = await reader.balances(ids)
@@ -87,6 +88,8 @@ async def reconcile(
                 all_observed=all_observed.get(key, ZERO),
                 next_hour=next_hour if billable_then else None,
                 lookback=timedelta(hours=lookback_hours),
+                after_end=after_end.get(key, {}),
+                ended_at=c.active_until,
             )
             if line.records or line.source or line.observed or line.differences:
                 lines.append(line)
@@ -101,20 +104,28 @@ async def _source_usage(
     end: Period,
     concurrency: int,
     progress: Callable[[int], Any] | None,
-) -> dict[tuple[str, str], dict[datetime, Decimal]]:
-    """Rated usage per (customer, dimension) and hour, read through the UsageSource port."""
+) -> tuple[Usage, Usage]:
+    """Rated usage per (customer, dimension) and hour, read through the UsageSource port: what billing
+    may bill (up to a customer's end, ``active_until``), and what was recorded after that end (#13:
+    unbillable, never sent; reported)."""
     gate = asyncio.Semaphore(concurrency)
-    found: dict[tuple[str, str], dict[datetime, Decimal]] = defaultdict(dict)
+    found: Usage = defaultdict(dict)
+    after: Usage = defaultdict(dict)
 
     async def one(c: ScopeCustomer) -> None:
+        rates = card.for_marketplace(c.marketplace)
+        stop = end.end if c.active_until is None else max(start.start, min(end.end, c.active_until))
         async with gate:
-            totals = await usage.hourly_usage(c.id, start.start, end.end)
-        for (dimension, hour), quantity in rate_usage(totals, card.for_marketplace(c.marketplace)).items():
+            totals = await usage.hourly_usage(c.id, start.start, stop)
+            late = await usage.hourly_usage(c.id, stop, end.end) if stop < end.end else []
+        for (dimension, hour), quantity in rate_usage(totals, rates).items():
             found[(c.id, dimension)][hour] = quantity
+        for (dimension, hour), quantity in rate_usage(late, rates).items():
+            after[(c.id, dimension)][hour] = quantity
         if progress is not None:
             progress(1)
 
     async with asyncio.TaskGroup() as group:
         for c in customers:
             group.create_task(one(c))
-    return dict(found)
+    return dict(found), dict(after)

@@ -1,0 +1,318 @@
+"""`billing customers list|show ID|history ID|import FILE.csv`: the billing subjects as an operator sees them.
+
+``import`` bulk-loads subjects a seller already has on the marketplaces: every row is validated first
+(and folded exactly as marketplace events would be); if any row is rejected, the report lists them all
+and nothing is written; otherwise every row is recorded in one transaction (all or nothing). Each row
+becomes ``import`` events with ids derived from the row's subject, so importing the same file twice
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path  # typer reads the annotations at run time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from billing.domain.model import Marketplace
+from billing.domain.subscriptions import (
+    EventSource,
+    Identity,
+    LifecycleEvent,
+    LifecycleKind,
+    SubjectKey,
+    fold,
+)
+
+console = Console()
+errors = Console(stderr=True)
+customers_app = typer.Typer(
+    no_args_is_help=True, help="Billing subjects and their history.", pretty_exceptions_show_locals=False
+)
+
+_ID_HELP = "Customer (tenant) id or marketplace subject id."
+_TENANT = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # the customers.id alphabet
+_IDENTITY = {f.name for f in fields(Identity)}
+CSV_COLUMNS = (
+    "marketplace",
+    "subject_id",
+    "tenant_id",
+    "active_from",
+    "ended_at",
+    "plan",
+    "quantity",
+    *sorted(_IDENTITY),
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(customers_app, name="customers")
+
+
+def _dsn() -> str:
+    from billing.bootstrap import database_dsn
+    from billing.config import load_settings
+
+    return database_dsn(load_settings())
+
+
+async def _repo_call(method: str, *args: Any) -> Any:
+    import asyncpg
+
+    from billing.adapters.postgres_subscriptions import PostgresSubscriptionRepository
+
+    pool = await asyncpg.create_pool(_dsn(), min_size=1, max_size=2, server_settings={"timezone": "UTC"})
+    try:
+        return await getattr(PostgresSubscriptionRepository(pool), method)(*args)
+    finally:
+        await pool.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@customers_app.command("list")
+def list_command(
+    marketplace: Annotated[str | None, typer.Option(help="aws, gcp or azure.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """Every subject: marketplace, subject id, the tenant it bills as, status, billable span."""
+    rows = asyncio.run(_repo_call("subjects", marketplace))
+    if as_json:
+        print(json.dumps([_jsonable(asdict(r)) for r in rows], indent=2))
+        return
+    table = Table("marketplace", "subject", "customer (tenant)", "status", "billable", "ends", "problem")
+    for r in rows:
+        table.add_row(
+            r.marketplace,
+            escape(r.subject_id),
+            escape(r.customer_id or "-"),
+            r.status,
+            escape(r.billable),
+            r.ends_at.isoformat() if r.ends_at else "",
+            escape(r.link_problem or ""),
+        )
+    console.print(table)
+
+
+@customers_app.command("show")
+def show_command(
+    ident: Annotated[
+        str, typer.Argument(metavar="ID", help="Customer (tenant) id or marketplace subject id.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """One subject's state: identity, plans, billable span, why it is not billed (if it is not)."""
+    row = asyncio.run(_repo_call("subject", ident))
+    if row is None:
+        errors.print(f"no subject or customer {escape(ident)!r}")
+        raise typer.Exit(1)
+    doc = _jsonable(asdict(row))
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    for key, value in doc.items():
+        console.print(
+            f"[bold]{key}[/bold]: {escape(json.dumps(value) if not isinstance(value, str) else value)}"
+        )
+
+
+@customers_app.command("history")
+def history_command(
+    ident: Annotated[
+        str, typer.Argument(metavar="ID", help="Customer (tenant) id or marketplace subject id.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """Every event the marketplaces sent about the subject, in the order received (append-only)."""
+
+    async def read() -> tuple[Any, list[Any]]:
+        subject = await _repo_call("subject", ident)
+        if subject is None:
+            return None, []
+        return subject, await _repo_call("history", subject.marketplace, subject.subject_id)
+
+    subject, events = asyncio.run(read())
+    if subject is None:
+        errors.print(f"no subject or customer {escape(ident)!r}")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps([_jsonable(asdict(e)) for e in events], indent=2))
+        return
+    table = Table(
+        "#", "received", "kind", "effective", "marketplace time", "source", "event id", "tenant", "plan"
+    )
+    for e in events:
+        table.add_row(
+            str(e.id),
+            e.received_at.isoformat(timespec="seconds"),
+            e.kind,
+            e.effective_at.isoformat(),
+            e.ordering.isoformat(),
+            e.source,
+            escape(e.event_id),
+            escape(e.tenant_id or ""),
+            escape(e.plan or ""),
+        )
+    console.print(
+        f"{subject.marketplace}:{escape(subject.subject_id)} (customer {escape(subject.customer_id or '-')})"
+    )
+    console.print(table)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    line: int
+    reason: str
+
+
+def _time(text: str, what: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{what}: not an ISO-8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{what}: needs a timezone (e.g. Z)")
+    return moment
+
+
+def parse_row(row: dict[str, str]) -> list[LifecycleEvent]:
+    """The events a CSV row means, or ValueError saying what is wrong with it."""
+    from billing.adapters.postgres_subscriptions import customer_columns
+
+    unknown = set(row) - set(CSV_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown columns: {', '.join(sorted(unknown))}")
+    value = {k: (v or "").strip() for k, v in row.items()}
+    try:
+        market = Marketplace(value.get("marketplace", ""))
+    except ValueError:
+        raise ValueError("marketplace must be aws, gcp or azure") from None
+    key = SubjectKey(market, value.get("subject_id") or "")
+    tenant = value.get("tenant_id", "")
+    if not _TENANT.match(tenant):
+        raise ValueError("tenant_id must be 1 to 128 of A-Z a-z 0-9 . _ : -")
+    start = _time(value.get("active_from", ""), "active_from")
+    quantity = value.get("quantity")
+    if quantity and not quantity.isdigit():
+        raise ValueError("quantity must be a whole number")
+    identity = Identity(**{k: value[k] for k in _IDENTITY if value.get(k)})
+    base = f"import:{market}:{key.subject_id}"
+    events = [
+        LifecycleEvent(
+            key=key,
+            kind=LifecycleKind.ACTIVE,
+            effective_at=start,
+            ordering=start,
+            event_id=f"{base}:active",
+            source=EventSource.IMPORT,
+            plan=value.get("plan") or None,
+            quantity=int(quantity) if quantity else None,
+            tenant_id=tenant,
+            identity=identity,
+            raw={k: v for k, v in value.items() if v},
+        )
+    ]
+    if value.get("ended_at"):
+        end = _time(value["ended_at"], "ended_at")
+        if end <= start:
+            raise ValueError("ended_at must be after active_from")
+        events.append(
+            LifecycleEvent(
+                key=key,
+                kind=LifecycleKind.ENDED,
+                effective_at=end,
+                ordering=end,
+                event_id=f"{base}:ended",
+                source=EventSource.IMPORT,
+                raw={"ended_at": value["ended_at"]},
+            )
+        )
+    problem = customer_columns(fold(key, events))
+    if isinstance(problem, str):
+        raise ValueError(problem)
+    return events
+
+
+def validate(path: Path) -> tuple[list[LifecycleEvent], list[Rejected], int]:
+    """Every row's events, the rejected rows, and the number of rows."""
+    events: list[LifecycleEvent] = []
+    rejected: list[Rejected] = []
+    seen: dict[tuple[str, str], int] = {}
+    tenants: dict[str, int] = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = 0
+        for line, row in enumerate(reader, start=2):
+            rows += 1
+            try:
+                row_events = parse_row(row)
+            except ValueError as exc:
+                rejected.append(Rejected(line, str(exc)))
+                continue
+            subject = (row_events[0].key.marketplace.value, row_events[0].key.subject_id)
+            tenant = row_events[0].tenant_id or ""
+            if subject in seen:
+                rejected.append(Rejected(line, f"subject repeated (first on line {seen[subject]})"))
+                continue
+            if tenant in tenants:
+                rejected.append(Rejected(line, f"tenant {tenant} repeated (first on line {tenants[tenant]})"))
+                continue
+            seen[subject], tenants[tenant] = line, line
+            events += row_events
+    return events, rejected, rows
+
+
+@customers_app.command("import")
+def import_command(
+    file: Annotated[Path, typer.Argument(metavar="FILE.csv", exists=True, dir_okay=False, readable=True)],
+    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON.")] = False,
+) -> None:
+    """Load subjects from a CSV (header: the columns below); all rows or none. Exit 1 if any is rejected."""
+    events, rejected, rows = validate(file)
+    written: list[Any] = []
+    if not rejected:
+        try:
+            written = asyncio.run(_repo_call("record_all", events))
+        except Exception as exc:  # the database refused a row (a constraint): nothing was written
+            rejected.append(Rejected(0, f"the database refused the import: {type(exc).__name__}: {exc}"))
+    problems = [r for r in written if r.link_problem]
+    report = {
+        "rows": rows,
+        "imported": rows if not rejected else 0,
+        "events_appended": sum(r.appended for r in written),
+        "rejected": [asdict(r) for r in rejected],
+        "not_billed": [{"subject": str(r.state.key), "reason": r.link_problem} for r in problems],
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        for r in rejected:
+            errors.print(f"line {r.line}: {escape(r.reason)}")
+        for p in report["not_billed"]:
+            errors.print(f"not billed: {escape(p['subject'])}: {escape(p['reason'] or '')}")
+        verdict = "nothing written" if rejected else "all written"
+        console.print(f"{rows} rows, {len(rejected)} rejected: {verdict}")
+    if rejected:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(customers_app())

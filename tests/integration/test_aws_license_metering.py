@@ -328,3 +328,21 @@ async def test_the_biller_bills_two_licenses_of_one_account_as_two_subjects(
         rows = await ledger(pool, customer_id)
         assert {r["state"] for r in rows.values()} == {"accepted"}
     assert stack.metering.double_billed() == []
+
+
+async def test_a_request_botocore_refuses_before_sending_is_rejected_not_left_maybe_sent(
+    aws: MarketplaceClient, stack: Any
+) -> None:
+    # Given a quantity below the Metering model's minimum (0): botocore's parameter validation refuses the
+    # request before a connection is opened
+    stack.metering.add_license(PRODUCT, ACCOUNT, LICENSE_A)
+    subject = customer("lic-a", aws_account_id=ACCOUNT, aws_license_arn=LICENSE_A)
+    calls = len(stack.metering.last_bodies)
+    # When the hour is submitted
+    results = await aws.submit(subject, HOUR, entries("lic-a", CapacityGbHours=-1))
+    # Then nothing reached AWS, and the record is refused for good: not 'submitted' (maybe accepted), which
+    # would keep it unsettled for ever and out of every carry
+    assert len(stack.metering.last_bodies) == calls
+    assert [(r.state, (r.reason or "").split(":")[0]) for r in results] == [
+        (LedgerState.REJECTED, "ParamValidationError before sending")
+    ]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from billing import log_context
 from billing.adapters.bearer_http import submit_until_settled
@@ -185,6 +185,10 @@ class AwsMeteringClient:
                 return every(LedgerState.FAILED, f"{code}: {message}", throttled=True)
             # InternalServiceErrorException and anything unknown: it may have been recorded
             return every(LedgerState.SUBMITTED, f"{code}: {message}")
+        except ParamValidationError as exc:
+            # botocore checks the request against the service model before it opens a connection: nothing
+            # was sent, and the same request would be refused again
+            return every(LedgerState.REJECTED, f"ParamValidationError before sending: {exc}")
         except (BotoCoreError, OSError, TimeoutError) as exc:
             if never_sent(exc):
                 return every(LedgerState.FAILED, _wire_reason(exc, "before sending"))

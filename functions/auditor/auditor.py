@@ -3,12 +3,14 @@ unexplained (the EMF metric ReconcileUnexplained)."""
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any
 
 import elasticapm
 from aws_lambda_powertools import Logger
 from elasticapm import capture_serverless
 
+from billing import tracing
 from billing.bootstrap import Runtime
 from billing.config import load_settings
 from billing.entrypoints.auditor import audit, summary
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
+tracing.lambda_agent()  # before capture_serverless, which uses the process's agent if there is one
 
 
 @capture_serverless
@@ -29,3 +32,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     elasticapm.set_transaction_outcome("success", override=False)
     elasticapm.set_transaction_result("clean" if result["clean"] else "unexplained", override=False)
     return result
+
+
+# Module init is done: what it built lives as long as the execution environment (see biller.py).
+gc.freeze()

@@ -3,6 +3,7 @@ and the marketplaces' HTTP calls (API Gateway HTTP API): each recorded in the su
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger
@@ -27,3 +28,7 @@ tracing.lambda_agent()
 @logger.inject_lambda_context(clear_state=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return LOOP.run_until_complete(handle(subscriptions, event))
+
+
+# Module init is done: what it built lives as long as the execution environment (see biller.py).
+gc.freeze()

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("handler", ["biller", "dispatcher"])
+@pytest.mark.parametrize("handler", ["biller", "dispatcher", "auditor", "subscriptions"])
 def test_module_init_freezes_what_it_built(handler: str) -> None:
     # Given a fresh interpreter in which nothing is frozen yet
     code = (

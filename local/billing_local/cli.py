@@ -33,7 +33,7 @@ app.add_typer(cli_local.local_app, name="local")
 cli_ops.register(app)
 cli_invoke.register(app)
 cli_customers.register(app)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message is one line, never broken mid-sentence
 out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 80 columns
 
 

@@ -43,6 +43,10 @@ console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_REGION = "us-east-1"
 APM_CAPTURE_TRANSPORT = "billing_local.apm_capture.CaptureTransport"
+APM_TRANSPORT = "ELASTIC_APM_TRANSPORT_CLASS"
+APM_ENABLED = "ELASTIC_APM_ENABLED"
+# the SQS attributes a sample event carries from when it was written (a year before its hour)
+SQS_TIMESTAMPS = ("SentTimestamp", "ApproximateFirstReceiveTimestamp")
 # "now" for the emulators and the Biller: 20 minutes after the event's hour ended, inside every
 # marketplace's window (the sample events name the fixed hour 2026-11-26T13:00Z)
 AFTER_HOUR_END = timedelta(minutes=20)
@@ -79,7 +83,12 @@ INVOKE_HELP = "\n\n".join(
         " clock (the imported handler module's runtime is built again with that clock) read 20 minutes"
         " after that hour ended, as if the hour were being billed on time.",
         "The APM agent gets an in-memory transport (billing_local.apm_capture) unless"
-        " ELASTIC_APM_TRANSPORT_CLASS says otherwise, so nothing tries to reach an APM Server.",
+        " ELASTIC_APM_TRANSPORT_CLASS says otherwise, so nothing tries to reach an APM Server; with it the"
+        " agent is on (unless ELASTIC_APM_ENABLED is set in the environment or --env-vars), so the"
+        " handler's log lines carry its transaction's trace.id and transaction.id.",
+        "The SQS records' SentTimestamp and ApproximateFirstReceiveTimestamp are set to the invocation"
+        " time, as for a message delivered now (the sample files' own are a year old, and the Biller's"
+        " MessageAgeMs metric would report that); --keep-timestamps keeps them.",
     )
 )
 
@@ -123,6 +132,13 @@ def invoke_command(
     ] = 300,
     seed: Annotated[int, typer.Option(help="Random seed of the demo data.")] = 42,
     marketplaces: Annotated[str, typer.Option(help="Comma-separated: aws,gcp,azure.")] = "aws,gcp,azure",
+    keep_timestamps: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the event's SentTimestamp and ApproximateFirstReceiveTimestamp instead of setting"
+            " them to the invocation time."
+        ),
+    ] = False,
 ) -> None:
     """Run a function's real handler once, in-process (see INVOKE_HELP)."""
     payload = _read_json(event, "--event")
@@ -139,12 +155,23 @@ def invoke_command(
     if undeclared:
         console.print(f"note: `sam local invoke` would ignore {', '.join(undeclared)} (not in the template)")
     declared = {k: v for k, v in config.environment.items() if v is not None and k not in os.environ}
+    if _apm_captured_locally() and not {APM_ENABLED} & (set(os.environ) | set(overrides)):
+        # the template turns the agent off without the extension layer; then no transaction exists and
+        # every log line's elasticapm_labels carry trace.id null. Captured in memory, it costs nothing.
+        declared[APM_ENABLED] = "true"
     lambda_env = lambda_runtime_environment(config, template)
     if _database_configured({**os.environ, **declared, **overrides}):
-        outcome = invoke(config, payload, {**declared, **lambda_env, **overrides})
+        outcome = invoke(
+            config, payload, {**declared, **lambda_env, **overrides}, restamp=not keep_timestamps
+        )
     else:
         outcome = _invoke_on_local_stack(
-            function, config, payload, (declared, lambda_env, overrides), customers, seed, marketplaces
+            function,
+            config,
+            payload,
+            (declared, lambda_env, overrides),
+            (customers, seed, marketplaces),
+            restamp=not keep_timestamps,
         )
     typer.echo(json.dumps(outcome.response, default=str))
     if outcome.failed:
@@ -213,17 +240,20 @@ def invoke(
     event: Any,
     env: Mapping[str, str],
     on_import: Callable[[ModuleType], None] | None = None,
+    *,
+    restamp: bool = False,
 ) -> Outcome:
     """Import the handler module afresh with ``env`` set, call the handler once, restore the process.
 
     ``on_import`` runs after the module's init code, before the call (the local stack sets the Biller's
-    clock there). Whatever the module prints goes to stderr, as SAM shows a container's output.
+    clock there). Whatever the module prints goes to stderr, as SAM shows a container's output. With
+    ``restamp`` the SQS records' timestamps are set to the moment of the call (restamp_sqs_records).
     """
     from billing_local.stack import environment
 
     env = {**env}
-    if "ELASTIC_APM_TRANSPORT_CLASS" not in os.environ:
-        env.setdefault("ELASTIC_APM_TRANSPORT_CLASS", APM_CAPTURE_TRANSPORT)
+    if _apm_captured_locally():
+        env.setdefault(APM_TRANSPORT, APM_CAPTURE_TRANSPORT)
     request_id = str(uuid.uuid4())
     with environment(env), _handler_module(config) as load, contextlib.redirect_stdout(sys.stderr):
         _clear_parameter_caches()  # a new execution environment starts with none
@@ -236,6 +266,11 @@ def invoke(
                 on_import(module)
             handler = getattr(module, config.handler_function)
             context = _context(config, env, request_id)
+            if restamp and (restamped := restamp_sqs_records(event, int(time.time() * 1000))):
+                console.print(
+                    f"note: SentTimestamp and ApproximateFirstReceiveTimestamp of {restamped} record(s)"
+                    " set to now: MessageAgeMs is this delivery's age (--keep-timestamps keeps the event's)"
+                )
             return Outcome(handler(event, context), failed=False)
         except Exception as exc:
             return Outcome(_error_document(exc, request_id), failed=True)
@@ -301,6 +336,30 @@ def _clear_parameter_caches() -> None:
     clear_caches()  # type: ignore[no-untyped-call]  # Powertools leaves it unannotated
 
 
+def _apm_captured_locally() -> bool:
+    return APM_TRANSPORT not in os.environ
+
+
+def restamp_sqs_records(event: Any, now_ms: int) -> int:
+    """Set the SQS records' send and first-receive times to ``now_ms``; return how many records changed.
+
+    The sample events were written long before anyone invokes them: the Biller's MessageAgeMs (now minus
+    SentTimestamp) would report the event file's age, not a delivery's. SQS sets both attributes when it
+    sends and first delivers a message, so a fresh delivery carries the time of the invocation.
+    """
+    if not isinstance(event, dict) or not isinstance(event.get("Records"), list):
+        return 0
+    changed = 0
+    for record in event["Records"]:
+        attributes = record.get("attributes") if isinstance(record, dict) else None
+        if isinstance(attributes, dict) and any(name in attributes for name in SQS_TIMESTAMPS):
+            for name in SQS_TIMESTAMPS:
+                if name in attributes:
+                    attributes[name] = str(now_ms)
+            changed += 1
+    return changed
+
+
 def _database_configured(env: Mapping[str, str]) -> bool:
     return any(env.get(name) for name in DATABASE_VARIABLES)
 
@@ -323,15 +382,16 @@ def _invoke_on_local_stack(
     config: FunctionConfig,
     event: Any,
     layers: tuple[dict[str, str], dict[str, str], dict[str, str]],
-    customers: int,
-    seed: int,
-    marketplaces: str,
+    demo: tuple[int, int, str],
+    *,
+    restamp: bool,
 ) -> Outcome:
     """Start the local stack, seed it for the event's hour, invoke, report what the marketplaces hold."""
     from billing_local.local_run import parse_marketplaces
     from billing_local.stack import local_stack
 
     declared, lambda_env, overrides = layers
+    customers, seed, marketplaces = demo
     try:
         chosen = parse_marketplaces(marketplaces)
     except ValueError as exc:
@@ -343,14 +403,14 @@ def _invoke_on_local_stack(
         hours = event_hours(function, event, env)
         _prepare_stack(stack, hours, customers, seed, chosen)
         if function is Function.DISPATCHER:
-            return invoke(config, event, env)
+            return invoke(config, event, env, restamp=restamp)
         now = max(p.end for p in hours) + AFTER_HOUR_END if hours else None
         if now is not None:
             for emulator in (stack.metering, stack.gcp, stack.azure):
                 emulator.clock = lambda: now
             console.print(f"the marketplace emulators' and the Biller's clocks read {now.isoformat()}")
         held = stack.held_records()
-        outcome = invoke(config, event, env, on_import=_set_biller_clock(now))
+        outcome = invoke(config, event, env, on_import=_set_biller_clock(now), restamp=restamp)
         after = stack.held_records()
         added = ", ".join(f"{mp} {after[mp] - held[mp]}" for mp in sorted(after))
         console.print(f"records the marketplace emulators now hold in addition: {added}")

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message is one line, never broken mid-sentence
 
 EXIT_INTERRUPTED = 130
 MOVE_TASK = "StartMessageMoveTask"

@@ -22,6 +22,7 @@ _MARKETPLACES = (
     "AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, "
     "AZURE_TENANT_ID (or BILLING_AZURE_ACCESS_TOKEN)"
 )
+_LOCAL_DIR = "BILLING_LOCAL_DIR (the state directory; default ./.billing-local)"
 
 ENVIRONMENT: dict[str, str] = {
     "db migrate": _DATABASE,
@@ -35,6 +36,18 @@ ENVIRONMENT: dict[str, str] = {
     ),
     "invoke": "the function's Environment in template.yaml, --env-vars; none needed for the sample events",
     "timeline": "none",
+    # `billing local`: the stack's state (pid, environment, log) lives in one directory
+    "local up": (
+        f"{_LOCAL_DIR}; it needs no other and prints the ones the other commands need (DATABASE_URL,"
+        " the queue URLs, the marketplace endpoints) as export lines"
+    ),
+    "local env": f"{_LOCAL_DIR}, the directory `billing local up` used",
+    "local down": f"{_LOCAL_DIR}, the directory `billing local up` used",
+    # `billing customers`: the billing subjects and their subscription history, in the database
+    "customers list": _DATABASE,
+    "customers show": _DATABASE,
+    "customers history": _DATABASE,
+    "customers import": _DATABASE,
 }
 
 

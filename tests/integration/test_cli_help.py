@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 
 from billing_local.help_env import ENVIRONMENT
 
@@ -26,3 +27,20 @@ def test_help_names_the_environment_at_80_columns(command: str) -> None:
     first = ENVIRONMENT[command].split()[0].strip(",;(")
     assert first in text
     assert all(len(line) <= 80 for line in proc.stdout.splitlines()), proc.stdout
+
+
+def _command_names(app: typer.Typer, prefix: str = "") -> list[str]:
+    names = [
+        f"{prefix}{c.name or (c.callback.__name__ if c.callback else '')}" for c in app.registered_commands
+    ]
+    for group in app.registered_groups:
+        if group.typer_instance is not None and group.name:
+            names += _command_names(group.typer_instance, f"{prefix}{group.name} ")
+    return names
+
+
+def test_every_command_is_in_the_environment_list() -> None:
+    # the list drives the test above: a command missing from it would have no "Environment:" and no test
+    from billing_local.cli import app
+
+    assert sorted(set(_command_names(app)) - set(ENVIRONMENT)) == []

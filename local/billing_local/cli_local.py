@@ -200,6 +200,16 @@ async def subscribe_every_customer(stack: LocalStack) -> int:
     return len(rows)
 
 
+def held_records(stack: LocalStack) -> dict[str, list[list[str]]]:
+    """Each record the emulators hold, as [customer, dimension, hour] by marketplace (``GET /held`` of
+    the admin endpoint: what a test checks "billed exactly once" against, across processes)."""
+    return {
+        "aws": [[r.customer, r.dimension, r.timestamp.isoformat()] for r in stack.metering.accepted()],
+        "gcp": [[r.consumer_id, r.metric, r.start_time.isoformat()] for r in stack.gcp.records.values()],
+        "azure": [[e.resource_key, e.dimension, e.hour.isoformat()] for e in stack.azure.accepted.values()],
+    }
+
+
 def serve(directory: Path, announce: bool = False) -> None:
     """Run the stack until SIGTERM or Ctrl-C, with its state file in ``directory`` while it runs."""
     import asyncio
@@ -233,8 +243,12 @@ def serve(directory: Path, announce: bool = False) -> None:
                 count = await subscribe_every_customer(stack)
             return web.json_response({"customers": count})
 
+        async def held(_request: web.Request) -> web.Response:
+            return web.json_response(held_records(stack))
+
         admin = web.Application()
         admin.router.add_post("/customers/refresh", refresh)
+        admin.router.add_get("/held", held)
         with BackgroundServer(admin) as admin_server:
             asyncio.run(subscribe_every_customer(stack))
             environment = {**stack.env, ADMIN_VARIABLE: admin_server.url, "BILLING_DB_TLS_VERIFY": "false"}

@@ -189,8 +189,13 @@ def run_command(
                 highlight=False,
             )
             raise typer.Exit(INTERRUPTED) from None
-    except KeyboardInterrupt:  # before the run's event loop took Ctrl-C over: nothing was sent
-        console.print(f"interrupted before dispatching {hour}: nothing was done", markup=False)
+    except KeyboardInterrupt:  # outside the run's event loop (which takes Ctrl-C over while it runs)
+        console.print(
+            f"interrupted: `billing status --period {hour}` shows what is billed; `billing run --period "
+            f"{hour}` again bills the rest (each customer once)",
+            markup=False,
+            highlight=False,
+        )
         raise typer.Exit(INTERRUPTED) from None
     wall = time.perf_counter() - began
     _finish_apm(apm_events, timeline)

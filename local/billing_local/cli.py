@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -162,11 +163,12 @@ def run_command(
     _now()  # a malformed BILLING_LOCAL_NOW is a usage error before any work
     try:
         cap = concurrency or QueueSettings.from_template().max_concurrency
+        logs = contextlib.ExitStack()
         if not verbose:
             from billing_local.logfile import divert, run_log_path
 
             log_path = run_log_path(cli_local.state_dir())
-            divert(log_path)
+            logs.enter_context(divert(log_path))
             typer.echo(f"log lines: {log_path}", err=True)  # whole, never wrapped: it is copied
         apm = _start_apm(apm_events, timeline)
         began = time.perf_counter()
@@ -177,18 +179,21 @@ def run_command(
         from billing_local.local_run import DispatchInterrupted, run_hour
 
         cli_local.notify_stack()  # customers written by other means than `billing seed`
-        try:
-            result = _interruptible(
-                lambda interrupt: run_hour(event, cap, apm_client=apm, clock=injected(), interrupt=interrupt)
-            )
-        except DispatchInterrupted:
-            console.print(
-                f"interrupted while dispatching {hour}: this run billed nothing; `billing run --period "
-                f"{hour}` again sends every customer not yet billed (each is billed once)",
-                markup=False,
-                highlight=False,
-            )
-            raise typer.Exit(INTERRUPTED) from None
+        with logs:
+            try:
+                result = _interruptible(
+                    lambda interrupt: run_hour(
+                        event, cap, apm_client=apm, clock=injected(), interrupt=interrupt
+                    )
+                )
+            except DispatchInterrupted:
+                console.print(
+                    f"interrupted while dispatching {hour}: this run billed nothing; `billing run --period "
+                    f"{hour}` again sends every customer not yet billed (each is billed once)",
+                    markup=False,
+                    highlight=False,
+                )
+                raise typer.Exit(INTERRUPTED) from None
     except KeyboardInterrupt:  # outside the run's event loop (which takes Ctrl-C over while it runs)
         console.print(
             f"interrupted: `billing status --period {hour}` shows what is billed; `billing run --period "
@@ -231,7 +236,10 @@ def _interruptible(work: Callable[[asyncio.Event], Awaitable[HourResult]]) -> Ho
                 interrupt.set()
                 console.print("stopping: receiving no more messages, letting the bills in flight finish")
 
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        except (RuntimeError, ValueError):  # not the main thread (an in-process test): no Ctrl-C to take
+            return await work(interrupt)
         try:
             return await work(interrupt)
         finally:

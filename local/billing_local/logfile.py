@@ -10,12 +10,14 @@ in Lambda its lines still go to stdout, that is, CloudWatch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 
@@ -27,23 +29,34 @@ def run_log_path(directory: Path, now: datetime | None = None) -> Path:
     return directory / "logs" / f"run-{stamp}-{os.getpid()}.jsonl"
 
 
-def divert(path: Path) -> IO[str]:
+@contextlib.contextmanager
+def divert(path: Path) -> Iterator[None]:
     """Send the log lines of every stdout/stderr ``StreamHandler`` (and of the last-resort handler) to
-    ``path``; returns the open file (line-buffered: a Ctrl-C loses nothing written)."""
+    ``path`` (line-buffered: a Ctrl-C loses nothing written) for the block; then put them back."""
     # the layer's Powertools loggers are created at import: import them before moving their handlers
     import billing.entrypoints.biller  # noqa: F401
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    sink = path.open("a", buffering=1, encoding="utf-8")
     terminals = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
     loggers = [logging.getLogger()] + [
         logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
     ]
-    for logger in loggers:
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in terminals:
-                handler.setStream(sink)
-    last_resort = logging.StreamHandler(sink)
-    last_resort.setLevel(logging.WARNING)  # as logging.lastResort's
-    logging.lastResort = last_resort
-    return sink
+    moved = [
+        (handler, handler.stream)
+        for logger in loggers
+        for handler in logger.handlers
+        if isinstance(handler, logging.StreamHandler) and id(handler.stream) in terminals
+    ]
+    previous = logging.lastResort
+    with path.open("a", buffering=1, encoding="utf-8") as sink:
+        for handler, _stream in moved:
+            handler.setStream(sink)
+        last_resort = logging.StreamHandler(sink)
+        last_resort.setLevel(logging.WARNING)  # as logging.lastResort's
+        logging.lastResort = last_resort
+        try:
+            yield
+        finally:
+            logging.lastResort = previous
+            for handler, stream in moved:
+                handler.setStream(stream)

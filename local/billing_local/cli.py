@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path  # typer reads the annotations at run time
@@ -17,6 +19,8 @@ from billing_local import cli_customers, cli_invoke, cli_local, cli_ops
 from billing_local.local_run import HourResult, parse_marketplaces
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from billing.domain.model import Period
 
 # Never the local variables in a traceback: a failing `billing db migrate` would print the DSN, password
@@ -84,7 +88,7 @@ def seed_command(
     """Write deterministic synthetic customers, rate card and usage to DATABASE_URL."""
     chosen = _marketplaces(marketplaces)
     last = _period(end) if end else _last_complete_hour()
-    if end and last.end > datetime.now(UTC):
+    if end and last.end > _now():
         raise typer.BadParameter(
             f"{last} has not ended yet: usage of a future hour is not billable", param_hint="--end"
         )
@@ -130,7 +134,18 @@ def _last_complete_hour() -> Period:
 
     from billing.domain.model import Period
 
-    return Period.last_complete_before(datetime.now(UTC), timedelta(0))
+    return Period.last_complete_before(_now(), timedelta(0))
+
+
+def _now() -> datetime:
+    """The local tooling's clock (billing_local.clock: BILLING_LOCAL_NOW or the wall clock)."""
+    from billing_local import clock
+
+    try:
+        return clock.now()
+    except clock.ClockError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
 
 
 @app.command("run")
@@ -161,31 +176,103 @@ def run_command(
     ] = False,
 ) -> None:
     """Dispatch an hour and drain the queue; exit 1 if a customer is unfinished or a record was
-    rejected, failed or expired."""
+    rejected, failed or expired, 130 on Ctrl-C. Log lines go to a file (its path is printed) unless
+    --verbose."""
     from billing_local.stack import QueueSettings
 
+    # the file takes every line, the terminal none; --verbose shows them here, as before
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO")
     _quiet_by_default(verbose)
     hour = _period(period)
-    _ended(hour, datetime.now(UTC))
+    _ended(hour, _now())  # a malformed BILLING_LOCAL_NOW is a usage error before any work
     _writable(report, "--report")
     _writable(apm_events, "--apm-events")
     _writable(timeline, "--timeline")
-    cap = concurrency or QueueSettings.from_template().max_concurrency
-    apm = _start_apm(apm_events, timeline)
-    began = time.perf_counter()
-    event: dict[str, Any] = {"period": hour.isoformat()}
-    if resend_unbilled:
-        event["resend_unbilled"] = True
-    from billing_local.local_run import run_hour
+    try:
+        cap = concurrency or QueueSettings.from_template().max_concurrency
+        logs = contextlib.ExitStack()
+        if not verbose:
+            from billing_local.logfile import divert, run_log_path
 
-    cli_local.notify_stack()  # customers written by other means than `billing seed`
-    result = asyncio.run(run_hour(event, cap, apm_client=apm))
+            log_path = run_log_path(cli_local.state_dir())
+            logs.enter_context(divert(log_path))
+            typer.echo(f"log lines: {log_path}", err=True)  # whole, never wrapped: it is copied
+        apm = _start_apm(apm_events, timeline)
+        began = time.perf_counter()
+        event: dict[str, Any] = {"period": hour.isoformat()}
+        if resend_unbilled:
+            event["resend_unbilled"] = True
+        from billing_local.clock import injected
+        from billing_local.local_run import DispatchInterrupted, run_hour
+
+        cli_local.notify_stack()  # customers written by other means than `billing seed`
+        with logs:
+            try:
+                result = _interruptible(
+                    lambda interrupt: run_hour(
+                        event, cap, apm_client=apm, clock=injected(), interrupt=interrupt
+                    )
+                )
+            except DispatchInterrupted:
+                console.print(
+                    f"interrupted while dispatching {hour}: this run billed nothing; `billing run --period "
+                    f"{hour}` again sends every customer not yet billed (each is billed once)",
+                    markup=False,
+                    highlight=False,
+                )
+                raise typer.Exit(INTERRUPTED) from None
+    except KeyboardInterrupt:  # outside the run's event loop (which takes Ctrl-C over while it runs)
+        console.print(
+            f"interrupted: `billing status --period {hour}` shows what is billed; `billing run --period "
+            f"{hour}` again bills the rest (each customer once)",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(INTERRUPTED) from None
     wall = time.perf_counter() - began
     _finish_apm(apm_events, timeline)
     _print_summary(result, wall)
     if report:
         _write_report(report, result, wall)
+    if result.interrupted:
+        console.print(
+            f"interrupted: the summary above is what settled before Ctrl-C; `billing run --period {hour}` "
+            "again bills the rest (a bill abandoned in flight comes back after the queue's visibility "
+            "timeout; none is billed twice)",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(INTERRUPTED)
     _exit_on_failures(result, allow_rejected)
+
+
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _interruptible(work: Callable[[asyncio.Event], Awaitable[HourResult]]) -> HourResult:
+    """Run ``work(interrupt)`` in an event loop whose Ctrl-C sets ``interrupt`` (once; a second one
+    changes nothing: the run's grace is bounded) instead of raising KeyboardInterrupt in the middle of
+    a bill, so what is in flight winds down and no traceback (or ExceptionGroup) is printed."""
+
+    async def main() -> HourResult:
+        loop = asyncio.get_running_loop()
+        interrupt = asyncio.Event()
+
+        def on_sigint() -> None:
+            if not interrupt.is_set():
+                interrupt.set()
+                console.print("stopping: receiving no more messages, letting the bills in flight finish")
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        except (RuntimeError, ValueError):  # not the main thread (an in-process test): no Ctrl-C to take
+            return await work(interrupt)
+        try:
+            return await work(interrupt)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    return asyncio.run(main())
 
 
 def _exit_on_failures(result: HourResult, allow_rejected: bool) -> None:

@@ -81,7 +81,16 @@ def up(
         bool, typer.Option(help="Stay in the terminal until Ctrl-C instead of running in the background.")
     ] = False,
 ) -> None:
-    """Start the local stack; print the `export` lines that point the other commands at it."""
+    """Start the local stack; print the `export` lines that point the other commands at it.
+
+    With BILLING_LOCAL_NOW (an ISO 8601 instant) the marketplace emulators' clocks read that instant,
+    and the printed environment carries it to the other commands."""
+    from billing_local import clock
+
+    try:
+        clock.pinned()
+    except clock.ClockError as exc:
+        raise _fail(str(exc)) from None
     directory = state_dir()
     if (running := read_state(directory)) is not None:
         typer.echo(f"# the local stack is already running (pid {running['pid']}); its environment:", err=True)
@@ -142,6 +151,25 @@ def down() -> None:
     typer.echo(f"local stack (pid {pid}) stopped")
 
 
+@local_app.command("hour")
+def hour() -> None:
+    """Print the last hour that has ended (UTC), e.g. for `billing seed --end` and `billing run --period`.
+
+    The local tooling's clock: BILLING_LOCAL_NOW when set (as the stack's `env` carries it), else the
+    wall clock."""
+    from datetime import timedelta
+
+    from billing.domain.model import Period
+    from billing_local import clock
+
+    try:
+        moment = clock.now()
+    except clock.ClockError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(Period.last_complete_before(moment, timedelta(0)).isoformat())
+
+
 def notify_stack() -> None:
     """Have a running local stack's emulators subscribe every customer in the database (no-op elsewhere)."""
     url = os.environ.get(ADMIN_VARIABLE)
@@ -172,6 +200,16 @@ async def subscribe_every_customer(stack: LocalStack) -> int:
     return len(rows)
 
 
+def held_records(stack: LocalStack) -> dict[str, list[list[str]]]:
+    """Each record the emulators hold, as [customer, dimension, hour] by marketplace (``GET /held`` of
+    the admin endpoint: what a test checks "billed exactly once" against, across processes)."""
+    return {
+        "aws": [[r.customer, r.dimension, r.timestamp.isoformat()] for r in stack.metering.accepted()],
+        "gcp": [[r.consumer_id, r.metric, r.start_time.isoformat()] for r in stack.gcp.records.values()],
+        "azure": [[e.resource_key, e.dimension, e.hour.isoformat()] for e in stack.azure.accepted.values()],
+    }
+
+
 def serve(directory: Path, announce: bool = False) -> None:
     """Run the stack until SIGTERM or Ctrl-C, with its state file in ``directory`` while it runs."""
     import asyncio
@@ -179,6 +217,7 @@ def serve(directory: Path, announce: bool = False) -> None:
 
     from aiohttp import web
 
+    from billing_local import clock
     from billing_local.emulators.server import BackgroundServer
     from billing_local.migrate import migrate
     from billing_local.stack import local_stack
@@ -191,7 +230,11 @@ def serve(directory: Path, announce: bool = False) -> None:
     signal.signal(signal.SIGTERM, stopping)
     signal.signal(signal.SIGINT, stopping)
     state_path = directory / STATE_FILE
+    pinned = clock.pinned()
     with local_stack(lanes=True) as stack:
+        if pinned is not None:  # the emulators' windows follow the pinned instant, as the commands do
+            for emulator in (stack.metering, stack.gcp, stack.azure):
+                emulator.clock = lambda: pinned
         asyncio.run(migrate(stack.database_url))
         lock = asyncio.Lock()
 
@@ -200,11 +243,17 @@ def serve(directory: Path, announce: bool = False) -> None:
                 count = await subscribe_every_customer(stack)
             return web.json_response({"customers": count})
 
+        async def held(_request: web.Request) -> web.Response:
+            return web.json_response(held_records(stack))
+
         admin = web.Application()
         admin.router.add_post("/customers/refresh", refresh)
+        admin.router.add_get("/held", held)
         with BackgroundServer(admin) as admin_server:
             asyncio.run(subscribe_every_customer(stack))
             environment = {**stack.env, ADMIN_VARIABLE: admin_server.url, "BILLING_DB_TLS_VERIFY": "false"}
+            if pinned is not None:  # the commands pointed at the stack read the emulators' clock
+                environment[clock.VARIABLE] = pinned.isoformat().replace("+00:00", "Z")
             state = {"pid": os.getpid(), "env": environment, "log": str(directory / "stack.log")}
             temporary = state_path.with_suffix(".tmp")
             temporary.write_text(json.dumps(state))

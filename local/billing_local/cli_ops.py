@@ -16,12 +16,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from billing_local import clock as local_clock
 
 console = Console(stderr=True, soft_wrap=True)  # a message is one line, never broken mid-sentence
 
@@ -505,7 +506,7 @@ async def _reconcile(start: Any, end: Any, customer: str | None, show_progress: 
             end,
             lookback_hours=settings.lookback_hours,
             settle=settings.settle_delay,
-            now=datetime.now(UTC),
+            now=local_clock.now(),  # BILLING_LOCAL_NOW when pinned (billing_local.clock)
             usage_source=settings.usage_source.value,
             customer=customer,
             concurrency=settings.db_pool_max,

@@ -43,6 +43,7 @@ ENVIRONMENT: dict[str, str] = {
     ),
     "local env": f"{_LOCAL_DIR}, the directory `billing local up` used",
     "local down": f"{_LOCAL_DIR}, the directory `billing local up` used",
+    "local hour": "BILLING_LOCAL_NOW (an ISO instant the local tooling takes as now; default the wall clock)",
     # `billing customers`: the billing subjects and their subscription history, in the database
     "customers list": _DATABASE,
     "customers show": _DATABASE,

@@ -6,10 +6,11 @@ it imports no CLI module, and prints nothing but its progress bars.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from billing.domain.model import Period
 from billing.services.dispatch import DispatchResult
@@ -22,10 +23,14 @@ if TYPE_CHECKING:
 
     from billing.bootstrap import Runtime
     from billing.config import Settings
+    from billing.domain.messages import BillMessageV1
+    from billing.domain.model import Marketplace
+    from billing.ports import MessageQueue
     from billing_local.seed import SeedSummary
     from billing_local.stack import LocalStack
 
 MARKETPLACES = ("aws", "gcp", "azure")
+T = TypeVar("T")
 
 
 def parse_marketplaces(text: str) -> tuple[str, ...]:
@@ -45,6 +50,18 @@ class HourResult:
     concurrency: int = 0
     latency_s: float | None = None  # the marketplace's latency per call, when the caller knows it
     lanes: dict[str, RunnerStats] = field(default_factory=dict)  # per lane, when the stack has lanes
+    interrupted: bool = False  # Ctrl-C stopped the drain: the report says what settled before it
+
+
+class DispatchInterrupted(Exception):
+    """Ctrl-C during the dispatch: it was cancelled (a rerun of the hour sends what may be unbilled)."""
+
+    def __init__(self, period: str) -> None:
+        super().__init__(period)
+        self.period = period
+
+
+GRACE_S = 1.5  # after Ctrl-C, how long the bills in flight get to finish before they are abandoned
 
 
 def lane_pools(settings: Any, concurrency: int | None = None) -> dict[str, tuple[str, int]]:
@@ -85,6 +102,7 @@ async def run_hour(
     runtime: Callable[[Settings], Runtime] | None = None,
     drain: Callable[..., Awaitable[RunnerStats]] | None = None,
     quiet: bool = False,
+    interrupt: asyncio.Event | None = None,
 ) -> HourResult:
     """Dispatch an hour exactly as the scheduled rule would, then drain the queue with the runner.
 
@@ -92,8 +110,15 @@ async def run_hour(
     marketplace's window?" (the wall clock when None). ``runtime`` builds the composition root from the
     run's settings (``Runtime`` with that clock by default); ``drain`` replaces the runner's drain
     (billing_local.faults.Drain wraps it with faults).
+
+    ``interrupt`` (set on Ctrl-C): during the dispatch, the dispatch is cancelled and
+    DispatchInterrupted raised (the run is not marked finished, so a rerun sends every customer whose
+    bill may be unfinished, and the ledger bills each once); during the drain, nothing more is
+    received, messages not started are released, the bills in flight get GRACE_S to finish and are
+    then abandoned (their messages come back after the visibility timeout; the ledger's claim keeps a
+    maybe-sent record from being billed twice), and the result, ``interrupted``, reports what settled.
     """
-    from billing.bootstrap import Runtime
+    from billing.bootstrap import Runtime, Wrappers
     from billing.config import load_settings
     from billing.entrypoints.biller import bill_body
     from billing_local.progress import SettledProgress, progress_bar
@@ -108,47 +133,118 @@ async def run_hour(
     total = sum(cap for _url, cap in lanes.values()) if lanes else concurrency
     # one process runs every consumer: give them a connection each, as Lambda would
     settings = settings.model_copy(update={"db_pool_max": total})
+    sends = _SendCount()
     if runtime is None:
-        built = Runtime(settings, clock=clock) if clock is not None else Runtime(settings)
+        built = Runtime(settings, clock=clock, wrappers=Wrappers(queue=sends.wrap))
     else:
         built = runtime(settings)
     lane_stats: dict[str, RunnerStats] = {}
     try:
-        dispatched = await _dispatch(built, event, apm_client)
+        bar = progress_bar if not quiet else _no_progress
+        with bar(f"customers dispatched for {event.get('period')}", total=0) as sends.advance:
+            dispatched = await _until_interrupted(_dispatch(built, event, apm_client), interrupt, 0.0)
+        sends.advance = None  # a throttled customer's copy, sent while billing, is not dispatch
+        if dispatched is None:
+            raise DispatchInterrupted(str(event.get("period")))
         sqs = await built.aws_client("sqs", max_pool_connections=total + 10)
         # this run's messages: a resend sends only the unfinished customers again
         expected = dispatched.resent if dispatched.already_dispatched else dispatched.dispatched
-        bar = progress_bar if not quiet else _no_progress
         with bar("customer-hours settled", total=expected) as advance:
             settled = SettledProgress(advance)
             handle = lambda d: bill_body(built, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
+            seen: dict[int, RunnerStats] = {}  # each drain's stats, for a drain abandoned after Ctrl-C
+
+            def progress(stats: RunnerStats) -> None:
+                seen[id(stats)] = stats
+                settled(stats)
+
+            options: dict[str, Any] = {"interrupt": interrupt} if interrupt is not None else {}
             if lanes:
-                lane_stats = await drain_lanes(
-                    sqs,
-                    lanes,
-                    handle,
-                    retry_delay_s=retry_delay_s,
-                    progress=settled,
-                    apm_client=apm_client,
+                drained = await _until_interrupted(
+                    drain_lanes(
+                        sqs,
+                        lanes,
+                        handle,
+                        retry_delay_s=retry_delay_s,
+                        progress=progress,
+                        apm_client=apm_client,
+                        **options,
+                    ),
+                    interrupt,
+                    GRACE_S,
                 )
-                stats = merged(lane_stats.values())
+                lane_stats = drained if drained is not None else {}
+                stats = merged(lane_stats.values() if drained is not None else seen.values())
             else:
                 assert settings.queue_url is not None
-                stats = await drain(
-                    sqs,
-                    settings.queue_url,
-                    handle,
-                    concurrency,
-                    retry_delay_s=retry_delay_s,
-                    progress=settled,
-                    apm_client=apm_client,
+                alone = await _until_interrupted(
+                    drain(
+                        sqs,
+                        settings.queue_url,
+                        handle,
+                        concurrency,
+                        retry_delay_s=retry_delay_s,
+                        progress=progress,
+                        apm_client=apm_client,
+                        **options,
+                    ),
+                    interrupt,
+                    GRACE_S,
                 )
+                stats = alone if alone is not None else merged(seen.values())
         if apm_client is not None:
             apm_client._transport.flush()
         report = await period_report(await built.pool(), dispatched.period)
-        return HourResult(dispatched, stats, report, total, latency_s, lane_stats)
+        interrupted = interrupt is not None and interrupt.is_set()
+        return HourResult(dispatched, stats, report, total, latency_s, lane_stats, interrupted)
     finally:
         await built.close()
+
+
+class _SendCount:
+    """Wraps the run's queue (Runtime's ``wrappers`` seam) to advance the dispatch's progress by the
+    messages each send delivered, while ``advance`` is set."""
+
+    def __init__(self) -> None:
+        self.advance: Callable[[int], None] | None = None
+
+    def wrap(self, inner: MessageQueue) -> MessageQueue:
+        counter = self
+
+        class Counted:
+            async def send(
+                self,
+                messages: Sequence[BillMessageV1],
+                lane: Marketplace | None = None,
+                delay_seconds: int = 0,
+            ) -> int:
+                sent = await inner.send(messages, lane=lane, delay_seconds=delay_seconds)
+                if counter.advance is not None:
+                    counter.advance(sent)
+                return sent
+
+        return Counted()
+
+
+async def _until_interrupted(work: Awaitable[T], interrupt: asyncio.Event | None, grace_s: float) -> T | None:
+    """``work``'s result; or, once ``interrupt`` is set, what it returns within ``grace_s`` (the work
+    sees the same event and winds down), else None after cancelling it."""
+    task = asyncio.ensure_future(work)
+    if interrupt is None:
+        return await task
+    waiter = asyncio.ensure_future(interrupt.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not task.done():
+        await asyncio.wait({task}, timeout=grace_s)
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 @contextlib.contextmanager

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; draws a bar with counts and rate on a TTY, else a line every 10 %."""
+    """Yield ``advance(n)``; draws a bar with counts and rate on a TTY, else a line every 10 %.
+
+    ``total`` 0: not known ahead (the dispatch's customers): a count, and a plain line at each advance."""
     if sys.stderr.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -41,6 +43,8 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
         return
     step = max(total // 10, 1)
     done = 0
+    if not total:
+        print(f"{label}: starting", file=sys.stderr, flush=True)
     began = time.perf_counter()
 
     def advance_plain(n: int) -> None:
@@ -49,7 +53,8 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
         done += n
         if done // step != before // step or done == total:
             rate = done / max(time.perf_counter() - began, 1e-9)
-            print(f"{label}: {done}/{total} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+            count = f"{done}/{total}" if total else str(done)
+            print(f"{label}: {count} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
 
     yield advance_plain
 

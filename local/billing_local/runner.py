@@ -150,8 +150,13 @@ async def drain(
     progress: Callable[[RunnerStats], None] | None = None,
     apm_client: Any = None,
     pollers_count: int = 1,
+    interrupt: asyncio.Event | None = None,
 ) -> RunnerStats:
     """Consume until the queue is empty and nothing is in flight (failed messages included).
+
+    ``interrupt`` (Ctrl-C): once set, nothing more is received, the messages received and not yet
+    started are made visible again at once (a rerun takes them), and the drain returns when the bills
+    in flight have finished; the caller bounds that wait (billing_local.local_run.run_hour).
 
     One poller by default: moto's ReceiveMessage is not safe under concurrent calls (it can hand one
     message to two receivers, or hide one for a whole visibility timeout), and one poller taking ten
@@ -201,11 +206,44 @@ async def drain(
         if held == 0 and not stop.is_set() and await queue_empty() and held == 0:
             stop.set()
 
+    async def release(deliveries: list[Delivery]) -> None:
+        """Received but not started: visible again now, not after the queue's visibility timeout."""
+        for start in range(0, len(deliveries), SQS_MAX_RECEIVE):
+            chunk = deliveries[start : start + SQS_MAX_RECEIVE]
+            try:
+                await sqs.change_message_visibility_batch(
+                    QueueUrl=queue_url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": d.receipt_handle, "VisibilityTimeout": 0}
+                        for i, d in enumerate(chunk)
+                    ],
+                )
+            except Exception:  # they come back after the visibility timeout instead
+                logger.warning("could not release unstarted messages", exc_info=True)
+            finally:
+                for _ in chunk:
+                    credits.release()
+                hold(-len(chunk))
+
+    async def interrupted() -> None:
+        assert interrupt is not None
+        await interrupt.wait()
+        stop.set()
+        waiting = []
+        while not inbox.empty():
+            if (delivery := inbox.get_nowait()) is not None:
+                waiting.append(delivery)
+        await release(waiting)
+
     async def poller() -> None:
         """Receives until the drain stops; never cancelled inside a ReceiveMessage (see below)."""
         while not stop.is_set():
             for _ in range(batch):
                 await credits.acquire()
+            if stop.is_set():  # told to stop while waiting for places (Ctrl-C): receive nothing more
+                for _ in range(batch):
+                    credits.release()
+                break
             response = await sqs.receive_message(
                 QueueUrl=queue_url,
                 MaxNumberOfMessages=batch,
@@ -217,18 +255,22 @@ async def drain(
             for _ in range(batch - len(messages)):
                 credits.release()
             hold(len(messages))  # taken after the drain was told to stop, they are billed all the same
-            for m in messages:
-                attributes = m.get("Attributes", {})
-                inbox.put_nowait(
-                    Delivery(
-                        m["Body"],
-                        m["MessageId"],
-                        m["ReceiptHandle"],
-                        int(attributes.get("ApproximateReceiveCount", "1")),
-                        attributes,
-                        m.get("MessageAttributes", {}),
-                    )
+            deliveries = [
+                Delivery(
+                    m["Body"],
+                    m["MessageId"],
+                    m["ReceiptHandle"],
+                    int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+                    m.get("Attributes", {}),
+                    m.get("MessageAttributes", {}),
                 )
+                for m in messages
+            ]
+            if interrupt is not None and interrupt.is_set():  # Ctrl-C during the receive: not started
+                await release(deliveries)
+                continue
+            for delivery in deliveries:
+                inbox.put_nowait(delivery)
             if not messages:
                 await settle()
 
@@ -293,6 +335,7 @@ async def drain(
         consumers = [group.create_task(consumer()) for _ in range(concurrency)]
         pollers = [group.create_task(poller()) for _ in range(pollers_count)]
         deleter_task = group.create_task(deleter())
+        watcher = group.create_task(interrupted()) if interrupt is not None else None
         await stop.wait()
         # The pollers end after the ReceiveMessage they are in. Cancelled inside a long poll, the request
         # would stay open at SQS and the messages it took (the next run's, arriving within the wait) would
@@ -302,6 +345,10 @@ async def drain(
         deleter_task.cancel()  # idle: waiting for handles, no DeleteMessageBatch in flight
         with contextlib.suppress(asyncio.CancelledError):
             await deleter_task
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         for _ in consumers:
             inbox.put_nowait(None)
     if not stats.finished:

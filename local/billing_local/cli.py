@@ -190,13 +190,7 @@ def run_command(
     _writable(timeline, "--timeline")
     try:
         cap = concurrency or QueueSettings.from_template().max_concurrency
-        logs = contextlib.ExitStack()
-        if not verbose:
-            from billing_local.logfile import divert, run_log_path
-
-            log_path = run_log_path(cli_local.state_dir())
-            logs.enter_context(divert(log_path))
-            typer.echo(f"log lines: {log_path}", err=True)  # whole, never wrapped: it is copied
+        logs = _log_file(verbose)
         apm = _start_apm(apm_events, timeline)
         began = time.perf_counter()
         event: dict[str, Any] = {"period": hour.isoformat()}
@@ -247,6 +241,18 @@ def run_command(
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _log_file(verbose: bool) -> contextlib.ExitStack:
+    """Unless --verbose, the run's JSON log lines go to a file (its path printed), not the terminal."""
+    logs = contextlib.ExitStack()
+    if not verbose:
+        from billing_local.logfile import divert, run_log_path
+
+        log_path = run_log_path(cli_local.state_dir())
+        logs.enter_context(divert(log_path))
+        typer.echo(f"log lines: {log_path}", err=True)  # whole, never wrapped: it is copied
+    return logs
 
 
 def _interruptible(work: Callable[[asyncio.Event], Awaitable[HourResult]]) -> HourResult:
@@ -314,7 +320,9 @@ def demo_command(
     timeline: Annotated[Path | None, typer.Option(help="Render the run's APM timeline (HTML).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show every customer's JSON log line.")] = False,
 ) -> None:
-    """Bill one hour for synthetic customers on an embedded local stack (no AWS, no Docker)."""
+    """Bill one hour for synthetic customers on an embedded local stack (no AWS, no Docker). Log lines
+    go to a file (its path is printed) unless --verbose."""
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO")
     _quiet_by_default(verbose)
     chosen = _marketplaces(marketplaces)
     _writable(report, "--report")
@@ -328,7 +336,7 @@ def demo_command(
     try:
         from billing_local.stack import environment
 
-        with environment(stack.env):
+        with environment(stack.env), _log_file(verbose):
             stack.metering.latency_s = latency_ms / 1000
             _demo(stack, customers, seed, chosen, now, concurrency, report, apm)
     finally:

@@ -52,3 +52,18 @@ def test_the_demos_summary_lines_are_whole_and_no_python_repr(demo: subprocess.C
     # the held records per marketplace, as "aws 1, azure 1, gcp 1", not a dict's repr
     assert re.search(r"unchanged: True \(aws \d+, azure \d+, gcp \d+\)$", again[0]), again[0]
     assert not [line for line in lines if "{'" in line or "': " in line], demo.stdout
+
+
+def test_the_demos_log_lines_go_to_the_printed_file(demo: subprocess.CompletedProcess[str]) -> None:
+    # Given the demo run without --verbose: its JSON log lines are in the file it names, not the terminal
+    assert demo.returncode == 0, demo.stderr
+    named = [
+        line.removeprefix("log lines: ")
+        for line in demo.stderr.splitlines()
+        if line.startswith("log lines: ")
+    ]
+    assert len(named) == 1, demo.stderr
+    path = Path(named[0]) if Path(named[0]).is_absolute() else ROOT / named[0]
+    logged = path.read_text(encoding="utf-8").splitlines()
+    assert logged and all(line.startswith("{") for line in logged)
+    assert '"level"' not in demo.stdout + demo.stderr

@@ -54,13 +54,21 @@ def billing(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
     return subprocess.run([BILLING, *args], env=env, capture_output=True, text=True, timeout=180, check=False)
 
 
+# what `billing run` prints on stderr before it meets an error: the log file's path, its progress labels
+RUN_CONTEXT = ("log lines: ", "customers dispatched for ", "customer-hours settled")
+
+
 def assert_one_error(proc: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
     """Exit ``code``, no traceback, one or two lines on stderr starting "error:" that say ``fragments``."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert 1 <= len(lines) <= 2, proc.stderr
-    assert lines[0].startswith("error: "), proc.stderr
+    # before the error only what a run says as it starts (where its log lines go, its progress)
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    before, message = lines[: errors[0]], lines[errors[0] :]
+    assert all(line.startswith(RUN_CONTEXT) for line in before), proc.stderr
+    assert 1 <= len(message) <= 2, proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, proc.stderr
     return proc.stderr

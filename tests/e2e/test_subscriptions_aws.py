@@ -303,3 +303,28 @@ async def test_a_license_for_a_legacy_customers_account_and_product_bills_each_h
     )
     assert outcome.superseded
     assert stack.metering.double_billed() == []
+
+
+async def test_a_late_license_leaves_an_hour_its_legacy_identity_already_billed(
+    world: tuple[Subscriptions, Clock, Any], stack: Any, pool: asyncpg.Pool
+) -> None:
+    """#13, the other order: the legacy subject billed 10:00, then a license of the same account and
+    product arrives at 11:30 effective from 10:40. A bill for the license's 10:00 (a final bill, a
+    resend) bills nothing: AWS would charge the hour twice."""
+    subs, clock, sqs = world
+    stack.metering.subscribe(PRODUCT, "CUST-8")
+    stack.metering.customer_accounts["CUST-8"] = ACCOUNT
+    subscribe = sqs_event(sns_envelope("subscribe-success", "CUST-8", PRODUCT, T10, account_id=ACCOUNT))
+    assert (await handle(subs, subscribe))["batchItemFailures"] == []
+    await add_usage(pool, "aws-CUST-8", T10 + timedelta(minutes=10), "capacity_gb_hours", "2")
+    await dispatch_hour_after(subs, clock, T10)
+    assert await bill_queue(subs, sqs, stack.queues.url) == ["aws-CUST-8@10"]
+    stack.metering.add_license(PRODUCT, ACCOUNT, L1, "agmt-1")
+    clock.now = T10 + timedelta(hours=1, minutes=30)
+    await handle(subs, license_event("Updated", L1, T10 + timedelta(minutes=40)))
+    license_tenant = f"aws-{ACCOUNT}-l-e52ca6f38bf84d0fafb8802ca15ac11a"
+    await add_usage(pool, license_tenant, T10 + timedelta(minutes=50), "capacity_gb_hours", "3")
+    biller = await subs.runtime.biller()
+    outcome = await biller.bill(BillMessageV1(customer_id=license_tenant, period=T10, run_id=uuid.uuid4()))
+    assert outcome.superseded
+    assert stack.metering.double_billed() == []

@@ -225,6 +225,18 @@ def _superseded(legacy: str, start: str, end: str) -> str:
      AND lic.billable && tstzrange({start}, {end}))"""
 
 
+# The other way round: a license that arrives late, effective from an hour its account's legacy subject
+# has already sent records for (decided before the license was known), leaves that hour to the legacy
+# records; its usage of the hour is rated into its next decided hour by the look-back, never lost.
+def _billed_by_legacy(license_: str, period: str) -> str:
+    return f"""EXISTS (SELECT 1 FROM subscription_state leg JOIN ledger l ON l.customer_id = leg.customer_id
+   WHERE {license_}.marketplace = 'aws' AND leg.marketplace = 'aws'
+     AND {license_}.identity->>'aws_license_arn' IS NOT NULL AND leg.identity->>'aws_license_arn' IS NULL
+     AND leg.identity->>'aws_account_id' = {license_}.identity->>'aws_account_id'
+     AND leg.identity->>'aws_product_code' = {license_}.identity->>'aws_product_code'
+     AND l.period = {period} AND l.state NOT IN ('skipped', 'expired'))"""
+
+
 _LOAD = Statement.of(
     """
 SELECT c.*,
@@ -242,6 +254,8 @@ SELECT c.*,
   (SELECT s.plans FROM subscription_state s WHERE s.customer_id = c.id) AS plans,
   (SELECT """
     + _superseded("s", ":period", ":window_end")
+    + " OR "
+    + _billed_by_legacy("s", ":period")
     + """
      FROM subscription_state s WHERE s.customer_id = c.id) AS superseded
 FROM customers c WHERE c.id = :customer_id

@@ -64,7 +64,7 @@ async def seed(
     async with pool.acquire() as conn, conn.transaction():
         await conn.executemany(
             "INSERT INTO rate_card (marketplace, metric, dimension, factor) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (marketplace, metric, dimension) DO UPDATE SET factor = excluded.factor",
+            " ON CONFLICT (marketplace, plan, metric, dimension) DO UPDATE SET factor = excluded.factor",
             RATE_CARD,
         )
         rows = []

@@ -15,7 +15,7 @@ from billing.domain.model import (
     LedgerState,
     Period,
 )
-from billing.domain.subscriptions import SubscriptionState
+from billing.domain.subscriptions import PlanSpan, SubscriptionState
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -78,6 +78,9 @@ class CustomerHourState:
     entries: tuple[LedgerEntry, ...]  # this hour's ledger rows, if already decided
     carries: Mapping[str, Decimal]
     observed: Mapping[tuple[str, datetime], Decimal]
+    plans: tuple[PlanSpan, ...] = ()  # the subject's plan spans (#13), oldest first; none: default plan
+    # a legacy AWS subject whose account and product have a license subject billable during the hour
+    superseded: bool = False
 
 
 class BillingRepository(Protocol):

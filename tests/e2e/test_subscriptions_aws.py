@@ -7,6 +7,7 @@ One clock drives everything (the functions' Runtime clock and the emulator's), m
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 
 from billing.bootstrap import Runtime
 from billing.config import load_settings
-from billing.domain.messages import parse_message
+from billing.domain.messages import BillMessageV1, parse_message
 from billing.entrypoints.subscriptions import Subscriptions, handle
 from billing_local.emulators.aws_events import (
     SELLER_ACCOUNT,
@@ -69,7 +70,7 @@ async def world(stack: Any, pool: asyncpg.Pool) -> AsyncIterator[tuple[Subscript
 async def bill_queue(subs: Subscriptions, sqs: Any, url: str) -> list[str]:
     """Drain the billing queue through the real Biller (what the Biller function does per record)."""
     biller = await subs.runtime.biller()
-    billed = []
+    billed: list[str] = []
     while got := (await sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)).get("Messages", []):
         for m in got:
             message = parse_message(m["Body"])
@@ -260,3 +261,70 @@ async def test_a_cancellation_arriving_during_a_run_bills_each_hour_once(
         "SELECT customer_id, period, dimension, count(*) AS n FROM ledger GROUP BY 1, 2, 3"
     )
     assert {r["n"] for r in counts} == {1}
+
+
+async def test_a_license_for_a_legacy_customers_account_and_product_bills_each_hour_once(
+    world: tuple[Subscriptions, Clock, Any], stack: Any, pool: asyncpg.Pool
+) -> None:
+    """#13: never both identities for one customer and hour (AWS bills both). A legacy subject
+    (CustomerIdentifier + ProductCode) and, from 11:20, a license subject of the same AWS account and
+    product (AWS moving the listing to licenses): 10:00 is billed by the legacy identity only, 11:00
+    and 12:00 by the license only, through the dispatcher and the Biller."""
+    subs, clock, sqs = world
+    stack.metering.subscribe(PRODUCT, "CUST-7")
+    stack.metering.customer_accounts["CUST-7"] = ACCOUNT
+    subscribe = sqs_event(sns_envelope("subscribe-success", "CUST-7", PRODUCT, T10, account_id=ACCOUNT))
+    assert (await handle(subs, subscribe))["batchItemFailures"] == []
+    legacy = "aws-CUST-7"
+    licensed_at = T10 + timedelta(hours=1, minutes=20)
+    stack.metering.add_license(PRODUCT, ACCOUNT, L1, "agmt-1")
+    clock.now = licensed_at
+    await handle(subs, license_event("Updated", L1, licensed_at))
+    license_tenant = f"aws-{ACCOUNT}-l-e52ca6f38bf84d0fafb8802ca15ac11a"
+    for hour, quantity in ((0, "2"), (1, "4"), (2, "6")):
+        await add_usage(pool, legacy, T10 + timedelta(hours=hour, minutes=10), "capacity_gb_hours", quantity)
+    for hour, quantity in ((1, "3"), (2, "5")):
+        at = T10 + timedelta(hours=hour, minutes=40)
+        await add_usage(pool, license_tenant, at, "capacity_gb_hours", quantity)
+    billed: list[str] = []
+    for hour in range(3):
+        await dispatch_hour_after(subs, clock, T10 + timedelta(hours=hour))
+        billed += await bill_queue(subs, sqs, stack.queues.url)
+    assert sorted(billed) == sorted([f"{legacy}@10", f"{license_tenant}@11", f"{license_tenant}@12"])
+    held = sorted(
+        (r.timestamp.hour, r.quantity, r.license_arn) for r in stack.metering.accepted() if r.quantity
+    )
+    assert held == [(10, 2, None), (11, 3, L1), (12, 5, L1)]
+    assert stack.metering.double_billed() == []
+    # and a bill message for the legacy subject's 11:00 (a redelivery, an operator's rerun) bills nothing
+    biller = await subs.runtime.biller()
+    outcome = await biller.bill(
+        BillMessageV1(customer_id=legacy, period=T10 + timedelta(hours=1), run_id=uuid.uuid4())
+    )
+    assert outcome.superseded
+    assert stack.metering.double_billed() == []
+
+
+async def test_a_late_license_leaves_an_hour_its_legacy_identity_already_billed(
+    world: tuple[Subscriptions, Clock, Any], stack: Any, pool: asyncpg.Pool
+) -> None:
+    """#13, the other order: the legacy subject billed 10:00, then a license of the same account and
+    product arrives at 11:30 effective from 10:40. A bill for the license's 10:00 (a final bill, a
+    resend) bills nothing: AWS would charge the hour twice."""
+    subs, clock, sqs = world
+    stack.metering.subscribe(PRODUCT, "CUST-8")
+    stack.metering.customer_accounts["CUST-8"] = ACCOUNT
+    subscribe = sqs_event(sns_envelope("subscribe-success", "CUST-8", PRODUCT, T10, account_id=ACCOUNT))
+    assert (await handle(subs, subscribe))["batchItemFailures"] == []
+    await add_usage(pool, "aws-CUST-8", T10 + timedelta(minutes=10), "capacity_gb_hours", "2")
+    await dispatch_hour_after(subs, clock, T10)
+    assert await bill_queue(subs, sqs, stack.queues.url) == ["aws-CUST-8@10"]
+    stack.metering.add_license(PRODUCT, ACCOUNT, L1, "agmt-1")
+    clock.now = T10 + timedelta(hours=1, minutes=30)
+    await handle(subs, license_event("Updated", L1, T10 + timedelta(minutes=40)))
+    license_tenant = f"aws-{ACCOUNT}-l-e52ca6f38bf84d0fafb8802ca15ac11a"
+    await add_usage(pool, license_tenant, T10 + timedelta(minutes=50), "capacity_gb_hours", "3")
+    biller = await subs.runtime.biller()
+    outcome = await biller.bill(BillMessageV1(customer_id=license_tenant, period=T10, run_id=uuid.uuid4()))
+    assert outcome.superseded
+    assert stack.metering.double_billed() == []

@@ -186,9 +186,9 @@ async def test_the_checks_migration_can_run_again_by_hand(pool: asyncpg.Pool) ->
         " AND conname LIKE '%\\_format' ORDER BY conname"
     )
     assert [r["conname"] for r in names] == sorted(
-        # 0005 (#13) adds the license ARN's check
+        # 0005 (#13) adds the license ARN's check, 0006 the rate card plan's
         [f"customers_{c}_format" for c in COLUMNS]
-        + ["customers_aws_license_arn_format", "rate_card_dimension_format"]
+        + ["customers_aws_license_arn_format", "rate_card_dimension_format", "rate_card_plan_format"]
     )
     with pytest.raises(asyncpg.CheckViolationError):
         await insert_customer(pool, "azure_plan_id", "gold/../silver")

@@ -8,6 +8,7 @@ the real Biller before the hour is over, with the usage up to the end instant on
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -331,3 +332,66 @@ async def test_concurrent_deliveries_of_one_subjects_events_fold_every_event(
     assert await pool.fetchval("SELECT events FROM subscription_state") == 9
     plans = await pool.fetchval("SELECT plans FROM subscription_state")
     assert '"quantity": 8' in plans
+
+
+async def test_a_plan_change_rates_each_hour_with_the_plan_in_force_during_it(
+    service: SubscriptionService, pool: asyncpg.Pool, stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#13: a plan change moves the subject's dimensions/rates from the hour it takes effect. Subscribed
+    on plan "basic" at 10:00, changed to "pro" at 13:00: hour 12 is billed in basic's dimension and
+    rate, hour 13 in pro's, by the real Biller; a customer without a plan keeps the default rates."""
+    # Given a rate card with a default plan and two plans that bill the same metric differently
+    await add_rates(pool)
+    await pool.executemany(
+        "INSERT INTO rate_card (marketplace, plan, metric, dimension, factor) VALUES ($1, $2, $3, $4, $5)",
+        [
+            ("aws", "basic", "capacity_gb_hours", "BasicGbHours", 1),
+            ("aws", "pro", "capacity_gb_hours", "ProGbHours", 3),
+        ],
+    )
+    stack.metering.add_product(PRODUCT, {"CapacityGbHours", "DataTransferGb", "BasicGbHours", "ProGbHours"})
+    stack.metering.subscribe(PRODUCT, "CUST-1")
+    await service.record(
+        ev(
+            LifecycleKind.ACTIVE,
+            T0,
+            "sns-p1",
+            plan="basic",
+            tenant_id="tenant-a",
+            identity=Identity(aws_customer_identifier="CUST-1", aws_product_code=PRODUCT),
+        )
+    )
+    change = T0 + timedelta(hours=3)  # 13:00
+    await service.record(ev(LifecycleKind.PLAN_CHANGED, change, "sns-p2", plan="pro"))
+    await add_usage(pool, "tenant-a", change - timedelta(minutes=30), "capacity_gb_hours", "5")
+    await add_usage(pool, "tenant-a", change + timedelta(minutes=30), "capacity_gb_hours", "7")
+    now = change + timedelta(hours=1, minutes=20)
+    stack.metering.clock = lambda: now
+    monkeypatch.setenv("BILLING_MARKETPLACE_ATTEMPTS", "2")
+    runtime = Runtime(load_settings())
+    try:
+        biller = await runtime.biller()
+        biller.clock = lambda: now
+        # When hours 12 and 13 are billed
+        for hour in (change - timedelta(hours=1), change):
+            await biller.bill(BillMessageV1(customer_id="tenant-a", period=hour, run_id=uuid.uuid4()))
+    finally:
+        await runtime.close()
+    # Then hour 12 went out in basic's dimension at basic's rate, hour 13 in pro's at pro's rate
+    accepted = sorted((r.timestamp.hour, r.dimension, r.quantity) for r in stack.metering.accepted())
+    assert accepted == [(12, "BasicGbHours", 5), (13, "ProGbHours", 21)]
+    # and reconcile rates each hour with the same plan: nothing differs
+    result = await reconcile(
+        PostgresReconcileReader(pool),
+        PostgresUsageSource(pool),
+        Period(change - timedelta(hours=1)),
+        Period(change),
+        lookback_hours=24,
+        settle=timedelta(minutes=15),
+        now=now,
+    )
+    assert {(x.dimension, x.source, x.billed) for x in result.lines} == {
+        ("BasicGbHours", 5, 5),
+        ("ProGbHours", 21, 21),
+    }
+    assert result.clean

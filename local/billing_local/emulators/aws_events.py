@@ -133,13 +133,17 @@ def sns_envelope(
     topic_arn: str | None = None,
     message_id: str | None = None,
     signer: SnsSigner | None = None,
+    account_id: str | None = None,
 ) -> dict[str, Any]:
-    """SNS's envelope of one SaaS subscription message (``action``: subscribe-success, ...)."""
+    """SNS's envelope of one SaaS subscription message (``action``: subscribe-success, ...);
+    ``account_id``: the message's customer-aws-account-id (AWS added it to the SaaS messages in 2024)."""
     message: dict[str, Any] = {
         "action": action,
         "customer-identifier": customer_identifier,
         "product-code": product_code,
     }
+    if account_id is not None:
+        message["customer-aws-account-id"] = account_id
     if action != "entitlement-updated":
         message["isFreeTrialTermPresent"] = "false"
     topic_arn = topic_arn or (ENTITLEMENT_TOPIC_ARN if action == "entitlement-updated" else TOPIC_ARN)

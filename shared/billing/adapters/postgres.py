@@ -27,6 +27,7 @@ from billing.domain.model import (
     RateCard,
     UsageTotal,
 )
+from billing.domain.subscriptions import PlanSpan
 from billing.ports import CustomerHourState, Run
 
 if TYPE_CHECKING:
@@ -210,7 +211,34 @@ def _entry(row: Mapping[str, Any], period: Period) -> LedgerEntry:
     )
 
 
-_LOAD = Statement.of("""
+# #13, "never both identities for one customer and hour (AWS bills both)": while AWS moves a listing to
+# licenses (Seller Guide, "Concurrent agreements": a record by LicenseArn and one by CustomerIdentifier +
+# ProductCode for one account and product are two charges), a legacy subject is not billed for an hour a
+# license subject of the same AWS account and product is billable during: the license bills it. Needs the
+# legacy subject's account id (the SNS message's customer-aws-account-id, or ResolveCustomer's answer).
+def _superseded(legacy: str, start: str, end: str) -> str:
+    return f"""EXISTS (SELECT 1 FROM subscription_state lic
+   WHERE {legacy}.marketplace = 'aws' AND lic.marketplace = 'aws' AND lic.customer_id IS NOT NULL
+     AND {legacy}.identity->>'aws_license_arn' IS NULL AND lic.identity->>'aws_license_arn' IS NOT NULL
+     AND lic.identity->>'aws_account_id' = {legacy}.identity->>'aws_account_id'
+     AND lic.identity->>'aws_product_code' = {legacy}.identity->>'aws_product_code'
+     AND lic.billable && tstzrange({start}, {end}))"""
+
+
+# The other way round: a license that arrives late, effective from an hour its account's legacy subject
+# has already sent records for (decided before the license was known), leaves that hour to the legacy
+# records; its usage of the hour is rated into its next decided hour by the look-back, never lost.
+def _billed_by_legacy(license_: str, period: str) -> str:
+    return f"""EXISTS (SELECT 1 FROM subscription_state leg JOIN ledger l ON l.customer_id = leg.customer_id
+   WHERE {license_}.marketplace = 'aws' AND leg.marketplace = 'aws'
+     AND {license_}.identity->>'aws_license_arn' IS NOT NULL AND leg.identity->>'aws_license_arn' IS NULL
+     AND leg.identity->>'aws_account_id' = {license_}.identity->>'aws_account_id'
+     AND leg.identity->>'aws_product_code' = {license_}.identity->>'aws_product_code'
+     AND l.period = {period} AND l.state NOT IN ('skipped', 'expired'))"""
+
+
+_LOAD = Statement.of(
+    """
 SELECT c.*,
   (SELECT coalesce(json_agg(json_build_object(
         'customer_id', l.customer_id, 'dimension', l.dimension, 'quantity', l.quantity,
@@ -221,9 +249,18 @@ SELECT c.*,
      FROM balances b WHERE b.customer_id = c.id) AS carries,
   (SELECT coalesce(json_agg(json_build_array(o.dimension, o.hour, o.rated::text)), '[]')
      FROM usage_observations o
-    WHERE o.customer_id = c.id AND o.hour >= :window_start AND o.hour < :window_end) AS observed
+    WHERE o.customer_id = c.id AND o.hour >= :window_start AND o.hour < :window_end) AS observed,
+  -- the subject's plan spans (#13), which rate each hour of the look-back with its own plan
+  (SELECT s.plans FROM subscription_state s WHERE s.customer_id = c.id) AS plans,
+  (SELECT """
+    + _superseded("s", ":period", ":window_end")
+    + " OR "
+    + _billed_by_legacy("s", ":period")
+    + """
+     FROM subscription_state s WHERE s.customer_id = c.id) AS superseded
 FROM customers c WHERE c.id = :customer_id
-""")
+"""
+)
 
 _DECIDE = Statement.of("""
 WITH v AS (
@@ -364,7 +401,7 @@ WITH e AS (
 SELECT count(*) FROM e
 """)
 
-_RATE_CARD = Statement.of("SELECT marketplace, metric, dimension, factor FROM rate_card")
+_RATE_CARD = Statement.of("SELECT marketplace, metric, dimension, factor, plan FROM rate_card")
 
 
 def expiry_reasons(window: str) -> tuple[str, str]:
@@ -404,6 +441,8 @@ class PostgresBillingRepository:
             entries=entries,
             carries=carries,
             observed=observed,
+            plans=plan_spans(row["plans"]),
+            superseded=bool(row["superseded"]),
         )
 
     async def record_decision(
@@ -467,10 +506,30 @@ class PostgresBillingRepository:
         rows = await self._pool.fetch(_RATE_CARD.text)
         return RateCard(
             tuple(
-                Rate(Marketplace(r["marketplace"]), r["metric"], r["dimension"], Decimal(r["factor"]))
+                Rate(
+                    Marketplace(r["marketplace"]),
+                    r["metric"],
+                    r["dimension"],
+                    Decimal(r["factor"]),
+                    r["plan"],
+                )
                 for r in rows
             )
         )
+
+
+def plan_spans(plans: str | None) -> tuple[PlanSpan, ...]:
+    """subscription_state.plans (jsonb, as text) as the domain's spans; none for a customer that is not
+    a subscription's subject (seeded or imported without a plan: the default plan)."""
+    return tuple(
+        PlanSpan(
+            start=_parse_ts(p["start"]),
+            plan=p.get("plan"),
+            dimensions=tuple(p["dimensions"]) if p.get("dimensions") is not None else None,
+            quantity=p.get("quantity"),
+        )
+        for p in json.loads(plans or "[]")
+    )
 
 
 def _parse_ts(text: str) -> datetime:
@@ -478,7 +537,8 @@ def _parse_ts(text: str) -> datetime:
 
 
 # keyset pages of the customers billable in an hour: never decided, or with rows still unfinished
-_TO_BILL = Statement.of("""
+_TO_BILL = Statement.of(
+    """
 SELECT c.id, c.marketplace FROM customers c
   LEFT JOIN subscription_state s ON s.customer_id = c.id
  WHERE c.id > :after
@@ -488,11 +548,15 @@ SELECT c.id, c.marketplace FROM customers c
    AND CASE WHEN s.customer_id IS NOT NULL THEN s.billable && tstzrange(:period, :period_end)
             ELSE c.status = :active AND c.active_from < :period_end
                  AND (c.active_until IS NULL OR c.active_until > :period) END
+   AND NOT coalesce("""
+    + _superseded("s", ":period", ":period_end")
+    + """, false)
    AND (NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = :period)
         OR EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = :period
                       AND l.state = ANY(:states_unfinished::text[])))
  ORDER BY c.id LIMIT :page_size
-""")
+"""
+)
 
 
 class PostgresDispatchRepository:

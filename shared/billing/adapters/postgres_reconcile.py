@@ -6,7 +6,7 @@ from collections import defaultdict
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from billing.adapters.postgres import Statement
+from billing.adapters.postgres import Statement, plan_spans
 from billing.domain.model import CustomerStatus, LedgerState, Marketplace
 from billing.domain.reconciliation import LedgerRow, ScopeCustomer
 
@@ -22,7 +22,9 @@ PairAmounts = dict[tuple[str, str], Decimal]
 PairHours = dict[tuple[str, str], dict["datetime", Decimal]]
 
 _SCOPE = Statement.of("""
-SELECT c.id, c.marketplace, c.status, c.active_from, c.active_until FROM customers c
+SELECT c.id, c.marketplace, c.status, c.active_from, c.active_until,
+       (SELECT s.plans FROM subscription_state s WHERE s.customer_id = c.id) AS plans
+  FROM customers c
  WHERE (:customer::text IS NULL OR c.id = :customer)
    AND ((c.status = :active AND c.active_from < :end
          AND (c.active_until IS NULL OR c.active_until > :start))
@@ -95,7 +97,12 @@ class PostgresReconcileReader:
         rows = await self._pool.fetch(_SCOPE.text, *args)
         return [
             ScopeCustomer(
-                r["id"], Marketplace(r["marketplace"]), r["status"], r["active_from"], r["active_until"]
+                r["id"],
+                Marketplace(r["marketplace"]),
+                r["status"],
+                r["active_from"],
+                r["active_until"],
+                plan_spans(r["plans"]),
             )
             for r in rows
         ]

@@ -155,18 +155,34 @@ class Rate:
     metric: str
     dimension: str
     factor: Decimal  # dimension units per metric unit
+    plan: str = "default"  # DEFAULT_PLAN, or the marketplace plan these rates belong to
+
+
+# The rates of a subject without a plan, or whose plan the card does not list (migration 0006).
+DEFAULT_PLAN = "default"
 
 
 @dataclass(frozen=True)
 class RateCard:
     rates: tuple[Rate, ...]
 
-    def for_marketplace(self, marketplace: Marketplace) -> tuple[Rate, ...]:
-        return tuple(r for r in self.rates if r.marketplace is marketplace)
+    def for_marketplace(self, marketplace: Marketplace, plan: str | None = None) -> tuple[Rate, ...]:
+        """The rates of ``plan`` in the marketplace; the default plan's when ``plan`` is None or the card
+        lists no rate for it (a plan's rates replace the default's, they are not added to them)."""
+        mine = tuple(r for r in self.rates if r.marketplace is marketplace)
+        if plan is not None and plan != DEFAULT_PLAN:
+            planned = tuple(r for r in mine if r.plan == plan)
+            if planned:
+                return planned
+        return tuple(r for r in mine if r.plan == DEFAULT_PLAN)
+
+    def plan_dimensions(self, marketplace: Marketplace, plan: str | None) -> tuple[str, ...]:
+        """The dimensions ``plan`` is billed in, in a stable order."""
+        return tuple(sorted({r.dimension for r in self.for_marketplace(marketplace, plan)}))
 
     def dimensions(self, marketplace: Marketplace) -> tuple[str, ...]:
-        """Every dimension the marketplace is billed in, in a stable order."""
-        return tuple(sorted({r.dimension for r in self.for_marketplace(marketplace)}))
+        """Every dimension the marketplace is billed in under any plan, in a stable order."""
+        return tuple(sorted({r.dimension for r in self.rates if r.marketplace is marketplace}))
 
 
 @dataclass(frozen=True)
@@ -225,6 +241,7 @@ class BillOutcome:
     marketplace_calls: int = 0
     already_billed: bool = False
     stale_final_bill: bool = False  # a final bill whose end instant the database no longer records
+    superseded: bool = False  # a legacy AWS subject's hour billed by its account's license instead (#13)
     requeued: bool = False  # throttled until the budget ran out: a copy of the message waits in the lane
 
     def count(self, state: LedgerState) -> int:

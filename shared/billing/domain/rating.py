@@ -17,10 +17,14 @@ from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from collections.abc import Iterable
+from billing.domain.model import Period
+from billing.domain.subscriptions import plan_in_force
 
-    from billing.domain.model import Rate, UsageTotal
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from billing.domain.model import Marketplace, Rate, RateCard, UsageTotal
+    from billing.domain.subscriptions import PlanSpan
 
 ZERO = Decimal(0)
 
@@ -82,3 +86,38 @@ def decide(
     # an hour whose usage disappeared is observed as zero, so a later look does not count it again
     observations = {key: rated_now.get(key, ZERO) for key in rated_now.keys() | observed.keys()}
     return Decision(dimensions=tuple(decisions), observations=observations)
+
+
+def rate_usage_by_plan(
+    usage: Iterable[UsageTotal],
+    card: RateCard,
+    marketplace: Marketplace,
+    plans: Sequence[PlanSpan],
+) -> dict[tuple[str, datetime], Decimal]:
+    """:func:`rate_usage`, each hour's usage with the rates of the plan in force during that hour
+    (:func:`billing.domain.subscriptions.plan_in_force`): late usage of an hour before a plan change is
+    rated with the plan of its own hour, not with the plan of the hour billing it."""
+    by_plan: dict[str | None, list[UsageTotal]] = defaultdict(list)
+    for row in usage:
+        span = plan_in_force(plans, Period(row.hour))
+        by_plan[span.plan if span else None].append(row)
+    rated: dict[tuple[str, datetime], Decimal] = {}
+    for plan, rows in by_plan.items():
+        for key, quantity in rate_usage(rows, card.for_marketplace(marketplace, plan)).items():
+            rated[key] = rated.get(key, ZERO) + quantity
+    return rated
+
+
+def billed_dimensions(
+    card: RateCard,
+    marketplace: Marketplace,
+    plan: str | None,
+    rated_now: Mapping[tuple[str, datetime], Decimal],
+    observed: Mapping[tuple[str, datetime], Decimal],
+) -> tuple[str, ...]:
+    """The dimensions an hour decides: its plan's, and any other whose rated usage changed in the
+    look-back (late usage of an hour under an earlier plan is billed in that plan's dimension, never
+    dropped by marking it observed without a record)."""
+    keys = rated_now.keys() | observed.keys()
+    changed = {key[0] for key in keys if rated_now.get(key, ZERO) != observed.get(key, ZERO)}
+    return tuple(sorted(set(card.plan_dimensions(marketplace, plan)) | changed))

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from billing.domain.model import LedgerState, Marketplace, Period
+from billing.domain.subscriptions import PlanSpan
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -155,6 +156,7 @@ class ScopeCustomer:
     status: str
     active_from: datetime
     active_until: datetime | None
+    plans: tuple[PlanSpan, ...] = ()  # the subject's plan spans (#13): each hour rated with its plan
 
 
 def reconcile_pair(

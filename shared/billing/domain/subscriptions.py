@@ -251,13 +251,22 @@ class SubscriptionState:
         return tuple(out)
 
     def plan_for(self, period: Period) -> PlanSpan | None:
-        """The plan that bills ``period``: a plan change moves dimensions/rates from the hour it takes
-        effect in, so the newest span starting before the hour's end."""
-        chosen: PlanSpan | None = None
-        for span in self.plans:
-            if span.start < period.end:
-                chosen = span
-        return chosen
+        return plan_in_force(self.plans, period)
+
+
+def plan_in_force(plans: Iterable[PlanSpan], period: Period) -> PlanSpan | None:
+    """The plan that rates ``period``: the newest span starting before the hour's end.
+
+    #13: "a plan change moves the subject's dimensions/rates from the hour it takes effect". An hour is
+    billed as one record per dimension, so it has one plan: a change effective at 13:00 bills the 12:00
+    hour with the old plan and the 13:00 hour with the new one, and a change at 13:20 bills the whole
+    13:00 hour with the new plan (the hour it takes effect in), never a mix of the two.
+    """
+    chosen: PlanSpan | None = None
+    for span in sorted(plans, key=lambda p: p.start):
+        if span.start < period.end:
+            chosen = span
+    return chosen
 
 
 def _sorted_events(events: Iterable[LifecycleEvent]) -> list[LifecycleEvent]:

@@ -26,7 +26,8 @@ from billing.domain.errors import (
 )
 from billing.domain.messages import BillMessageV1, require_billable_now
 from billing.domain.model import BillOutcome, LedgerEntry, LedgerState, Marketplace, RateCard, SubmitResult
-from billing.domain.rating import Decision, DimensionDecision, decide, rate_usage
+from billing.domain.rating import Decision, DimensionDecision, billed_dimensions, decide, rate_usage_by_plan
+from billing.domain.subscriptions import plan_in_force
 from billing.ports import BillingRepository, MarketplaceClient, UsageSource
 from billing.tracing import span
 
@@ -159,6 +160,12 @@ class Biller:
             outcome.entries = list(state.entries)
             outcome.stale_final_bill = True
             return outcome
+        if state.superseded and not state.entries:
+            # AWS would bill both records: the license subject of the same account and product bills
+            # this hour (see billing.adapters.postgres._superseded); an hour decided before the license
+            # arrived is finished as decided
+            outcome.superseded = True
+            return outcome
         if state.entries and all(e.state.final for e in state.entries):
             outcome.entries = list(state.entries)
             outcome.already_billed = True
@@ -230,7 +237,6 @@ class Biller:
         customer = state.customer
         period = message.billing_period
         card = await self.rate_cards.get()
-        rates = card.for_marketplace(customer.marketplace)
         # usage after the subscription's end instant is never billed (reconcile reports it as
         # unbillable-after-end); the hour of the end is billed up to the instant
         usage_end = period.end
@@ -238,9 +244,14 @@ class Biller:
             usage_end = max(period.start, min(period.end, customer.active_until))
         usage = await self.usage.hourly_usage(customer.id, window_start, usage_end)
         with span("rate usage"):
-            decision = decide(
-                card.dimensions(customer.marketplace), rate_usage(usage, rates), state.observed, state.carries
+            # #13: each hour of the look-back is rated with the plan in force during it, and this hour
+            # decides its own plan's dimensions (plan_in_force: the plan from the hour it takes effect)
+            rated = rate_usage_by_plan(usage, card, customer.marketplace, state.plans)
+            plan = plan_in_force(state.plans, period)
+            dimensions = billed_dimensions(
+                card, customer.marketplace, plan.plan if plan else None, rated, state.observed
             )
+            decision = decide(dimensions, rated, state.observed, state.carries)
             if expired:
                 decision = _carry_everything(decision)
         entry_states: dict[str, tuple[LedgerState, int]] = {}

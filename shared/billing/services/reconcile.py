@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from billing.domain.model import HOUR, Period, hour_floor
-from billing.domain.rating import rate_usage
+from billing.domain.rating import rate_usage_by_plan
 from billing.domain.reconciliation import ZERO, Reconciliation, reconcile_pair
 
 if TYPE_CHECKING:
@@ -113,14 +113,13 @@ async def _source_usage(
     after: Usage = defaultdict(dict)
 
     async def one(c: ScopeCustomer) -> None:
-        rates = card.for_marketplace(c.marketplace)
         stop = end.end if c.active_until is None else max(start.start, min(end.end, c.active_until))
         async with gate:
             totals = await usage.hourly_usage(c.id, start.start, stop)
             late = await usage.hourly_usage(c.id, stop, end.end) if stop < end.end else []
-        for (dimension, hour), quantity in rate_usage(totals, rates).items():
+        for (dimension, hour), quantity in rate_usage_by_plan(totals, card, c.marketplace, c.plans).items():
             found[(c.id, dimension)][hour] = quantity
-        for (dimension, hour), quantity in rate_usage(late, rates).items():
+        for (dimension, hour), quantity in rate_usage_by_plan(late, card, c.marketplace, c.plans).items():
             after[(c.id, dimension)][hour] = quantity
         if progress is not None:
             progress(1)

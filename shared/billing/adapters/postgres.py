@@ -234,7 +234,7 @@ def _billed_by_legacy(license_: str, period: str) -> str:
      AND {license_}.identity->>'aws_license_arn' IS NOT NULL AND leg.identity->>'aws_license_arn' IS NULL
      AND leg.identity->>'aws_account_id' = {license_}.identity->>'aws_account_id'
      AND leg.identity->>'aws_product_code' = {license_}.identity->>'aws_product_code'
-     AND l.period = {period} AND l.state NOT IN ('skipped', 'expired'))"""
+     AND l.period = {period} AND l.state <> :state_skipped AND l.state <> :state_expired)"""
 
 
 _LOAD = Statement.of(

@@ -34,8 +34,8 @@ from billing.domain.subscriptions import (
     fold,
 )
 
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)  # a line is whole at any width: it is read and grepped
+errors = Console(stderr=True, soft_wrap=True)
 customers_app = typer.Typer(
     no_args_is_help=True, help="Billing subjects and their history.", pretty_exceptions_show_locals=False
 )

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from billing_local.stack import LocalStack
 
-console = Console()
+console = Console(soft_wrap=True)  # a line is whole at any width: it is read and grepped
 
 ACCOUNT = "845735284135"
 LICENSE = "arn:aws:license-manager::794222239362:license:l-0d5a7e1c9b2f4e6a8c0b1d3f5e7a9c1b"

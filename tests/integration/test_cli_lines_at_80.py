@@ -67,3 +67,14 @@ def test_the_demos_log_lines_go_to_the_printed_file(demo: subprocess.CompletedPr
     logged = path.read_text(encoding="utf-8").splitlines()
     assert logged and all(line.startswith("{") for line in logged)
     assert '"level"' not in demo.stdout + demo.stderr
+
+
+def test_the_demos_lifecycle_lines_are_whole(demo: subprocess.CompletedProcess[str]) -> None:
+    # the subscription lifecycle's lines name every marketplace's tenant on one line, at 80 columns too
+    assert demo.returncode == 0, demo.stderr
+    lines = (demo.stdout + demo.stderr).splitlines()
+    subscribed = [
+        line for line in lines if line.startswith("subscribed through the marketplaces' own events:")
+    ]
+    assert len(subscribed) == 1, demo.stdout
+    assert subscribed[0].count(",") == 2 and len(subscribed[0]) > 80, subscribed[0]

@@ -321,7 +321,9 @@ def demo_command(
     verbose: Annotated[bool, typer.Option(help="Show every customer's JSON log line.")] = False,
 ) -> None:
     """Bill one hour for synthetic customers on an embedded local stack (no AWS, no Docker). Log lines
-    go to a file (its path is printed) unless --verbose."""
+    go to a file (its path is printed) unless --verbose; Ctrl-C stops it (exit 130)."""
+    from billing_local.local_run import DispatchInterrupted
+
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO")
     _quiet_by_default(verbose)
     chosen = _marketplaces(marketplaces)
@@ -339,6 +341,9 @@ def demo_command(
         with environment(stack.env), _log_file(verbose):
             stack.metering.latency_s = latency_ms / 1000
             _demo(stack, customers, seed, chosen, now, concurrency, report, apm)
+    except (KeyboardInterrupt, DispatchInterrupted):  # Ctrl-C while seeding or dispatching
+        console.print("interrupted: the demo's stack and its data are deleted now", markup=False)
+        raise typer.Exit(INTERRUPTED) from None
     finally:
         stack_cm.__exit__(None, None, None)
     _finish_apm(apm_events, timeline)
@@ -355,7 +360,7 @@ def _demo(
     apm: Any = None,
 ) -> None:
     from billing.domain.model import LedgerState
-    from billing_local.local_run import run_demo
+    from billing_local.local_run import DemoInterrupted, run_demo
 
     cap = concurrency or stack.queue.max_concurrency
     began = time.perf_counter()
@@ -368,7 +373,27 @@ def _demo(
         )
         began = time.perf_counter()
 
-    result = run_demo(stack, customers, seed, marketplaces, now, cap, apm_client=apm, on_start=starting)
+    try:
+        result = run_demo(
+            stack,
+            customers,
+            seed,
+            marketplaces,
+            now,
+            cap,
+            apm_client=apm,
+            on_start=starting,
+            runner=_interruptible,
+        )
+    except DemoInterrupted as stopped:
+        _print_summary(stopped.result, time.perf_counter() - began)
+        console.print(
+            "interrupted: the summary above is what settled before Ctrl-C; the demo's stack and its data "
+            "are deleted now",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(INTERRUPTED) from None
     wall = time.perf_counter() - began
     _print_summary(result.first, wall)
     again = result.again

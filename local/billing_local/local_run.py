@@ -53,6 +53,14 @@ class HourResult:
     interrupted: bool = False  # Ctrl-C stopped the drain: the report says what settled before it
 
 
+class DemoInterrupted(Exception):
+    """Ctrl-C while the demo billed: ``result`` is what settled before it."""
+
+    def __init__(self, result: HourResult) -> None:
+        super().__init__(str(result.report.period))
+        self.result = result
+
+
 class DispatchInterrupted(Exception):
     """Ctrl-C during the dispatch: it was cancelled (a rerun of the hour sends what may be unbilled)."""
 
@@ -362,13 +370,24 @@ def run_demo(
     concurrency: int,
     apm_client: Any = None,
     on_start: Callable[[Period], None] | None = None,
+    runner: Callable[[Callable[[Any], Awaitable[HourResult]]], HourResult] | None = None,
 ) -> DemoResult:
     """Seed the demo customers, bill ``demo_hour(now)`` as of ``now``, then run the same hour again.
 
     ``now`` is the demo's clock for the whole run: the dispatcher's, the biller's and the emulators',
-    so a demo that starts at :59:59 does not cross into the next hour half way through.
+    so a demo that starts at :59:59 does not cross into the next hour half way through. ``runner``
+    runs each hour's ``work(interrupt)`` (the CLI's takes Ctrl-C over; by default no interrupt);
+    a billing stopped by Ctrl-C ends the demo with :class:`DemoInterrupted`.
     """
     import asyncio
+
+    def run_alone(work: Callable[[Any], Awaitable[HourResult]]) -> HourResult:
+        async def main() -> HourResult:
+            return await work(None)
+
+        return asyncio.run(main())
+
+    go = runner or run_alone
 
     from billing_local.migrate import migrate
 
@@ -382,7 +401,15 @@ def run_demo(
     # the ideal makespan is known when every customer makes one call of a known latency: AWS only
     latency = stack.metering.latency_s if tuple(marketplaces) == ("aws",) else None
     event = {"period": hour.isoformat()}
-    first = asyncio.run(run_hour(event, concurrency, apm_client=apm_client, latency_s=latency, clock=clock))
+    first = go(
+        lambda interrupt: run_hour(
+            event, concurrency, apm_client=apm_client, latency_s=latency, clock=clock, interrupt=interrupt
+        )
+    )
+    if first.interrupted:
+        raise DemoInterrupted(first)
     held = stack.held_records()
-    again = asyncio.run(run_hour(event, concurrency, clock=clock))
+    again = go(lambda interrupt: run_hour(event, concurrency, clock=clock, interrupt=interrupt))
+    if again.interrupted:
+        raise DemoInterrupted(first)
     return DemoResult(hour, first, again, held, stack.held_records())

@@ -66,11 +66,13 @@ def _seed(env: dict[str, str], customers: int) -> None:
     assert seeded.returncode == 0, seeded.stderr
 
 
-def _interrupt_when(env: dict[str, str], started: str) -> tuple[int, str, str]:
-    """Run ``billing run`` and send SIGINT once a line of its stderr matches the regular expression
-    ``started``; return its exit code, stdout and stderr."""
+def _interrupt_when(
+    env: dict[str, str], started: str, command: tuple[str, ...] = ("run", "--period", HOUR)
+) -> tuple[int, str, str]:
+    """Run ``billing COMMAND`` (``billing run`` by default) and send SIGINT once a line of its stderr
+    matches the regular expression ``started``; return its exit code, stdout and stderr."""
     proc = subprocess.Popen(
-        [BILLING, "run", "--period", HOUR],
+        [BILLING, *command],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -92,7 +94,7 @@ def _interrupt_when(env: dict[str, str], started: str) -> tuple[int, str, str]:
         deadline = time.monotonic() + 240
         while True:
             line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            assert line is not None, f"billing run ended before {started!r}: {''.join(err)[-3000:]}"
+            assert line is not None, f"billing {command[0]} ended before {started!r}: {''.join(err)[-3000:]}"
             if re.match(started, line):
                 break
         proc.send_signal(signal.SIGINT)
@@ -190,3 +192,22 @@ def test_log_lines_go_to_a_file_whose_path_is_printed_unless_verbose(local_env: 
     assert verbose.returncode == 0, verbose.stdout + verbose.stderr
     assert "log lines: " not in verbose.stderr
     assert any(line.startswith("{") for line in (verbose.stdout + verbose.stderr).splitlines())
+
+
+def test_ctrl_c_while_the_demo_bills_exits_130_and_deletes_its_stack(tmp_path: Path) -> None:
+    # Given `billing demo` billing 1,500 customers on its own embedded stack (its data under tmp_path)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "BILLING_LOCAL_DIR": str(tmp_path / "state")}
+    env.pop("DATABASE_URL", None)
+    # When Ctrl-C comes once some customer-hours have settled
+    code, out, err = _interrupt_when(
+        env, r"customer-hours settled: [1-9]", ("demo", "--customers", "1500", "--marketplaces", "aws")
+    )
+    # Then it stops (it used to bill on to the end: the runner took the cancellation for a bill's own),
+    # says what settled, exits 130 with no traceback, and leaves no PostgreSQL behind
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in out + err and "ExceptionGroup" not in out + err
+    assert "interrupted: the summary above is what settled before Ctrl-C" in err
+    assert "customers: 1500 billable" in out
+    assert "same hour again" not in out
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert left.stdout.strip() == "", left.stdout

@@ -13,6 +13,8 @@ How a bill ends, read from the code, and the test of each:
   test_a_concurrent_decision_is_retried_and_the_hour_billed_once
 - a transient error on every attempt
   test_a_redelivery_waits_while_another_delivery_holds_the_claim
+- another delivery holds the claim and settles the hour meanwhile: already billed
+  test_a_twin_delivery_waits_for_the_holder_and_ends_as_already_billed
 
 ``Biller._bill_once``
 - unknown customer: test_an_unknown_customer_is_a_bad_message_read_once
@@ -45,7 +47,8 @@ and the rating the decisions carry: remainders, late usage, credits.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -68,6 +71,7 @@ from billing.domain.model import (
     Marketplace,
     Period,
     Rate,
+    SubmitResult,
 )
 from billing.ports import MarketplaceClient
 from billing.services.bill import Biller, RateCardCache
@@ -106,6 +110,15 @@ class World:
     usage: FakeUsageSource
     market: FakeMarketplace
     biller: Biller
+    # what the Biller waited for a held claim; each wait moves the clock, and may let the holder act
+    waits: list[float] = field(default_factory=list)
+    while_waiting: Callable[[], Awaitable[None]] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.clock.advance(timedelta(seconds=seconds))
+        if self.while_waiting is not None:
+            await self.while_waiting()
 
     def rows(self, customer_id: str = "c1", period: Period = HOUR) -> dict[str, LedgerRow]:
         return self.repo.rows(customer_id, period)
@@ -142,7 +155,9 @@ def world(market: FakeMarketplace | None = None, budget_seconds: float = 45.0) -
         clock=clock,
     )
     repo.add_customer(aws_customer("c1"))
-    return World(clock, repo, usage, marketplace, biller)
+    w = World(clock, repo, usage, marketplace, biller)
+    biller.sleep = w.sleep
+    return w
 
 
 def message(customer_id: str = "c1", period: Period = HOUR) -> BillMessageV1:
@@ -410,14 +425,41 @@ async def test_a_redelivery_waits_while_another_delivery_holds_the_claim() -> No
     # When this delivery bills it
     with pytest.raises(ClaimHeldError):
         await w.biller.bill(message())
-    # Then it tried every attempt, sent nothing and left the other's lease alone
-    assert w.repo.calls.count("claim") == 1 + ATTEMPTS
+    # Then it waited for the holder, backing off, for at most holder_wait_seconds, trying the claim
+    # after each wait, then failed (SQS redelivers it); it sent nothing and left the other's lease alone
+    assert w.waits[:3] == [0.05, 0.1, 0.2] and max(w.waits) == 1.0
+    assert sum(w.waits) <= w.biller.holder_wait_seconds < sum(w.waits) + 1.0
+    assert w.repo.calls.count("claim") == 1 + len(w.waits) + 1
     assert len(w.market.calls) == 1
     assert {r.lease_owner for r in w.rows().values()} == {"another-delivery"}
     # and once that lease has lapsed, a redelivery takes the hour over and bills it
     w.clock.advance(timedelta(minutes=3))
     outcome = await w.biller.bill(message())
     assert {e.state for e in outcome.entries} == {LedgerState.ACCEPTED}
+
+
+async def test_a_twin_delivery_waits_for_the_holder_and_ends_as_already_billed() -> None:
+    # Given an hour whose first submission was refused, now claimed by another delivery resubmitting it
+    w = world(FakeMarketplace(answers=[Answer.UNAVAILABLE]))
+    some_usage(w)
+    with pytest.raises(MarketplaceUnavailableError):
+        await w.biller.bill(message())
+    claimed = await w.repo.claim("c1", HOUR, "another-delivery", timedelta(minutes=2))
+    assert claimed is not None
+
+    async def holder_settles() -> None:  # during this delivery's second wait, the holder records AWS's answer
+        if len(w.waits) == 2:
+            accepted = [SubmitResult(e.dimension, LedgerState.ACCEPTED, record_id="r") for e in claimed]
+            await w.repo.record_results("c1", HOUR, "another-delivery", accepted)
+
+    w.while_waiting = holder_settles
+    # When this delivery bills the same hour
+    outcome = await w.biller.bill(message())
+    # Then it waited until the holder had settled the hour and ends as already billed, sending nothing
+    assert w.waits == [0.05, 0.1]
+    assert outcome.already_billed
+    assert w.states() == {"CapacityGbHours": LedgerState.ACCEPTED, "DataTransferGb": LedgerState.ACCEPTED}
+    assert len(w.market.calls) == 1
 
 
 async def test_a_resumed_hour_past_its_window_is_carried_without_a_call() -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import stamina
 
 from billing import log_context
-from billing.budget import DEADLINE
+from billing.budget import DEADLINE, budget_left
 from billing.domain.errors import (
     BadMessageError,
     BudgetSpentError,
@@ -73,6 +73,10 @@ class Biller:
     # Puts a copy of the message back on its marketplace's lane, delayed (seconds of Retry-After if
     # known): a bill throttled until its budget ran out ends there, not as a failed receive (see bill).
     requeue: Callable[[BillMessageV1, Marketplace, float | None], Awaitable[None]] | None = None
+    # How long a delivery waits for another delivery of the same hour that holds its claim (see
+    # _wait_for_holder), at most; and how it waits (tests inject a sleep that lets the other finish).
+    holder_wait_seconds: float = 10.0
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     async def bill(self, message: BillMessageV1) -> BillOutcome:
         """Bill the message's customer-hour; idempotent, so any delivery may run it again.
@@ -88,8 +92,11 @@ class Biller:
         owner = f"{message.run_id}:{uuid.uuid4().hex[:12]}"
 
         def retryable(exc: Exception) -> bool:
-            # the marketplace adapter has already retried its own calls
-            return isinstance(exc, TransientError) and not isinstance(exc, MarketplaceUnavailableError)
+            # the marketplace adapter has already retried its own calls; a held claim is waited for
+            # (_bill_with_retries), not retried at once
+            return isinstance(exc, TransientError) and not isinstance(
+                exc, MarketplaceUnavailableError | ClaimHeldError
+            )
 
         with log_context.bound(operation="bill"):
             # One deadline over every retry below: stopped here, a call in flight is as unconfirmed as after
@@ -122,6 +129,33 @@ class Biller:
                 DEADLINE.reset(budget)
 
     async def _bill_with_retries(
+        self, message: BillMessageV1, owner: str, retryable: Callable[[Exception], bool]
+    ) -> BillOutcome:
+        """The bill, retried; a claim held by another delivery is waited for rather than retried.
+
+        Two deliveries of one customer-hour at the same moment are normal (SQS delivers at least once,
+        a schedule may fire twice): one claims the hour and submits, the other finds the claim held. The
+        holder normally settles within a second, so the other waits for it (backing off, within this
+        bill's budget and ``holder_wait_seconds``) and then ends as already billed. Failing the item
+        instead spent one of the lane's maxReceiveCount receives per attempt: with quick redeliveries
+        (the local runner; an SQS retry sooner than the holder's throttle retries) a healthy duplicate
+        reached the dead-letter queue. A holder that crashed keeps its lease until it lapses: the wait
+        ends, the item fails, and a redelivery after the queue's visibility timeout takes the hour over.
+        """
+        started = asyncio.get_running_loop().time()
+        pause, waited = 0.05, 0.0
+        while True:
+            try:
+                return await self._bill_attempts(message, owner, retryable)
+            except ClaimHeldError:
+                left = budget_left(asyncio.get_running_loop().time(), started)
+                if waited + pause > self.holder_wait_seconds or pause > left:
+                    raise
+            await self.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 1.0)
+
+    async def _bill_attempts(
         self, message: BillMessageV1, owner: str, retryable: Callable[[Exception], bool]
     ) -> BillOutcome:
         # The first attempt runs outside a retry context: nearly every bill succeeds at once, and a

@@ -188,6 +188,7 @@ def run_command(
     _writable(report, "--report")
     _writable(apm_events, "--apm-events")
     _writable(timeline, "--timeline")
+    _configured()  # a missing setting is one error line, before the log path and progress lines
     try:
         cap = concurrency or QueueSettings.from_template().max_concurrency
         logs = _log_file(verbose)
@@ -238,6 +239,19 @@ def run_command(
         )
         raise typer.Exit(INTERRUPTED)
     _exit_on_failures(result, allow_rejected)
+
+
+def _configured() -> None:
+    """The settings a run needs name a database and the queues, in the order a newcomer sets them."""
+    from billing.config import load_settings
+    from billing.domain.errors import ConfigurationError
+    from billing.domain.model import Marketplace
+
+    settings = load_settings()
+    if settings.database_url is None and settings.database_secret_arn is None:
+        raise ConfigurationError("set DATABASE_URL or BILLING_DATABASE_SECRET_ARN")
+    if not all(settings.lane_queue_url(m.value) for m in Marketplace):
+        raise ConfigurationError("set BILLING_QUEUE_URL or every lane's BILLING_<MARKETPLACE>_QUEUE_URL")
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C

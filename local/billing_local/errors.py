@@ -71,6 +71,17 @@ def _database_name() -> tuple[str, str]:
         return ("?", "?")
 
 
+def _no_stack_hint() -> str:
+    """Where to get a stack, when nothing says where one is (a newcomer outside `make demo`)."""
+    database = any(
+        os.environ.get(v) for v in ("DATABASE_URL", "BILLING_DATABASE_URL", "BILLING_DATABASE_SECRET_ARN")
+    )
+    queues = any(k.startswith("BILLING_") and k.endswith("QUEUE_URL") and v for k, v in os.environ.items())
+    if database and queues:
+        return ""
+    return '; for a local stack, run `billing local up`, then `eval "$(billing local env)"`'
+
+
 def explain(exc: BaseException) -> Explanation | None:
     """What went wrong and what to do, for a failure a person can fix; None for a bug."""
     for each in _chain(exc):
@@ -87,7 +98,7 @@ def _explain_one(exc: BaseException) -> Explanation | None:
     from billing.domain.errors import ConfigurationError
 
     if isinstance(exc, ConfigurationError):
-        return Explanation(f"configuration error: {exc}", USAGE)
+        return Explanation(f"configuration error: {exc}{_no_stack_hint()}", USAGE)
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
         return Explanation(
             f"configuration error: DATABASE_URL is not a PostgreSQL DSN ({exc}); "

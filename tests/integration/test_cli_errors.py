@@ -87,6 +87,17 @@ def test_settings_missing_names_the_variable() -> None:
     assert_one_error(proc, 2, "DATABASE_URL")
 
 
+def test_a_run_without_settings_says_what_to_set_first_and_how_to_get_a_stack() -> None:
+    # a newcomer outside `make demo`: nothing configured; the database comes first, then the queues
+    proc = billing("run", "--period", HOUR, env=_clean_env())
+    stderr = assert_one_error(proc, 2, "DATABASE_URL", "billing local up", "billing local env")
+    assert stderr.startswith("error: "), "the error comes before any run has started"
+    # a database but no queue: the queue variable, and the same way to a whole stack
+    proc = billing("run", "--period", HOUR, env=_clean_env(DATABASE_URL="postgresql://u@127.0.0.1:1/db"))
+    stderr = assert_one_error(proc, 2, "BILLING_QUEUE_URL", "billing local up")
+    assert stderr.startswith("error: ")
+
+
 def test_debug_keeps_the_traceback() -> None:
     proc = billing("--debug", "seed", "--customers", "1", env=_clean_env())
     assert proc.returncode != 0

@@ -67,11 +67,13 @@ def _dsn() -> str:
 
 
 async def _repo_call(method: str, *args: Any) -> Any:
-    import asyncpg
-
+    from billing.adapters.postgres import create_pool
     from billing.adapters.postgres_subscriptions import PostgresSubscriptionRepository
+    from billing.adapters.postgres_tls import database_tls
+    from billing.config import load_settings
 
-    pool = await asyncpg.create_pool(_dsn(), min_size=1, max_size=2, server_settings={"timezone": "UTC"})
+    # TLS verified as the functions verify it: an operator may point this at the production database
+    pool = await create_pool(_dsn(), 2, database_tls(load_settings()))
     try:
         return await getattr(PostgresSubscriptionRepository(pool), method)(*args)
     finally:

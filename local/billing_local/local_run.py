@@ -289,13 +289,15 @@ async def _dispatch(runtime: Any, event: dict[str, Any], apm_client: Any) -> Dis
 async def seed_database(
     dsn: str, customers: int, hours: int, seed: int, last: Period, marketplaces: Sequence[str]
 ) -> SeedSummary:
-    """billing_local.seed on a pool of its own, with a progress bar."""
-    import asyncpg
-
+    """billing_local.seed on a pool of its own, TLS verified as the functions verify it (a seller may seed a
+    development database on RDS), with a progress bar; its bulk writes take as long as they take."""
+    from billing.adapters.postgres import create_pool
+    from billing.adapters.postgres_tls import database_tls
+    from billing.config import load_settings
     from billing_local.progress import progress_bar
     from billing_local.seed import seed as seed_data
 
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    pool = await create_pool(dsn, 2, database_tls(load_settings()), command_timeout=None)
     try:
         with progress_bar("seeding customers", total=customers) as advance:
             return await seed_data(pool, customers, hours, seed, last, marketplaces, progress=advance)

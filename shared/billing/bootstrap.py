@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
     import asyncpg
 
-    from billing.adapters.postgres_tls import DatabaseTls
     from billing.domain.messages import BillMessageV1
     from billing.ports import (
         BillingRepository,
@@ -110,13 +109,6 @@ def _wrapped(wrap: Callable[[_T], _T] | None, inner: _T) -> _T:
     return inner if wrap is None else wrap(inner)
 
 
-def _database_tls(settings: Settings) -> DatabaseTls:
-    from billing.adapters.postgres_tls import SHIPPED_CA_FILES, DatabaseTls
-
-    files = (settings.db_ca_bundle,) if settings.db_ca_bundle else SHIPPED_CA_FILES
-    return DatabaseTls(verify=settings.db_tls_verify, ca_files=files)
-
-
 class Wrappers:
     """What the root wraps each collaborator in once built (or given): the seam fault injection uses."""
 
@@ -170,7 +162,9 @@ class Runtime:
         self._dsn = (
             database_dsn(settings) if settings.database_secret_arn and not settings.database_url else None
         )
-        self._tls = _database_tls(settings)
+        from billing.adapters.postgres_tls import database_tls
+
+        self._tls = database_tls(settings)
         known = self._dsn or (settings.database_url.get_secret_value() if settings.database_url else None)
         if known is not None:
             self._tls.check(known)  # a DSN asking for weak TLS, or a missing CA file, fails the init

@@ -54,16 +54,9 @@ async def migrate(dsn: str, tls: DatabaseTls | None = None) -> list[str]:
         await conn.close()
 
 
-def database_tls(settings: Settings) -> DatabaseTls:
-    """The functions' TLS rules (BILLING_DB_TLS_VERIFY, BILLING_DB_CA_BUNDLE), for the migration."""
-    from billing.adapters.postgres_tls import SHIPPED_CA_FILES, DatabaseTls
-
-    files = (settings.db_ca_bundle,) if settings.db_ca_bundle else SHIPPED_CA_FILES
-    return DatabaseTls(verify=settings.db_tls_verify, ca_files=files)
-
-
 async def migrate_configured(settings: Settings) -> list[str]:
     """Apply the migrations to the database ``settings`` name, as the functions would connect to it."""
+    from billing.adapters.postgres_tls import database_tls
     from billing.bootstrap import database_dsn
 
     dsn = await asyncio.to_thread(database_dsn, settings)  # may read Secrets Manager

@@ -150,6 +150,24 @@ def test_a_wrong_password() -> None:
     assert "wrong-password" not in stderr
 
 
+@pytest.mark.skipif(server_binaries() is None, reason="Debian's PostgreSQL server (make postgres-server)")
+@pytest.mark.parametrize("command", [("seed", "--customers", "1"), ("customers", "list")])
+def test_a_server_certificate_that_does_not_verify_is_one_configuration_line(
+    command: tuple[str, ...],
+) -> None:
+    # a TLS server whose certificate no CA of the layer's bundle signed: the operator commands verify the
+    # server as the functions do (they may point at the production database)
+    from tests.tls_postgres import CertificateAuthority, tls_postgres
+
+    ca = CertificateAuthority.create("not a shipped CA")
+    cert, key = ca.server_certificate(["localhost"])
+    with tls_postgres(cert, key, host="localhost") as server:
+        dsn = f"postgresql://postgres:secret-password@localhost:{server.port}/postgres"
+        proc = billing(*command, env=_clean_env(DATABASE_URL=dsn))
+    stderr = assert_one_error(proc, 2, "configuration error", "certificate does not verify")
+    assert "secret-password" not in stderr
+
+
 def test_an_unmigrated_database_says_run_db_migrate(postgres_server: str) -> None:
     name = f"bare_{uuid.uuid4().hex[:8]}"
 

@@ -24,7 +24,7 @@ import pytest
 
 from billing.bootstrap import Runtime
 from billing.config import load_settings
-from billing.domain.errors import TransientError
+from billing.domain.errors import ConfigurationError
 from billing.domain.messages import parse_message
 from billing.domain.model import LedgerState
 from billing_local.migrate import migrate
@@ -148,10 +148,13 @@ async def test_a_server_certificate_from_another_ca_is_refused(
     use_secret(monkeypatch, secrets, tls_database.rds_secret(), tls_database.stranger_ca_file)
     runtime = Runtime(load_settings())
     # When the runtime opens its pool
-    # Then no connection is made: the certificate does not verify (asyncpg's default would not look)
-    with pytest.raises(TransientError) as refused:
+    # Then no connection is made: the certificate does not verify (asyncpg's default would not look),
+    # a configuration error (retrying meets the same certificate) naming the cause, not the DSN
+    with pytest.raises(ConfigurationError) as refused:
         await _tls_of_session(runtime)
-    assert "SSLCertVerificationError" in str(refused.value)
+    assert "certificate does not verify" in str(refused.value)
+    assert "unable to get local issuer certificate" in str(refused.value)
+    assert "postgresql://" not in str(refused.value)
 
 
 async def test_a_server_certificate_for_another_host_name_is_refused(
@@ -162,9 +165,9 @@ async def test_a_server_certificate_for_another_host_name_is_refused(
     runtime = Runtime(load_settings())
     # When the runtime opens its pool
     # Then the host name check refuses it
-    with pytest.raises(TransientError) as refused:
+    with pytest.raises(ConfigurationError) as refused:
         await _tls_of_session(runtime)
-    assert "SSLCertVerificationError" in str(refused.value)
+    assert "certificate does not verify" in str(refused.value) and "127.0.0.1" in str(refused.value)
 
 
 async def test_a_rotated_password_is_read_again_and_no_message_reaches_the_dead_letter_queue(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -155,7 +156,9 @@ class _Connector:
         return await asyncpg.connect(fresh, ssl=self._tls.context_for(fresh), **options)
 
 
-async def create_pool(dsns: DsnSource | str, max_size: int, tls: DatabaseTls | None = None) -> asyncpg.Pool:
+async def create_pool(
+    dsns: DsnSource | str, max_size: int, tls: DatabaseTls | None = None, command_timeout: float | None = 30
+) -> asyncpg.Pool:
     """A small pool: one Lambda environment bills one customer at a time."""
     source = FixedDsn(dsns) if isinstance(dsns, str) else dsns
     try:
@@ -166,12 +169,21 @@ async def create_pool(dsns: DsnSource | str, max_size: int, tls: DatabaseTls | N
             connection_class=_NoResetConnection,
             # the session runs in UTC so date_trunc('hour', ...) means the UTC hour
             server_settings={"timezone": "UTC", "application_name": "marketplace-billing"},
-            command_timeout=30,
+            command_timeout=command_timeout,
         )
     except asyncpg.exceptions.ClientConfigurationError as exc:
         # a DSN that is not one (an InterfaceError, which the next clause would call transient)
         raise ConfigurationError(f"the database DSN is not a PostgreSQL DSN: {exc}") from None
-    except TRANSIENT_DB_ERRORS as exc:  # before ValueError: a TLS verification error is both
+    except ssl.SSLCertVerificationError as exc:
+        # not transient: the same server answers with the same certificate until the deployment changes
+        # (the DSN's host name, or a CA the layer does not ship); the message names neither the DSN nor
+        # its password
+        raise ConfigurationError(
+            f"the database server's certificate does not verify ({exc.verify_message}): the DSN must name "
+            "a host the certificate covers, signed by a CA of the layer's bundle (billing/certs), or set "
+            "sslrootcert in the DSN"
+        ) from None
+    except TRANSIENT_DB_ERRORS as exc:  # before ValueError: an SSL error is both
         raise TransientError(f"database unavailable: {type(exc).__name__}") from exc
     except ValueError as exc:
         # asyncpg's parser raises a plain ValueError for a port that is not a number

@@ -9,9 +9,13 @@ import functools
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from billing.domain.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from billing.config import Settings
 
 CERTS = Path(__file__).resolve().parents[1] / "certs"
 # RDS's global bundle for an instance or cluster endpoint; Amazon's roots for an RDS Proxy endpoint (ACM)
@@ -72,6 +76,13 @@ class DatabaseTls:
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigurationError(f"cannot load the database CA bundle {path}: {exc}") from None
         return context
+
+
+def database_tls(settings: Settings) -> DatabaseTls:
+    """The TLS rules the settings ask for (BILLING_DB_TLS_VERIFY, BILLING_DB_CA_BUNDLE): the functions',
+    the migration's and the operator commands' connections all verify the same way."""
+    files = (settings.db_ca_bundle,) if settings.db_ca_bundle else SHIPPED_CA_FILES
+    return DatabaseTls(verify=settings.db_tls_verify, ca_files=files)
 
 
 def _dsn_hosts(dsn: str) -> tuple[list[str], dict[str, list[str]]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -117,3 +119,17 @@ def throttle_every_call(stack: Any, biller: Any, left_s: float = 0.3) -> None:
 
     stack.metering.fault_rate, stack.metering.fault_kinds = 1.0, ("throttle",)
     biller.requeue, biller.budget_seconds = None, RESERVE_SECONDS + left_s
+
+
+def captured_logs(monkeypatch: Any, logger: Any) -> io.StringIO:
+    """What the Powertools ``logger`` writes from now on, at INFO.
+
+    The handler keeps the stream it was created with, so it is swapped for one the test reads. Loggers of
+    one service share a stdlib logger, whose level the last one built sets: one built under the fault
+    suite's POWERTOOLS_LOG_LEVEL=ERROR would silence INFO and WARNING lines for later tests.
+    """
+    stream = io.StringIO()
+    monkeypatch.setattr(logger.registered_handler, "stream", stream)
+    monkeypatch.setattr(logger._logger, "level", logging.INFO)  # restored after the test
+    logging.getLogger().manager._clear_cache()  # isEnabledFor caches per level
+    return stream

@@ -247,9 +247,9 @@ def test_logs_carry_the_bill_and_its_apm_ids(
 ) -> None:
     # the Logger's handler keeps the stream it was created with: read what it writes directly
     from billing.entrypoints import biller as entrypoint
+    from testkit import captured_logs
 
-    stream = io.StringIO()
-    monkeypatch.setattr(entrypoint.logger.registered_handler, "stream", stream)
+    stream = captured_logs(monkeypatch, entrypoint.logger)
     biller_handler.lambda_handler(event("sqs-one-customer.json"), LambdaContext.of())
     logs = [json.loads(line) for line in stream.getvalue().splitlines()]
     (billed,) = [entry for entry in logs if entry["message"] == "billed"]
@@ -285,9 +285,9 @@ def _bill(module: ModuleType, customer_id: str) -> None:
 
 def _audit_logs(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
     from billing.entrypoints import auditor as entrypoint
+    from testkit import captured_logs
 
-    stream = io.StringIO()
-    monkeypatch.setattr(entrypoint.logger.registered_handler, "stream", stream)
+    stream = captured_logs(monkeypatch, entrypoint.logger)
     return stream
 
 

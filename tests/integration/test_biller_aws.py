@@ -455,7 +455,6 @@ def test_run_ids_do_not_affect_idempotency() -> None:
 async def test_each_retry_log_line_names_the_customer_hour_and_marketplace(
     runtime: Runtime, biller: Biller, pool: Any, stack: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import io
     import json
 
     from billing.entrypoints import biller as entrypoint
@@ -463,8 +462,9 @@ async def test_each_retry_log_line_names_the_customer_hour_and_marketplace(
     # Given AWS throttles the first BatchMeterUsage call of a customer's hour
     stack.metering.subscribe(PRODUCT, await add_aws_customer(pool, "c1"))
     stack.metering.faults.append("throttle")
-    stream = io.StringIO()
-    monkeypatch.setattr(entrypoint.logger.registered_handler, "stream", stream)
+    from testkit import captured_logs
+
+    stream = captured_logs(monkeypatch, entrypoint.logger)
     # When its message is billed (as the Lambda handler and the local runner bill it)
     body = message("c1").model_dump_json()
     await entrypoint.bill_body(runtime, body, "msg-1")

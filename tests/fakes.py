@@ -26,7 +26,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from billing.adapters import aws_metering
-from billing.adapters.postgres import expiry_reasons
 from billing.domain.errors import ConcurrentDecisionError, WindowExpiredError
 from billing.domain.messages import BillMessageV1
 from billing.domain.model import (
@@ -41,6 +40,7 @@ from billing.domain.model import (
     RateCard,
     SubmitResult,
     UsageTotal,
+    expiry_reasons,
     hour_floor,
 )
 from billing.domain.rating import Decision

@@ -19,6 +19,13 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+try:
+    # libyaml's parser (in PyYAML's wheels): the pure-Python one took a third of a second per read of
+    # template.yaml, which the template tests, the unit tier and the CLI read again and again
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # a PyYAML built without libyaml
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -90,11 +97,11 @@ _NO_VALUE = object()
 _SUB_VARIABLE = re.compile(r"\$\{([^}!]+)\}")
 
 
-class CfnLoader(yaml.SafeLoader):
+class CfnLoader(_SafeLoader):
     """SafeLoader that understands CloudFormation's short-form intrinsic function tags."""
 
 
-def _construct_intrinsic(loader: yaml.SafeLoader, tag_suffix: str, node: yaml.Node) -> dict[str, Any]:
+def _construct_intrinsic(loader: _SafeLoader, tag_suffix: str, node: yaml.Node) -> dict[str, Any]:
     key = tag_suffix if tag_suffix in _UNPREFIXED else f"Fn::{tag_suffix}"
     value: Any
     if isinstance(node, yaml.ScalarNode):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 
 from billing.config import Settings, UsageSourceKind, load_settings
@@ -43,13 +40,3 @@ def test_secrets_are_not_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -
     text = repr(Settings()) + str(Settings().model_dump())
     assert "hunter2-pw" not in text
     assert "es-key-that-must-not-leak" not in text
-
-
-def test_a_handler_with_bad_configuration_fails_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Given a deployment whose usage source is misconfigured
-    monkeypatch.setenv("BILLING_USAGE_SOURCE", "elasticsearch")
-    monkeypatch.delenv("BILLING_ES_URL", raising=False)
-    monkeypatch.delitem(sys.modules, "dispatcher", raising=False)
-    # Then the cold start (the module import) fails loudly, before any event is handled
-    with pytest.raises(ConfigurationError, match="BILLING_ES_URL"):
-        importlib.import_module("dispatcher")

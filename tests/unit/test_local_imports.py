@@ -8,6 +8,7 @@ helpers) works only as long as every such import stays inside a function; the ru
 from __future__ import annotations
 
 import ast
+import functools
 import graphlib
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def _imports(path: Path, module: str) -> set[str]:
     return found
 
 
+@functools.cache  # parsed once for both tests
 def _graph() -> dict[str, set[str]]:
     modules = {
         "billing_local." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts): p

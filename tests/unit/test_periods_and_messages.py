@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from billing.domain.errors import BadMessageError
@@ -228,7 +228,6 @@ TIMESTAMP_LIKE = (
 )
 
 
-@settings(deadline=None)  # hypothesis's 100 examples: the unit tier runs in seconds (tests/unit)
 @given(
     event=st.one_of(
         JSON,
@@ -247,7 +246,6 @@ def test_any_json_event_gives_an_ended_hour_or_a_bad_message(event: object) -> N
     assert isinstance(request.resend_unbilled, bool)
 
 
-@settings(deadline=None)
 @given(
     period=HOURS | JSON | TIMESTAMP_LIKE,
     version=st.just(1) | JSON,

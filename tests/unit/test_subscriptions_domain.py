@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from billing.domain.model import Marketplace, Period
@@ -160,7 +160,6 @@ events_strategy = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
 @given(events=events_strategy, data=st.data())
 def test_any_order_and_any_replay_give_the_same_state(
     events: list[LifecycleEvent], data: st.DataObject
@@ -177,7 +176,6 @@ def test_any_order_and_any_replay_give_the_same_state(
         assert billable_during(got, hour(h)) == billable_during(expected, hour(h))
 
 
-@settings(max_examples=200, deadline=None)
 @given(events=events_strategy)
 def test_applying_an_event_twice_changes_nothing(events: list[LifecycleEvent]) -> None:
     state = fold(KEY, events)

@@ -27,6 +27,7 @@ from billing.domain.model import (
     Rate,
     RateCard,
     UsageTotal,
+    expiry_reasons,
 )
 from billing.domain.subscriptions import PlanSpan
 from billing.ports import CustomerHourState, Run
@@ -414,17 +415,6 @@ SELECT count(*) FROM e
 """)
 
 _RATE_CARD = Statement.of("SELECT marketplace, metric, dimension, factor, plan FROM rate_card")
-
-
-def expiry_reasons(window: str) -> tuple[str, str]:
-    """The ledger's reasons for an hour settled outside the marketplace's ``window``: (maybe received,
-    carried)."""
-    return (
-        f"outside the marketplace's {window} window after a submission the marketplace may have "
-        "received (its answer never proved a refusal): check the marketplace's records before billing "
-        "it again",
-        f"outside the marketplace's {window} window: quantity carried to a later hour",
-    )
 
 
 class PostgresBillingRepository:

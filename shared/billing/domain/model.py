@@ -65,6 +65,18 @@ UNFINISHED_STATES = frozenset(s for s in LedgerState if s not in FINAL_STATES)
 REFUSED_STATES = frozenset({LedgerState.FAILED, LedgerState.REJECTED})
 
 
+def expiry_reasons(window: str) -> tuple[str, str]:
+    """The ledger's reasons for an hour settled outside the marketplace's ``window``: (maybe received,
+    carried). Domain, not the Postgres adapter: the unit tests' in-memory repository (tests/fakes.py)
+    writes the same reasons without importing asyncpg."""
+    return (
+        f"outside the marketplace's {window} window after a submission the marketplace may have "
+        "received (its answer never proved a refusal): check the marketplace's records before billing "
+        "it again",
+        f"outside the marketplace's {window} window: quantity carried to a later hour",
+    )
+
+
 def hour_floor(moment: datetime) -> datetime:
     """The start of the UTC hour that contains ``moment``."""
     if moment.tzinfo is None:

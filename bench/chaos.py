@@ -273,8 +273,8 @@ class Chaos:
             self.injected.add("usage search slow", source.faults["slow"])
         self.injected.add("database connection terminated", len(self.killer.killed))
         for c in self.subscribers.cancellations if self.subscribers is not None else []:
-            where = f"during its customer's bill ({c.step})" if c.during_bill else "after the run"
-            self.injected.add(f"subscription cancelled {where}")
+            kind = f"cancelled mid-bill ({c.step})" if c.during_bill else "cancelled after the run"
+            self.injected.add(kind)
         for marketplace, gate in gates.items():
             assert isinstance(gate.plan, RandomFaults)
             for kind, n in gate.plan.chosen.items():
@@ -733,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lost                  {verdict.lost}  (-{verdict.units_under} units)")
     print(f"quantity difference   {verdict.quantity_difference}")
     print(f"wall time             {wall:.1f} s  (clean {clean.seconds:.1f} s, chaos {chaos.seconds:.1f} s)")
-    during = sum(n for kind, n in injected.counts.items() if kind.startswith("subscription cancelled during"))
+    during = sum(n for kind, n in injected.counts.items() if kind.startswith("cancelled mid-bill"))
     print(
         f"cancellations         {len(plan.cancels)} of {len(plan.marketplaces)} marketplace subscribers: "
         f"{during} during their customer's bill, {len(plan.cancels) - during} after the run "
@@ -741,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("faults injected:")
     for kind, n in sorted(injected.counts.items()):
-        print(f"  {kind:56} {n:,}")
+        print(f"  {kind:52} {n:,}")
     print(
         f"ledger: {len(verdict.ledger_disagreements)} disagreement(s) with the marketplaces, "
         f"{verdict.unsettled_rows} unsettled row(s); "

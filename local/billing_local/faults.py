@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from billing.domain.model import Period
+from billing.domain.model import LedgerState, Period
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Coroutine
@@ -382,8 +382,8 @@ class KillingLedger(Proxy):
 class DuringBill(Proxy):
     """A BillingRepository that runs ``during(step, customer, period)`` in the middle of a customer's bill
     where ``when(step, customer, period)`` says so: right after the bill's decision was recorded (nothing
-    sent yet: AFTER_DECISION), or after the marketplace accepted the records and before the ledger recorded
-    that answer (AFTER_ANSWER). The world changing while the bill is in flight: a cancellation arriving
+    sent yet: AFTER_DECISION), or after the marketplace answered (whatever the answer) and before the ledger
+    recorded it (AFTER_ANSWER). The world changing while the bill is in flight: a cancellation arriving
     (``Subscribers.cancel``). ``fired`` lists (step, customer, period) of each time it ran."""
 
     def __init__(
@@ -759,7 +759,7 @@ def dead_letters(stack: LocalStack) -> list[str]:
 
 # --- subscriptions: customers the marketplaces subscribe and cancel (#13) --------------------------------
 
-FINAL_STATES = frozenset({"accepted", "duplicate", "rejected", "skipped", "expired"})  # LedgerState.final
+FINAL_STATES = frozenset(state.value for state in LedgerState if state.final)
 
 
 @dataclass(frozen=True)
@@ -825,9 +825,6 @@ class Subscribers:
         self.subjects: dict[str, Subject] = {}
         self.cancellations: list[Cancellation] = []
         self._pushed = 0  # Procurement notifications delivered so far
-
-    def marketplace(self, tenant: str) -> str:
-        return self.subjects[tenant].marketplace
 
     async def subscribe(self, marketplace: str, name: str) -> Subject:
         """A new customer of ``marketplace`` (``name`` makes its ids), active from ``clock()``."""

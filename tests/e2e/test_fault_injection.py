@@ -672,6 +672,7 @@ def test_a_cancellation_arriving_while_its_hour_is_billed_bills_up_to_the_end_on
     assert (cancelled.subject.tenant, cancelled.step, cancelled.hour) == (victim, step, H)
     assert cancelled.during_bill, cancelled
     assert (cancelled.status, cancelled.ends_at, cancelled.at) == ("ended", end, end)
+    assert cancelled.failed_deliveries == ()  # taken at its first delivery
     # and the final bills brought their own message for H beside the run's (two run ids): H billed once
     runs = {
         json.loads(d.body)["run_id"]

@@ -14,14 +14,22 @@ twice, each time on a fresh database and a fresh local stack:
   and at the same moment; billers killed after recording their decision, or after the marketplace accepted
   and before the ledger recorded it; every billing connection terminated by PostgreSQL every few seconds;
   usage searches that time out or are slow; poison messages; usage arriving after its hour was billed; one
-  marketplace down (503) for the drain's first seconds, long enough to dead-letter many of its messages.
+  marketplace down (503) for the drain's first seconds, long enough to dead-letter many of its messages;
+  subscription cancellations (#13) arriving while the run bills that customer's hour: a share of the
+  customers come from the marketplaces' own events (AWS license events, Google Procurement pushes, Azure's
+  landing page and webhook, handed to the Subscriptions function's handler), and some of them cancel in the
+  middle of their bill of a random hour (right after its decision, or after the marketplace answered), the
+  handler sending their final bills on the same queue. The clean run gets the same cancellations at the
+  same virtual instant, just before that hour's run.
   Then the faults stop, the dead-letter queue is redriven (``billing redrive``'s code) and drained, until
   every customer-hour is settled.
 
 It prints the customer-hours, the double-billed and lost (customer, dimension) pairs and the total quantity
-difference against the clean run (all three must be 0), and the wall time; writes bench/results/chaos.json;
-exits 1 if any of the three is not 0. Both runs use moto with bench.moto_linear's fixes (as shipped, moto's
-SQS costs O(queue depth) per message: 2,500 messages an hour would take minutes to dispatch and drain).
+difference against the clean run (all three must be 0), how many cancellations fired during their
+customer's bill and any record held for an hour after a cancelled subscription's end (must be none), and
+the wall time; writes bench/results/chaos.json; exits 1 if any of these is not 0. Both runs use moto
+with bench.moto_linear's fixes (as shipped, moto's SQS costs O(queue depth) per message: 2,500 messages
+an hour would take minutes to dispatch and drain).
 """
 
 from __future__ import annotations
@@ -47,16 +55,19 @@ from urllib.parse import urlsplit, urlunsplit
 from bench.common import machine, write_json
 from billing_local.faults import (
     AFTER_ACCEPT,
+    AFTER_ANSWER,
     AFTER_DECISION,
     Clock,
     ConnectionKiller,
     Deliveries,
     Drain,
+    DuringBill,
     FaultyUsage,
     Gate,
     KillingLedger,
     RandomFaults,
     ShortMarketplaceTimeouts,
+    Subscribers,
     dead_letters,
     held_records,
     identities,
@@ -100,6 +111,39 @@ class Rates:
     # each hour one marketplace in turn is down this long when the drain starts: its messages that fail
     # maxReceiveCount times meanwhile end in the dead-letter queue, redriven once the faults are over
     outage_s: float = 25.0  # > 1+2+3+4+5 s: the runner's redelivery delays before a 6th receive dead-letters
+    # of customers: they come from the marketplaces' own events (at least one per marketplace) ...
+    subscribers: float = 0.01
+    # ... and of those, the share that cancel while the run bills their hour (at least one)
+    cancelled: float = 0.67
+
+
+@dataclass(frozen=True)
+class SubscriberPlan:
+    """The customers that come from the marketplaces' events, their usage and their cancellations: the
+    same in the clean and the chaos run (drawn from the seed alone)."""
+
+    marketplaces: tuple[str, ...]  # one subscriber each, in order
+    usage: tuple[tuple[int, int, int, int], ...]  # (subscriber, hour from the first, minute, quantity)
+    cancels: dict[int, tuple[int, str]]  # subscriber -> (the hour whose run it cancels in, DuringBill step)
+
+    @classmethod
+    def draw(cls, customers: int, hours: int, seed: int, rates: Rates) -> SubscriberPlan:
+        rng = random.Random(f"{seed}-subscribers")
+        count = max(len(ALL), round(customers * rates.subscribers))
+        marketplaces = tuple(ALL[i % len(ALL)] for i in range(count))
+        # every subscriber uses capacity twice an hour, one hour more than billed: a cancellation during
+        # the last hour's run ends the subscription 20 minutes into that extra hour
+        usage = tuple(
+            (i, h, minute, rng.randint(1, 9))
+            for i in range(count)
+            for h in range(hours + 1)
+            for minute in (10, 40)
+        )
+        chosen = rng.sample(range(count), max(1, round(count * rates.cancelled)))
+        cancels = {
+            i: (rng.randrange(hours), rng.choice((AFTER_DECISION, AFTER_ANSWER))) for i in sorted(chosen)
+        }
+        return cls(marketplaces, usage, cancels)
 
 
 @dataclass
@@ -144,6 +188,10 @@ class Chaos:
     killer: ConnectionKiller = field(init=False)
     usages: list[FaultyUsage] = field(default_factory=list)
     ledgers: list[KillingLedger] = field(default_factory=list)
+    subscribers: Subscribers | None = None
+    # this hour's cancellations still to arrive during their customer's bill: tenant -> (hour, step)
+    cancel_during: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    cancel_failures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.deliveries = Deliveries(twice=self._twice)
@@ -161,6 +209,21 @@ class Chaos:
         rate = {AFTER_DECISION: self.rates.kill_after_decision, AFTER_ACCEPT: self.rates.kill_after_accept}
         return self.strikes(rate[step])
 
+    def _cancels(self, step: str, customer: str, period: Any) -> bool:
+        due = self.cancel_during.get(customer)
+        if self.on and due == (period, step):
+            del self.cancel_during[customer]  # once, whatever the delivery does
+            return True
+        return False
+
+    async def _cancel(self, step: str, customer: str, period: Any) -> None:
+        assert self.subscribers is not None
+        try:
+            await self.subscribers.cancel(customer, step=step, hour=period)
+        except Exception as exc:  # not taken after every redelivery: it arrives after the drain instead
+            self.cancel_failures.append(f"{customer}: {type(exc).__name__}: {exc}")
+            self.cancel_during[customer] = (period, "after the run")
+
     def _usage_fault(self, customer: str) -> str | None:
         if self.strikes(self.rates.usage_timeout):
             return "timeout"
@@ -173,9 +236,9 @@ class Chaos:
 
         from billing.bootstrap import Runtime, Wrappers
 
-        def ledger(repo: Any) -> KillingLedger:
+        def ledger(repo: Any) -> Any:
             self.ledgers.append(KillingLedger(repo, self._kills))
-            return self.ledgers[-1]
+            return DuringBill(self.ledgers[-1], self._cancels, self._cancel)
 
         def usage(source: Any) -> FaultyUsage:
             self.usages.append(FaultyUsage(source, self._usage_fault, slow_s=0.3))
@@ -209,6 +272,9 @@ class Chaos:
             self.injected.add("usage search timed out", source.faults["timeout"])
             self.injected.add("usage search slow", source.faults["slow"])
         self.injected.add("database connection terminated", len(self.killer.killed))
+        for c in self.subscribers.cancellations if self.subscribers is not None else []:
+            kind = f"cancelled mid-bill ({c.step})" if c.during_bill else "cancelled after the run"
+            self.injected.add(kind)
         for marketplace, gate in gates.items():
             assert isinstance(gate.plan, RandomFaults)
             for kind, n in gate.plan.chosen.items():
@@ -235,6 +301,8 @@ class Run:
     poison: set[str] = field(default_factory=set)  # every poison body sent
     hours_billed: int = 0
     seconds: float = 0.0
+    ends: dict[str, datetime] = field(default_factory=dict)  # cancelled customer -> its subscription's end
+    cancel_failures: list[str] = field(default_factory=list)
 
     def totals(self) -> Counter[tuple[str, str]]:
         out: Counter[tuple[str, str]] = Counter()
@@ -244,9 +312,17 @@ class Run:
 
 
 def bill_hours(
-    name: str, server: str, customers: int, hours: int, seed: int, rates: Rates | None, concurrency: int
+    name: str,
+    server: str,
+    customers: int,
+    hours: int,
+    seed: int,
+    rates: Rates | None,
+    concurrency: int,
+    plan: SubscriberPlan,
 ) -> Run:
-    """Bill ``hours`` hours for ``customers`` customers on a fresh database and stack; chaos if ``rates``."""
+    """Bill ``hours`` hours for ``customers`` customers (and ``plan``'s subscribers) on a fresh database and
+    stack; chaos if ``rates``."""
     from billing_local.local_run import subscribe_all as _subscribe_all
     from billing_local.migrate import migrate
     from billing_local.stack import environment, local_stack
@@ -267,7 +343,9 @@ def bill_hours(
         middlewares = {m: gate.middleware() for m, gate in gates.items()}
         # moto with bench.moto_linear's fixes: as shipped, its SQS costs O(queue depth) per message
         with (
-            local_stack(dsn, middlewares=middlewares, moto_module="bench.moto_linear") as stack,
+            local_stack(
+                dsn, middlewares=middlewares, moto_module="bench.moto_linear", lifecycle=True
+            ) as stack,
             environment({**stack.env, **ENV}),
         ):
             stack.metering.clock = stack.gcp.clock = stack.azure.clock = clock
@@ -278,12 +356,20 @@ def bill_hours(
                 quota.reset(rate=QUOTA)
             asyncio.run(_seed(dsn, customers, hours, seed, first.shifted(hours - 1)))
             asyncio.run(_subscribe_all(stack))
+            subscribers = chaos.subscribers = Subscribers(stack, clock)
+            tenants = asyncio.run(_subscribe(subscribers, plan, first, clock))
             ids = asyncio.run(identities(dsn))
             for gate in gates.values():
                 gate.identities = ids
             for h in range(hours):
                 hour = first.shifted(h)
                 clock.now = hour.end + timedelta(minutes=20)
+                due = {tenants[i]: step for i, (at, step) in plan.cancels.items() if at == h}
+                if rates is None:  # clean: the same cancellations at the same instant, before the run
+                    for tenant in due:
+                        asyncio.run(subscribers.cancel(tenant))
+                else:
+                    chaos.cancel_during = {tenant: (hour, step) for tenant, step in due.items()}
                 late: list[tuple[Any, ...]] = []
                 if rates is not None and h < hours - 1:
                     late = asyncio.run(_hold_back(dsn, hour, customers, rates.late_usage, chaos.rng))
@@ -292,6 +378,8 @@ def bill_hours(
                 if late:
                     asyncio.run(_arrive(dsn, late))
             chaos.count(gates)
+            run.ends = {c.subject.tenant: c.at for c in subscribers.cancellations}
+            run.cancel_failures = chaos.cancel_failures
             _collect(run, stack, ids, dsn)
     run.seconds = time.perf_counter() - began
     return run
@@ -328,6 +416,16 @@ def _bill_hour(
         run.hours_billed += 1
     run.invocations += result.stats.invocations
     run.failed += result.stats.failed
+    if chaos.cancel_during:
+        # a cancellation whose customer's bill it did not meet (the biller was killed before the step, or
+        # nothing was sent) arrives now, at the same instant, and its final bills are drained
+        assert chaos.subscribers is not None
+        for tenant in list(chaos.cancel_during):
+            del chaos.cancel_during[tenant]
+            asyncio.run(chaos.subscribers.cancel(tenant))
+        result = _run_hour(hour, chaos, concurrency)
+        run.invocations += result.stats.invocations
+        run.failed += result.stats.failed
     # the faults are over: redrive what the dead-letter queue holds (poison goes back there) and drain
     for _ in range(5):
         stranded = [body for body in dead_letters(stack) if body not in run.poison]
@@ -388,6 +486,7 @@ class Verdict:
     differences: list[str]
     ledger_disagreements: list[str]
     unsettled_rows: int
+    after_end: list[str]  # records held for an hour after a cancelled subscription's end
 
     @property
     def ok(self) -> bool:
@@ -412,6 +511,14 @@ def compare(clean: Run, chaos: Run, customer_hours: int) -> Verdict:
             disagreements.append(
                 f"{key[0]} {key[1]} {key[2]:%Y-%m-%dT%H}: ledger {state} {quantity}, not held"
             )
+    from billing.domain.model import hour_floor
+
+    after_end = sorted(
+        f"{run.name}: {c} {d} {h:%Y-%m-%dT%H}: {q} (ended {run.ends[c]:%H:%M})"
+        for run in (clean, chaos)
+        for (c, d, h), q in run.held.items()
+        if c in run.ends and h > hour_floor(run.ends[c]) and any(q)
+    )
     return Verdict(
         customer_hours=customer_hours,
         double_billed=len(over) + len(twice),
@@ -425,6 +532,7 @@ def compare(clean: Run, chaos: Run, customer_hours: int) -> Verdict:
         ][:20],
         ledger_disagreements=disagreements[:20],
         unsettled_rows=sum(1 for state, _ in chaos.ledger.values() if state not in finals),
+        after_end=after_end[:20],
     )
 
 
@@ -478,6 +586,33 @@ async def _seed(dsn: str, customers: int, hours: int, seed: int, last: Any) -> N
         await seed_data(pool, customers, hours, seed, last, ALL)
     finally:
         await pool.close()
+
+
+async def _subscribe(subscribers: Subscribers, plan: SubscriberPlan, first: Any, clock: Clock) -> list[str]:
+    """``plan``'s subscribers, through their marketplaces' own events half an hour before the first hour,
+    with their usage; their customer ids, in plan order."""
+    import asyncpg
+
+    before, clock.now = clock.now, first.start - timedelta(minutes=30)
+    try:
+        tenants = [
+            (await subscribers.subscribe(m, f"chaos-{m}-{i}")).tenant for i, m in enumerate(plan.marketplaces)
+        ]
+    finally:
+        clock.now = before
+    conn = await asyncpg.connect(subscribers.stack.database_url)
+    try:
+        await conn.executemany(
+            "INSERT INTO usage (ts, customer_id, cluster_id, metric, quantity)"
+            " VALUES ($1, $2, 'c1', 'capacity_gb_hours', $3)",
+            [
+                (first.start + timedelta(hours=h, minutes=minute), tenants[i], quantity)
+                for i, h, minute, quantity in plan.usage
+            ],
+        )
+    finally:
+        await conn.close()
+    return tenants
 
 
 async def _hold_back(dsn: str, hour: Any, customers: int, share: float, rng: random.Random) -> list[Any]:
@@ -571,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 
     concurrency = args.concurrency or QueueSettings.from_template().max_concurrency
     rates = Rates(outage_s=args.outage_seconds)
+    plan = SubscriberPlan.draw(customers, args.hours, args.seed, rates)
     print(
         f"chaos: {customers:,} customers x {args.hours} hours = {customer_hours:,} customer-hours, "
         f"{concurrency} consumers, seed {args.seed}",
@@ -578,9 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     began = time.perf_counter()
     with embedded_postgres() as server:
-        clean = bill_hours("clean", server, customers, args.hours, args.seed, None, concurrency)
+        clean = bill_hours("clean", server, customers, args.hours, args.seed, None, concurrency, plan)
         print(f"  clean run: {clean.seconds:.1f} s, {clean.invocations:,} invocations", file=sys.stderr)
-        chaos = bill_hours("chaos", server, customers, args.hours, args.seed, rates, concurrency)
+        chaos = bill_hours("chaos", server, customers, args.hours, args.seed, rates, concurrency, plan)
         print(
             f"  chaos run: {chaos.seconds:.1f} s, {chaos.invocations:,} invocations "
             f"({chaos.failed:,} failed), {chaos.redrive_rounds} redrive rounds",
@@ -597,9 +733,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lost                  {verdict.lost}  (-{verdict.units_under} units)")
     print(f"quantity difference   {verdict.quantity_difference}")
     print(f"wall time             {wall:.1f} s  (clean {clean.seconds:.1f} s, chaos {chaos.seconds:.1f} s)")
+    during = sum(n for kind, n in injected.counts.items() if kind.startswith("cancelled mid-bill"))
+    print(
+        f"cancellations         {len(plan.cancels)} of {len(plan.marketplaces)} marketplace subscribers: "
+        f"{during} during their customer's bill, {len(plan.cancels) - during} after the run "
+        f"(clean run: {len(clean.ends)} before the run); held after an end: {len(verdict.after_end)}"
+    )
     print("faults injected:")
     for kind, n in sorted(injected.counts.items()):
-        print(f"  {kind:45} {n:,}")
+        print(f"  {kind:52} {n:,}")
     print(
         f"ledger: {len(verdict.ledger_disagreements)} disagreement(s) with the marketplaces, "
         f"{verdict.unsettled_rows} unsettled row(s); "
@@ -608,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
         f"two); unbilled after redrives: {len(chaos.unbilled_after)}"
     )
     unbilled = [f"unbilled: {line}" for line in chaos.unbilled_after]
-    for line in verdict.differences + verdict.hours_held_twice + verdict.ledger_disagreements + unbilled:
+    after_end = [f"held after the end: {line}" for line in verdict.after_end]
+    problems = verdict.differences + verdict.hours_held_twice + verdict.ledger_disagreements + unbilled
+    for line in problems + after_end + [f"cancellation not taken: {f}" for f in chaos.cancel_failures]:
         print(f"  ! {line}")
     # beyond the three figures: every customer-hour settled, the ledger agreeing with the marketplaces,
     # and nothing but poison left in the dead-letter queue
@@ -618,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         and not verdict.ledger_disagreements
         and not verdict.unsettled_rows
         and not stranded
+        and not verdict.after_end
+        and len(clean.ends) == len(chaos.ends) == len(plan.cancels)
     )
     doc = {
         "benchmark": "chaos",
@@ -649,6 +795,15 @@ def main(argv: list[str] | None = None) -> int:
             "poison_bodies_sent": poison,
             "ledger_disagreements": verdict.ledger_disagreements,
             "unsettled_rows": verdict.unsettled_rows,
+        },
+        "cancellations": {
+            "subscribers": len(plan.marketplaces),
+            "planned": len(plan.cancels),
+            "during_their_bill": during,
+            "after_the_run": len(plan.cancels) - during,
+            "clean_run": len(clean.ends),
+            "held_after_end": verdict.after_end,
+            "deliveries_not_taken": chaos.cancel_failures[:20],
         },
         "differences": verdict.differences,
         "hours_held_twice": verdict.hours_held_twice,

@@ -10,11 +10,16 @@ Local tooling, never deployed. Every fault goes in through a parameter, never by
 - ``billing_local.stack.local_stack`` takes a ``Gate`` middleware per emulator (HTTP errors, timeouts,
   answers lost or reset after the marketplace took the records);
 - ``billing_local.cli.run_hour`` takes the runtime factory and a drain (``Drain``): duplicate deliveries
-  and PostgreSQL terminating connections (``ConnectionKiller``) beside it.
+  and PostgreSQL terminating connections (``ConnectionKiller``) beside it;
+- the marketplaces' own subscription news (issue #13): ``Subscribers`` subscribes customers through each
+  marketplace's event path into the Subscriptions function's handler code and cancels them the same way,
+  and ``DuringBill`` (a ``Wrappers`` repository) makes a cancellation arrive in the middle of that
+  customer's bill.
 
 Each fault records the evidence that it happened the way its name says (``Gate.calls`` with the request
-bytes, ``Deliveries.windows``, ``ConnectionKiller.killed`` with the statement that was running), so a
-test can prove its fault fired.
+bytes, ``Deliveries.windows``, ``ConnectionKiller.killed`` with the statement that was running,
+``Cancellation.in_flight`` with the customer's ledger rows of the hour being billed), so a test can prove
+its fault fired.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import itertools
 import json
 import random
@@ -37,10 +43,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from billing.domain.model import LedgerState, Period
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Coroutine
 
-    from billing.domain.model import Period
     from billing_local.runner import Delivery, RunnerStats
     from billing_local.stack import LocalStack
 
@@ -158,7 +165,7 @@ class Gate:
         @web.middleware
         async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
             plan = self.plan
-            if plan is None:
+            if plan is None or _lifecycle(request.path):
                 passed: web.StreamResponse = await handler(request)
                 return passed
             body = await request.read()
@@ -214,6 +221,12 @@ class Gate:
             events = body.get("request", [])
             keys = [(e.get("resourceId") or "").lower() or e.get("resourceUri") for e in events]
         return tuple(sorted({self.identities.get((self.marketplace, str(k)), str(k)) for k in keys}))
+
+
+def _lifecycle(path: str) -> bool:
+    """A call of the subscription APIs (Procurement, SaaS fulfillment, their keys), not metering: the
+    plans fault metering only."""
+    return path.startswith(("/v1/providers/", "/api/saas/", "/oauth2/")) or "/discovery/" in path
 
 
 def _method(path: str) -> str:
@@ -294,10 +307,14 @@ class RandomFaults:
 
 
 class ShortMarketplaceTimeouts:
-    """An aioboto3 session whose AWS metering clients wait ``timeout_s`` for an answer."""
+    """An aioboto3 session whose AWS metering clients wait ``timeout_s`` for an answer, with the layer's
+    newer meteringmarketplace model first on its data path, as the composition root's own session has it
+    (without it botocore refuses a license customer's ``LicenseArn`` before sending)."""
 
     def __init__(self, session: Any, timeout_s: float) -> None:
-        self._session = session
+        from billing.adapters.aws_metering import use_shipped_models
+
+        self._session = use_shipped_models(session)
         self._timeout_s = timeout_s
 
     def client(self, service: str, config: Any = None, **kwargs: Any) -> Any:
@@ -324,6 +341,7 @@ class Proxy:
 
 AFTER_DECISION = "after the decision"
 AFTER_ACCEPT = "after the marketplace accepted"
+AFTER_ANSWER = "after the marketplace answered"
 
 
 class KillingLedger(Proxy):
@@ -359,6 +377,40 @@ class KillingLedger(Proxy):
         if self.kills(AFTER_ACCEPT, customer_id):
             await self._die(AFTER_ACCEPT, customer_id)
         await self.inner.record_results(customer_id, *args, **kwargs)
+
+
+class DuringBill(Proxy):
+    """A BillingRepository that runs ``during(step, customer, period)`` in the middle of a customer's bill
+    where ``when(step, customer, period)`` says so: right after the bill's decision was recorded (nothing
+    sent yet: AFTER_DECISION), or after the marketplace answered (whatever the answer) and before the ledger
+    recorded it (AFTER_ANSWER). The world changing while the bill is in flight: a cancellation arriving
+    (``Subscribers.cancel``). ``fired`` lists (step, customer, period) of each time it ran."""
+
+    def __init__(
+        self,
+        inner: Any,
+        when: Callable[[str, str, Period], bool],
+        during: Callable[[str, str, Period], Awaitable[None]],
+    ) -> None:
+        super().__init__(inner)
+        self.when = when
+        self.during = during
+        self.fired: list[tuple[str, str, Period]] = []
+
+    async def _maybe(self, step: str, customer: str, period: Period) -> None:
+        if self.when(step, customer, period):
+            self.fired.append((step, customer, period))
+            await self.during(step, customer, period)
+
+    async def record_decision(self, state: Any, message: Any, *args: Any, **kwargs: Any) -> bool:
+        decided: bool = await self.inner.record_decision(state, message, *args, **kwargs)
+        if decided:
+            await self._maybe(AFTER_DECISION, state.customer.id, message.billing_period)
+        return decided
+
+    async def record_results(self, customer_id: str, period: Period, *args: Any, **kwargs: Any) -> None:
+        await self._maybe(AFTER_ANSWER, customer_id, period)
+        await self.inner.record_results(customer_id, period, *args, **kwargs)
 
 
 class FaultyUsage(Proxy):
@@ -703,3 +755,256 @@ def dead_letters(stack: LocalStack) -> list[str]:
         ]
         sqs.change_message_visibility_batch(QueueUrl=stack.dlq_url, Entries=entries)
     return sorted(bodies.values())
+
+
+# --- subscriptions: customers the marketplaces subscribe and cancel (#13) --------------------------------
+
+FINAL_STATES = frozenset(state.value for state in LedgerState if state.final)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A customer that came from a marketplace's own events, and the marketplace's ids for it."""
+
+    marketplace: str
+    tenant: str  # the customer id: what usage is recorded against
+    subject_id: str  # AWS license id (l-...), Google entitlement id, Azure SaaS subscription id
+    account: str = ""  # AWS: CustomerAWSAccountId; Google: the billing account
+    agreement: str = ""  # AWS: the agreement id
+    license_arn: str = ""  # AWS
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """One cancellation delivered: when, how the handler answered, and what the customer's bill of the
+    hour in flight looked like around it (``in_flight``: (dimension, ledger state) read just before the
+    event was handed over, ``after``: just after it was recorded; empty outside a bill)."""
+
+    subject: Subject
+    at: datetime
+    answers: tuple[Any, ...]
+    step: str | None = None  # DuringBill's step, None when delivered outside a bill
+    hour: Period | None = None
+    in_flight: tuple[tuple[str, str], ...] = ()
+    after: tuple[tuple[str, str], ...] = ()
+    status: str = ""  # subscription_state.status once recorded
+    ends_at: datetime | None = None
+    failed_deliveries: tuple[str, ...] = ()  # deliveries the handler did not take (delivered again)
+
+    @property
+    def during_bill(self) -> bool:
+        """Delivered and recorded while the hour's bill was decided and not finished."""
+        return (
+            bool(self.in_flight)
+            and any(state not in FINAL_STATES for _, state in self.in_flight)
+            and any(state not in FINAL_STATES for _, state in self.after)
+        )
+
+
+class Subscribers:
+    """Customers that come from the marketplaces: subscribed through each marketplace's own events, handed
+    to the Subscriptions function's handler code (``billing.entrypoints.subscriptions.handle``), and
+    cancelled the same way: AWS's ``License Updated`` / ``License Deprovisioned - Manufacturer`` EventBridge
+    events, Google's Procurement notifications by Pub/Sub push (OIDC-signed; the handler reads the
+    entitlement back and approves it), Azure's landing page (resolve + activate) and ``Unsubscribe`` webhook
+    (Entra-signed; the handler reads the operation back). Needs ``local_stack(lifecycle=True)``.
+
+    ``clock`` is the functions' and the marketplaces' time: a cancellation ends the subscription at
+    ``clock()``, and the handler sends the final bills for its hours up to that instant.
+    """
+
+    def __init__(self, stack: LocalStack, clock: Callable[[], datetime], deliveries: int = 5) -> None:
+        self.stack = stack
+        self.clock = clock
+        self.deliveries = deliveries  # how often an event is delivered before the marketplace gives up
+        gcp, azure = stack.gcp, stack.azure
+        if gcp.procurement is None or azure.fulfillment is None:
+            raise ValueError("Subscribers needs local_stack(lifecycle=True)")
+        gcp.procurement.clock = clock
+        azure.fulfillment.clock = clock
+        self.subjects: dict[str, Subject] = {}
+        self.cancellations: list[Cancellation] = []
+        self._pushed = 0  # Procurement notifications delivered so far
+
+    async def subscribe(self, marketplace: str, name: str) -> Subject:
+        """A new customer of ``marketplace`` (``name`` makes its ids), active from ``clock()``."""
+        from billing_local.emulators.aws_events import agreement_event
+        from billing_local.emulators.azure import AzureResource
+        from billing_local.emulators.azure_fulfillment import landing_page_event
+        from billing_local.seed import AWS_PRODUCT_CODE, GCP_SERVICE_NAME, RATE_CARD
+
+        now = self.clock()
+        dimensions = {d for m, _metric, d, _factor in RATE_CARD if m == marketplace}
+        if marketplace == "aws":
+            # one AWS account per subject, the same in every run (the fault suite compares two worlds)
+            digest = hashlib.sha256(name.encode()).hexdigest()
+            account = f"9{int(digest, 16) % 10**11:011d}"
+            arn = f"arn:aws:license-manager::794222239362:license:l-{digest[:32]}"
+            agreement = f"agmt-{name}"
+            self.stack.metering.add_product(AWS_PRODUCT_CODE, dimensions)
+            self.stack.metering.add_license(AWS_PRODUCT_CODE, account, arn, agreement)
+            event = agreement_event(
+                "License Updated - Manufacturer",
+                agreement_id=agreement,
+                account_id=account,
+                at=now,
+                license_arn=arn,
+                product_code=AWS_PRODUCT_CODE,
+            )
+            answers = await self._deliver([event])
+            subject = Subject("aws", "", f"l-{digest[:32]}", account, agreement, arn)
+        elif marketplace == "gcp":
+            procurement = self.stack.gcp.procurement
+            assert procurement is not None
+            self.stack.gcp.services.setdefault(GCP_SERVICE_NAME, dimensions)  # type: ignore[attr-defined]
+            procurement.sign_up(f"acct-{name}")
+            procurement.purchase(f"ent-{name}", f"acct-{name}", GCP_SERVICE_NAME, "standard")
+            answers = await self._push()
+            subject = Subject("gcp", "", f"ent-{name}", f"acct-{name}")
+        else:
+            fulfillment = self.stack.azure.fulfillment
+            assert fulfillment is not None
+            token = fulfillment.purchase("offer-billing", "standard", quantity=1)
+            subscription = fulfillment.purchase_tokens[token]
+            self.stack.azure.resources[subscription] = AzureResource(  # type: ignore[index]
+                plan_id="standard", dimensions=sorted(dimensions), status="Pending"
+            )
+            answers = await self._deliver([landing_page_event(token, f"azure-{name}")])
+            subject = Subject("azure", "", subscription)
+        tenant = await self._tenant(subject)
+        if tenant is None:
+            raise RuntimeError(f"{marketplace} subject {subject.subject_id} was not linked: {answers}")
+        subject = dataclasses.replace(subject, tenant=tenant)
+        self.subjects[tenant] = subject
+        return subject
+
+    async def cancel(
+        self, tenant: str, *, step: str | None = None, hour: Period | None = None
+    ) -> Cancellation:
+        """The customer cancels at ``clock()``: the marketplace's own cancellation event, handed to the
+        handler. Inside a bill (``step``, ``hour``: DuringBill's), the evidence is the customer's ledger rows
+        of ``hour`` just before and just after."""
+        from billing_local.emulators.aws_events import agreement_event
+        from billing_local.seed import AWS_PRODUCT_CODE
+
+        subject = self.subjects[tenant]
+        now = self.clock()
+        in_flight = await self._rows(tenant, hour) if hour is not None else ()
+        deliver: Callable[[], Awaitable[list[Any]]]
+        if subject.marketplace == "aws":
+            self.stack.metering.deprovision(subject.license_arn, now)
+            event = agreement_event(
+                "License Deprovisioned - Manufacturer",
+                agreement_id=subject.agreement,
+                account_id=subject.account,
+                at=now,
+                license_arn=subject.license_arn,
+                product_code=AWS_PRODUCT_CODE,
+            )
+            deliver = lambda: self._deliver([event])  # noqa: E731
+        elif subject.marketplace == "gcp":
+            procurement = self.stack.gcp.procurement
+            assert procurement is not None
+            procurement.cancel(subject.subject_id)
+            deliver = self._push
+        else:
+            fulfillment, signer = self.stack.azure.fulfillment, self.stack.azure.webhook_signer
+            assert fulfillment is not None and signer is not None
+            payload = fulfillment.notify(subject.subject_id, "Unsubscribe")
+            deliver = lambda: self._deliver([signer.http_api_event(payload)])  # noqa: E731
+        # EventBridge, Pub/Sub push and Azure's webhook all deliver again an event that was not taken (a
+        # database connection terminated under the handler, in bench/chaos); replays change nothing
+        failures: list[str] = []
+        while True:
+            try:
+                answers = await deliver()
+                break
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                if len(failures) >= self.deliveries:
+                    raise
+        after = await self._rows(tenant, hour) if hour is not None else ()
+        state = await _fetch_one(
+            self.stack.database_url,
+            "SELECT status, ends_at FROM subscription_state WHERE customer_id = $1",
+            tenant,
+        )
+        cancellation = Cancellation(
+            subject,
+            now,
+            tuple(answers),
+            step,
+            hour,
+            in_flight,
+            after,
+            state["status"] if state else "",
+            state["ends_at"] if state else None,
+            tuple(failures),
+        )
+        self.cancellations.append(cancellation)
+        return cancellation
+
+    async def _push(self) -> list[Any]:
+        """Every Procurement notification published since the last push, as Pub/Sub push delivers them
+        (an approval by the handler publishes the next one)."""
+        procurement, signer = self.stack.gcp.procurement, self.stack.gcp.push_signer
+        assert procurement is not None and signer is not None
+        answers = []
+        while self._pushed < len(procurement.published):
+            answers += await self._deliver([signer.http_api_event(procurement.published[self._pushed])])
+            self._pushed += 1
+        return answers
+
+    async def _deliver(self, events: list[dict[str, Any]]) -> list[Any]:
+        """Each event handed to the Subscriptions function's handler, as its triggers do; one that is not
+        taken (a 4xx/5xx answer) is an error here: the fault is the cancellation, not a refused one."""
+        from billing.bootstrap import Runtime
+        from billing.config import load_settings
+        from billing.entrypoints.subscriptions import Subscriptions, handle
+
+        runtime = Runtime(load_settings(), clock=self.clock)
+        subs = Subscriptions(runtime)
+        answers = []
+        try:
+            for event in events:
+                answer = await handle(subs, event)
+                if answer.get("statusCode", 200) >= 300:
+                    raise RuntimeError(f"the Subscriptions handler refused an event: {answer}")
+                answers.append(answer)
+        finally:
+            await subs.close()
+            await runtime.close()
+        return answers
+
+    async def _tenant(self, subject: Subject) -> str | None:
+        row = await _fetch_one(
+            self.stack.database_url,
+            "SELECT customer_id FROM subscription_state WHERE marketplace = $1 AND subject_id = $2",
+            subject.marketplace,
+            subject.subject_id,
+        )
+        return row["customer_id"] if row else None
+
+    async def _rows(self, tenant: str, hour: Period) -> tuple[tuple[str, str], ...]:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.stack.database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT dimension, state FROM ledger WHERE customer_id = $1 AND period = $2 ORDER BY 1",
+                tenant,
+                hour.start,
+            )
+        finally:
+            await conn.close()
+        return tuple((r["dimension"], r["state"]) for r in rows)
+
+
+async def _fetch_one(dsn: str, query: str, *args: Any) -> Any:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchrow(query, *args)
+    finally:
+        await conn.close()

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 
 
 REGION = "us-east-1"
+# with lifecycle: the identities the Subscriptions function checks Google's pushes and Azure's webhooks
+# against (the Procurement provider, the push's OIDC audience, the Entra tenant and app of the webhook)
+PROVIDER = "local-provider"
+AUDIENCE = "https://billing.local.example.com/gcp/pubsub"
+ENTRA_TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+ENTRA_APP = "0b5c5ac4-5d24-4c2a-9c1a-7d0f6f3e1c11"
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,7 @@ def local_stack(
     *,
     middlewares: Mapping[str, Any] | None = None,
     moto_module: str = "billing_local.moto_fixes",
+    lifecycle: bool = False,
 ) -> Iterator[LocalStack]:
     """Start everything a local run needs; an existing ``database_url`` is used instead of embedded.
 
@@ -257,7 +264,10 @@ def local_stack(
     Dispatcher routes each customer to its lane, the runner drains each lane with its own consumers);
     without, every marketplace shares one queue. ``middlewares`` puts an aiohttp middleware in front of
     the "aws", "gcp" or "azure" emulator (what billing_local.faults injects with); ``moto_module`` is the
-    ``python -m`` module serving moto.
+    ``python -m`` module serving moto. ``lifecycle``: the Google emulator also serves the Procurement API
+    and signs Pub/Sub pushes, the Azure emulator the SaaS fulfillment API and signs webhooks (the same
+    servers as metering, so an entitlement or subscription they know is one metering knows), and ``env``
+    points the Subscriptions function at them (billing_local.faults.Subscribers drives them).
     """
     from billing_local.emulators import azure, gcp
     from billing_local.emulators.aws_metering import MeteringState, create_app
@@ -283,9 +293,34 @@ def local_stack(
         # the GCP and Azure emulators take a fixed bearer token (their token flows are tested on their own)
         token = secrets.token_urlsafe(24)
         gcp_state = gcp.GcpEmulator(services={}, consumers={}, fixed_tokens={token})
+        resources: dict[str, Any] = {}
+        azure_state = azure.AzureEmulator(resources=resources, fixed_tokens={token})
+        if lifecycle:
+            from billing_local.emulators.azure_fulfillment import Fulfillment, WebhookSigner
+            from billing_local.emulators.gcp_procurement import Procurement, PushSigner
+
+            gcp_state.procurement = Procurement(provider=PROVIDER)
+            gcp_state.push_signer = PushSigner(audience=AUDIENCE)
+            azure_state.fulfillment = Fulfillment(resources=resources)
+            azure_state.webhook_signer = WebhookSigner(tenant_id=ENTRA_TENANT, audience=ENTRA_APP)
         gcp_server = stack.enter_context(BackgroundServer(app("gcp", gcp.create_app(gcp_state))))
-        azure_state = azure.AzureEmulator(resources={}, fixed_tokens={token})
         azure_server = stack.enter_context(BackgroundServer(app("azure", azure.create_app(azure_state))))
+        lifecycle_env = {}
+        if lifecycle:
+            assert gcp_state.push_signer is not None
+            lifecycle_env = {
+                "BILLING_GCP_PUSH_AUDIENCE": AUDIENCE,
+                "BILLING_GCP_PUSH_SERVICE_ACCOUNT": gcp_state.push_signer.email,
+                "BILLING_GCP_PUSH_CERTS_URL": f"{gcp_server.url}/oauth2/v1/certs",
+                "BILLING_GCP_PROVIDER_ID": PROVIDER,
+                "BILLING_GCP_PROCUREMENT_URL": gcp_server.url,
+                "BILLING_GCP_APPROVE_ACCOUNTS": "true",
+                "BILLING_GCP_APPROVE_ENTITLEMENTS": "true",
+                "BILLING_AZURE_WEBHOOK_TENANT_ID": ENTRA_TENANT,
+                "BILLING_AZURE_WEBHOOK_AUDIENCE": ENTRA_APP,
+                "BILLING_AZURE_WEBHOOK_JWKS_URL": f"{azure_server.url}/{ENTRA_TENANT}/discovery/v2.0/keys",
+                "BILLING_AZURE_FULFILLMENT_URL": azure_server.url,
+            }
         env = {
             **aws_env(moto_url),
             "AWS_ENDPOINT_URL_MARKETPLACE_METERING": metering_server.url,
@@ -298,6 +333,7 @@ def local_stack(
             "BILLING_AZURE_ACCESS_TOKEN": token,
             **{f"BILLING_{m.upper()}_QUEUE_URL": urls[0] for m, urls in lane_queues.items()},
             **{f"BILLING_{m.upper()}_DLQ_URL": urls[1] for m, urls in lane_queues.items()},
+            **lifecycle_env,
         }
         yield LocalStack(
             database_url=dsn,

@@ -42,3 +42,7 @@ def test_chaos_at_a_small_size_prints_zeros(tmp_path: Path) -> None:
     kinds = set(doc["injected"])
     assert {"poison messages", "message delivered twice at once", "database connection terminated"} <= kinds
     assert any(k.endswith("outage 503") for k in kinds)
+    # and subscriptions cancelled while the run billed their customer's hour, nothing held after an end
+    cancellations = doc["cancellations"]
+    assert cancellations["during_their_bill"] >= 1 and cancellations["held_after_end"] == []
+    assert cancellations["clean_run"] == cancellations["planned"]

@@ -46,12 +46,16 @@ from billing.config import Settings, load_settings
 from billing.domain.model import LedgerState, Period, hour_floor
 from billing_local.faults import (
     AFTER_ACCEPT,
+    AFTER_ANSWER,
+    AFTER_DECISION,
     RESET,
     Call,
+    Cancellation,
     Clock,
     ConnectionKiller,
     Deliveries,
     Drain,
+    DuringBill,
     DyingQueue,
     Fault,
     FaultyUsage,
@@ -59,6 +63,7 @@ from billing_local.faults import (
     Killed,
     KillingLedger,
     ShortMarketplaceTimeouts,
+    Subscribers,
     always,
     dead_letters,
     held_records,
@@ -151,6 +156,7 @@ class World:
     clock: Clock
     gates: dict[str, Gate]
     identities: dict[tuple[str, str], str]
+    subscribers: Subscribers | None = None  # with customers that came from the marketplaces' events
     wrappers: Wrappers = field(default_factory=Wrappers)
     lease_seconds: int | None = None
     drain: Drain = field(default_factory=lambda: Drain(short_polls=True))
@@ -283,23 +289,28 @@ class Lab:
     template: str
 
     @contextlib.contextmanager
-    def world(self, marketplaces: tuple[str, ...]) -> Iterator[World]:
-        """A fresh database seeded with the same data every time, a fresh stack, the gates in place."""
+    def world(self, marketplaces: tuple[str, ...], subscribed: tuple[str, ...] = ()) -> Iterator[World]:
+        """A fresh database seeded with the same data every time, a fresh stack, the gates in place; and a
+        customer of each marketplace in ``subscribed`` that came from the marketplace's own events."""
         with self._database() as dsn:
             clock = Clock(H.end + timedelta(minutes=20))
             gates = {m: Gate(m, HANG_S) for m in ALL}
             middlewares = {m: gate.middleware() for m, gate in gates.items()}
-            with local_stack(dsn, middlewares=middlewares) as stack, environment({**stack.env, **TEST_ENV}):
+            with (
+                local_stack(dsn, middlewares=middlewares, lifecycle=bool(subscribed)) as stack,
+                environment({**stack.env, **TEST_ENV}),
+            ):
                 stack.metering.clock = stack.gcp.clock = stack.azure.clock = clock
                 for quota in (stack.metering.quota, stack.gcp.quota, stack.azure.quota):
                     quota.reset(rate=QUOTA)
                 customers = PER_MARKETPLACE * len(marketplaces)
                 asyncio.run(_seed(dsn, customers, 2, SEED, NEXT, marketplaces))
                 asyncio.run(_subscribe_all(stack))
+                subscribers = asyncio.run(_subscribe(stack, clock, subscribed)) if subscribed else None
                 ids = asyncio.run(identities(dsn))
                 for gate in gates.values():
                     gate.identities = ids
-                yield World(stack, dsn, clock, gates, ids)
+                yield World(stack, dsn, clock, gates, ids, subscribers)
 
     @contextlib.contextmanager
     def _database(self) -> Iterator[str]:
@@ -310,12 +321,28 @@ class Lab:
         finally:
             asyncio.run(_fetch(self.server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
-    def clean(self, marketplaces: tuple[str, ...], hours: tuple[Period, ...]) -> Holdings:
-        """What the marketplaces hold after the same hours billed without a fault (once a session)."""
-        key = (marketplaces, hours)
+    def clean(
+        self,
+        marketplaces: tuple[str, ...],
+        hours: tuple[Period, ...],
+        subscribed: tuple[str, ...] = (),
+        cancelled: tuple[tuple[int, Period], ...] = (),
+    ) -> Holdings:
+        """What the marketplaces hold after the same hours billed without a fault (once a session).
+
+        ``cancelled``: (index in ``subscribed``, hour) of each customer that cancels at the instant that
+        hour's run bills (the clock of ``World.bill``): here just before the run starts, so a faulty world
+        that gets it in the middle of the run is compared with the same cancellation at the same time."""
+        key = (marketplaces, hours, subscribed, cancelled)
         if key not in _CLEAN:
-            with self.world(marketplaces) as w:
+            with self.world(marketplaces, subscribed) as w:
                 for hour in hours:
+                    for index, at in cancelled:
+                        if at == hour:
+                            assert w.subscribers is not None
+                            w.clock.billing(hour)
+                            tenant = list(w.subscribers.subjects)[index]
+                            asyncio.run(w.subscribers.cancel(tenant))
                     w.bill(hour)
                 assert w.dead_letters() == []
                 _CLEAN[key] = holdings(w.stack, w.identities)
@@ -328,10 +355,13 @@ class Lab:
         marketplaces: tuple[str, ...] = ALL,
         hours: tuple[Period, ...] = (H,),
         dead_letters_expected: bool = False,
+        subscribed: tuple[str, ...] = (),
+        cancelled: tuple[tuple[int, Period], ...] = (),
     ) -> Proof:
-        """Run ``scenario`` on a fresh world; the marketplaces must hold what a clean run gives them."""
-        clean = self.clean(marketplaces, hours)
-        with self.world(marketplaces) as w:
+        """Run ``scenario`` on a fresh world; the marketplaces must hold what a clean run gives them (with
+        the customers of ``subscribed``, cancelled in the clean run as ``cancelled`` says: see ``clean``)."""
+        clean = self.clean(marketplaces, hours, subscribed, cancelled)
+        with self.world(marketplaces, subscribed) as w:
             scenario(w)
             proof = Proof(holdings(w.stack, w.identities), clean, w.ledger(), w.dead_letters(), w.results)
         assert proof.held.duplicates() == {}, "two records for one customer, dimension and hour"
@@ -341,6 +371,37 @@ class Lab:
         if not dead_letters_expected:
             assert proof.dead_letters == []
         return proof
+
+
+# Usage of every customer that came from a marketplace's events: in H, and in NEXT before and after the
+# instant a cancellation during H's run ends its subscription (H.end + 20 minutes, the run's clock).
+SUBSCRIBER_USAGE = (
+    (H.start + timedelta(minutes=20), 3),
+    (NEXT.start + timedelta(minutes=10), 4),
+    (NEXT.start + timedelta(minutes=30), 100),
+)
+
+
+async def _subscribe(stack: LocalStack, clock: Clock, marketplaces: tuple[str, ...]) -> Subscribers:
+    """One customer per entry of ``marketplaces``, subscribed through its marketplace's own events half an
+    hour before H, with SUBSCRIBER_USAGE."""
+    subscribers = Subscribers(stack, clock)
+    before, clock.now = clock.now, H.start - timedelta(minutes=30)
+    try:
+        for i, marketplace in enumerate(marketplaces):
+            subject = await subscribers.subscribe(marketplace, f"sub-{marketplace}-{i}")
+            conn = await asyncpg.connect(stack.database_url)
+            try:
+                await conn.executemany(
+                    "INSERT INTO usage (ts, customer_id, cluster_id, metric, quantity)"
+                    " VALUES ($1, $2, 'c1', 'capacity_gb_hours', $3)",
+                    [(at, subject.tenant, quantity) for at, quantity in SUBSCRIBER_USAGE],
+                )
+            finally:
+                await conn.close()
+    finally:
+        clock.now = before
+    return subscribers
 
 
 async def _fetch(dsn: str, query: str, *args: Any) -> list[dict[str, Any]]:
@@ -542,6 +603,96 @@ def test_a_biller_killed_mid_bill_resubmits_its_recorded_decision(lab: Lab, step
         if step == AFTER_ACCEPT:
             # the marketplace took the first submission; the second is the same request, byte for byte
             assert len(calls) == 2 and calls[1].body == calls[0].body, customer
+
+
+# --- a cancellation arriving during a run (#13) ----------------------------------------------------------
+
+# A customer that came from its marketplace's events cancels through the marketplace's own cancellation
+# (AWS's `License Deprovisioned` EventBridge event, Google's ENTITLEMENT_CANCELLED by Pub/Sub push, Azure's
+# `Unsubscribe` webhook), handed to the Subscriptions function's handler in the middle of the customer's
+# bill of H. The handler records the end (the run's instant, 20 minutes into NEXT) and sends the final
+# bills (H, and NEXT up to the end instant) while H's bill is still in flight. The clean run gets the same
+# cancellation at the same instant, just before H's run.
+
+CAPACITY = {"aws": "CapacityGbHours", "gcp": "capacity_gb_hours", "azure": "capacity"}
+
+
+@pytest.mark.parametrize("step", [AFTER_DECISION, AFTER_ANSWER])
+@pytest.mark.parametrize("marketplace", ALL)
+def test_a_cancellation_arriving_while_its_hour_is_billed_bills_up_to_the_end_once(
+    lab: Lab, marketplace: str, step: str
+) -> None:
+    cancellations: list[Cancellation] = []
+    tenants: list[str] = []
+    final_hour: list[dict[str, Any]] = []
+    deliveries = Deliveries()
+
+    def scenario(w: World) -> None:
+        assert w.subscribers is not None
+        subscribers = w.subscribers
+        tenants.extend(subscribers.subjects)  # the first cancels, the second stays
+        victim = tenants[0]
+
+        # Given the first customer cancels in the middle of its bill of H, at `step`: its marketplace's
+        # cancellation event handed to the Subscriptions function's handler
+        def when(at: str, customer: str, period: Period) -> bool:
+            return at == step and customer == victim and period == H and not cancellations
+
+        async def cancel(at: str, customer: str, period: Period) -> None:
+            cancellations.append(await subscribers.cancel(customer, step=at, hour=period))
+
+        w.wrappers = Wrappers(repository=lambda repo: DuringBill(repo, when, cancel))
+        w.drain.deliveries = deliveries
+        # When H is billed (a delivery that meets the bill in flight comes back a second later, as from SQS)
+        w.bill(H, retry_delay_s=1)
+        final_hour.extend(
+            w.sql(
+                "SELECT dimension, state, quantity, last_error FROM ledger"
+                " WHERE customer_id = $1 AND period = $2 AND quantity > 0",
+                victim,
+                NEXT.start,
+            )
+        )
+        # and then NEXT is billed by its scheduled run
+        w.bill(NEXT)
+
+    proof = lab.prove(
+        scenario,
+        marketplaces=(marketplace,),
+        hours=(H, NEXT),
+        subscribed=(marketplace, marketplace),
+        cancelled=((0, H),),
+    )
+    victim, stays = tenants
+    end = H.end + timedelta(minutes=20)
+    # Then the cancellation was recorded while the customer's bill of H was in flight (decided, not
+    # finished, before and after the handler took it), at `step`, ending the subscription at the run's instant
+    assert len(cancellations) == 1
+    cancelled = cancellations[0]
+    assert (cancelled.subject.tenant, cancelled.step, cancelled.hour) == (victim, step, H)
+    assert cancelled.during_bill, cancelled
+    assert (cancelled.status, cancelled.ends_at, cancelled.at) == ("ended", end, end)
+    assert cancelled.failed_deliveries == ()  # taken at its first delivery
+    # and the final bills brought their own message for H beside the run's (two run ids): H billed once
+    runs = {
+        json.loads(d.body)["run_id"]
+        for d in deliveries.windows
+        if json.loads(d.body).get("customer_id") == victim and json.loads(d.body)["period"] == H.isoformat()
+    }
+    assert len(runs) == 2, deliveries.windows
+    # and its final partial hour was billed by the final bill, before NEXT was over (before NEXT's run)
+    billed = [(r["dimension"], r["state"], r["quantity"]) for r in final_hour]
+    assert billed == [(CAPACITY[marketplace], "accepted", 4)], final_hour
+    # Then the marketplace holds H and NEXT up to the end once, nothing after the end (the 100 units), and
+    # the customer that stayed is billed for both whole hours
+    held = {k: q for k, q in proof.held.quantities.items() if k[0] in tenants and q}
+    dimension = CAPACITY[marketplace]
+    assert held == {
+        (victim, dimension, H.start): 3,
+        (victim, dimension, NEXT.start): 4,
+        (stays, dimension, H.start): 3,
+        (stays, dimension, NEXT.start): 104,
+    }
 
 
 # --- the marketplaces fail ------------------------------------------------------------------------------

@@ -395,6 +395,18 @@ async def test_final_hour_of_a_cancelled_entitlement_ends_at_the_cancellation(cl
     assert emulator.records[result.record_id].end_time == PERIOD.start + timedelta(minutes=30)
 
 
+async def test_an_hour_before_a_cancellation_billed_after_it_is_reported_without_a_check(client, emulator):
+    # Given an entitlement cancelled in the hour after PERIOD, which services.check now refuses (its final
+    # bills go out at once, or the cancellation arrived while PERIOD's bill was in flight)
+    emulator.consumers = {CONSUMER: ["SERVICE_NOT_ACTIVATED"]}
+    cancelled = Customer(**{**CUSTOMER.__dict__, "active_until": PERIOD.end + timedelta(minutes=20)})
+    # When the whole hour before the cancellation is submitted
+    (result,) = await client.submit(cancelled, PERIOD, [entry()])
+    # Then its usage is reported, for the whole hour, without a check the cancellation would fail
+    assert result.state is LedgerState.ACCEPTED and emulator.calls("check") == []
+    assert emulator.records[result.record_id].end_time == PERIOD.end
+
+
 async def test_reports_hold_at_most_the_batch_limit(client, emulator):
     # Given more dimensions than one report holds
     emulator.services = {SERVICE: None}

@@ -322,9 +322,11 @@ class GcpServiceControlClient:
             return []
         service = customer.gcp_service_name
         operations = {e.dimension: _operation(customer, period, e) for e in entries}
-        if not _ends_within(customer, period):
-            # The final hour of a cancelled entitlement: Google's check now refuses the consumer, yet usage up
-            # to the cancellation is still to be reported (best-practices-reporting).
+        if _ended(customer):
+            # A cancelled entitlement: Google's check now refuses the consumer, yet usage up to the
+            # cancellation is still to be reported (best-practices-reporting). That holds for the final
+            # partial hour and for every earlier hour billed after the cancellation (the final bills go out
+            # at once; a cancellation can arrive while an hour's bill is in flight).
             check_errors: tuple[str, ...] = ()
         else:
             with log_context.bound(operation="services.check"):
@@ -336,7 +338,8 @@ class GcpServiceControlClient:
             check_errors = verdict.errors
         if check_errors:
             reason = "services.check: " + "; ".join(check_errors)
-            return [SubmitResult(e.dimension, LedgerState.REJECTED, reason=reason) for e in entries]
+            refused = LedgerState.REJECTED
+            return [SubmitResult(e.dimension, refused, reason=reason, refused_now=True) for e in entries]
         answered: dict[str, SubmitResult] = {}
         dimensions = list(operations)
         for start in range(0, len(dimensions), RULES.batch_limit):
@@ -479,9 +482,11 @@ def _operation(customer: Customer, period: Period, entry: LedgerEntry) -> dict[s
     }
 
 
-def _ends_within(customer: Customer, period: Period) -> bool:
-    """Whether the customer's entitlement runs to the end of the hour (so services.check still applies)."""
-    return customer.active_until is None or customer.active_until >= period.end
+def _ended(customer: Customer) -> bool:
+    """Whether the customer's entitlement has a recorded end (cancelled, or to be cancelled): services.check
+    answers for the consumer as it is now, so from the end on it refuses hours that were active. An end
+    still in the future (a pending cancellation) would pass the check; skipping it then changes nothing."""
+    return customer.active_until is not None
 
 
 def _report_result(dimension: str, op_id: str, error: _ReportError | None) -> SubmitResult:

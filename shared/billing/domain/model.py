@@ -236,6 +236,10 @@ class SubmitResult:
     # that stops on nothing but throttles goes back to its lane's queue instead of failing
     throttled: bool = False
     retry_after: float | None = None  # seconds, from a Retry-After header
+    # refused for the subject as it stands now (Google's services.check), not for the hour billed, and
+    # nothing was sent: when the subscription ended after the bill loaded the customer, the Biller submits
+    # once more with the recorded end (usage up to a cancellation is still billed)
+    refused_now: bool = False
 
     @property
     def retryable(self) -> bool:

@@ -34,7 +34,7 @@ from billing.tracing import span
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from billing.domain.model import Period
+    from billing.domain.model import Customer, Period
     from billing.ports import CustomerHourState
 
 
@@ -219,6 +219,9 @@ class Biller:
         if sending:
             try:
                 results = await client.submit(customer, period, sending)
+                results = await self._resubmit_if_ended(
+                    customer, period, window_start, client, sending, results
+                )
             except WindowExpiredError as exc:
                 # window closed between the check and the call: settle it like an expired hour
                 await self.repo.record_results(customer.id, period, owner, _failed(sending, str(exc)))
@@ -251,6 +254,26 @@ class Biller:
                 f"{len(failed)} of {len(results)} records not confirmed by {customer.marketplace}: {reasons}"
             )
         return outcome
+
+    async def _resubmit_if_ended(
+        self,
+        customer: Customer,
+        period: Period,
+        window_start: datetime,
+        client: MarketplaceClient,
+        sending: list[LedgerEntry],
+        results: list[SubmitResult],
+    ) -> list[SubmitResult]:
+        """A refusal for the subject as it stands now (``refused_now``: nothing was sent) of a customer
+        loaded without an end: a cancellation recorded since (it can arrive while the bill is in flight)
+        ends the subscription after usage that is still to be billed. Submit once more with the customer
+        as recorded now; without a recorded end the refusal stands."""
+        if customer.active_until is not None or not any(r.refused_now for r in results):
+            return results
+        fresh = await self.repo.load(customer.id, period, window_start)
+        if fresh is None or fresh.customer.active_until is None:
+            return results
+        return list(await client.submit(fresh.customer, period, sending))
 
     async def _as_recorded(self, outcome: BillOutcome, window_start: datetime) -> BillOutcome:
         """The outcome as the ledger now records it (after an hour was settled without a call)."""

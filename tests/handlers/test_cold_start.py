@@ -1,4 +1,5 @@
-"""What a handler module leaves behind at cold start: everything it built, frozen out of the collector.
+"""What a handler module leaves behind at cold start: everything it built, frozen out of the collector,
+and the collector's young generation collected less often (billing.collector).
 
 Each module is imported in a fresh interpreter, as the Lambda runtime imports it, with the test
 environment's agent settings (tests/conftest.py) and a DSN nobody connects to at import.
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from billing.collector import YOUNG_THRESHOLD
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -22,10 +25,10 @@ def test_module_init_freezes_what_it_built(handler: str) -> None:
     code = (
         "import gc, sys\n"
         f"sys.path.insert(0, {str(ROOT / 'functions' / handler)!r})\n"
-        "assert gc.get_freeze_count() == 0\n"
+        "assert gc.get_freeze_count() == 0 and gc.get_threshold()[0] == 700\n"
         f"import {handler}\n"
         "import elasticapm\n"
-        "print(type(elasticapm.get_client()).__qualname__, gc.get_freeze_count())\n"
+        "print(type(elasticapm.get_client()).__qualname__, gc.get_freeze_count(), gc.get_threshold()[0])\n"
     )
     env = {
         **os.environ,
@@ -39,7 +42,9 @@ def test_module_init_freezes_what_it_built(handler: str) -> None:
     )
     # Then the objects made by the init (settings, clients, the agent) are frozen: tens of thousands
     assert done.returncode == 0, done.stderr[-2000:]
-    client, frozen = done.stdout.split()[-2:]
+    client, frozen, young = done.stdout.split()[-3:]
     assert int(frozen) > 10_000
+    # and young collections run every YOUNG_THRESHOLD allocations, not CPython's default 700
+    assert int(young) == YOUNG_THRESHOLD
     # and the agent capture_serverless wraps the handler with is the project's lean client
     assert client == "LeanClient"

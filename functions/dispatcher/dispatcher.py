@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
-tracing.lambda_agent()  # before capture_serverless, which uses the process's agent if there is one
+# before capture_serverless, which uses the process's agent if there is one
+tracing.lambda_agent(register_transactions=runtime.settings.apm_register_transactions)
 
 
 @capture_serverless

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
 subscriptions = Subscriptions(runtime)
-tracing.lambda_agent()
+tracing.lambda_agent(register_transactions=runtime.settings.apm_register_transactions)
 
 
 @capture_serverless

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     # invocation at its Timeout with no log or metric. tests/unit/test_retry_budget.py keeps it, plus
     # time to unwind, under the Biller's Timeout in template.yaml.
     invocation_budget_seconds: float = Field(default=45.0, gt=0, le=900)
+    # Whether the APM agent registers each Lambda transaction with the APM extension when the invocation
+    # starts (a synchronous POST /register/transaction, one round trip to the extension before the bill
+    # begins), so that an invocation killed before its end (a timeout, out of memory) still shows in
+    # APM. Off by default: the bill's own budget above ends it, with its transaction, error and metric,
+    # before the function's Timeout, and the round trip was a third of the agent's cost per warm
+    # invocation (bench/lambda_warm.py). template.yaml: ApmRegisterTransactions.
+    apm_register_transactions: bool = False
 
     @model_validator(mode="after")
     def _usage_source_complete(self) -> Self:

@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import elasticapm
+from elasticapm.contrib.serverless import aws as aws_serverless
 from elasticapm.contrib.serverless.aws import prep_kwargs
 from elasticapm.instrumentation.packages.asyncio import asyncpg as instrumented_asyncpg
 from elasticapm.traces import execution_context
@@ -73,8 +74,14 @@ def _remember_sql_signatures() -> None:
 _remember_sql_signatures()
 
 
-def lambda_agent() -> elasticapm.Client:
-    """The process's agent, built as ``capture_serverless`` builds it (which then uses this one)."""
+def lambda_agent(*, register_transactions: bool = False) -> elasticapm.Client:
+    """The process's agent, built as ``capture_serverless`` builds it (which then uses this one).
+
+    ``register_transactions`` (Settings.apm_register_transactions): whether ``capture_serverless``
+    registers each transaction with the APM extension as the invocation starts. elasticapm 6.26 has
+    no setting for it, only the module flag it clears itself when the extension refuses one.
+    """
+    aws_serverless.REGISTER_PARTIAL_TRANSACTIONS = register_transactions
     client: elasticapm.Client | None = elasticapm.get_client()
     return client if client is not None else LeanClient(**prep_kwargs())
 

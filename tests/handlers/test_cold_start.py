@@ -28,6 +28,8 @@ def test_module_init_freezes_what_it_built(handler: str) -> None:
         "assert gc.get_freeze_count() == 0 and gc.get_threshold()[0] == 700\n"
         f"import {handler}\n"
         "import elasticapm\n"
+        "from elasticapm.contrib.serverless import aws\n"
+        "print(aws.REGISTER_PARTIAL_TRANSACTIONS)\n"
         "print(type(elasticapm.get_client()).__qualname__, gc.get_freeze_count(), gc.get_threshold()[0])\n"
     )
     env = {
@@ -42,9 +44,11 @@ def test_module_init_freezes_what_it_built(handler: str) -> None:
     )
     # Then the objects made by the init (settings, clients, the agent) are frozen: tens of thousands
     assert done.returncode == 0, done.stderr[-2000:]
-    client, frozen, young = done.stdout.split()[-3:]
+    registers, client, frozen, young = done.stdout.split()[-4:]
     assert int(frozen) > 10_000
     # and young collections run every YOUNG_THRESHOLD allocations, not CPython's default 700
     assert int(young) == YOUNG_THRESHOLD
-    # and the agent capture_serverless wraps the handler with is the project's lean client
+    # and the agent capture_serverless wraps the handler with is the project's lean client, which does
+    # not register each transaction with the APM extension (BILLING_APM_REGISTER_TRANSACTIONS unset)
     assert client == "LeanClient"
+    assert registers == "False"

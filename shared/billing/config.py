@@ -84,10 +84,10 @@ class Settings(BaseSettings):
     # Whether the APM agent registers each Lambda transaction with the APM extension when the invocation
     # starts (a synchronous POST /register/transaction, one round trip to the extension before the bill
     # begins), so that an invocation killed before its end (a timeout, out of memory) still shows in
-    # APM. Off by default: the bill's own budget above ends it, with its transaction, error and metric,
-    # before the function's Timeout, and the round trip was a third of the agent's cost per warm
-    # invocation (bench/lambda_warm.py). template.yaml: ApmRegisterTransactions.
-    apm_register_transactions: bool = False
+    # APM. On, as the agent does by default: measured at about nothing on a quiet machine and a few ms
+    # on a loaded one (bench/lambda_warm.py prints both); the bill's own budget already ends a bill
+    # with its transaction before the function's Timeout. template.yaml: ApmRegisterTransactions.
+    apm_register_transactions: bool = True
 
     @model_validator(mode="after")
     def _usage_source_complete(self) -> Self:

@@ -120,7 +120,7 @@ def test_no_stack_walk_at_span_start_when_span_stack_traces_are_off(
 
 
 @pytest.mark.parametrize("function", ["Biller", "Dispatcher"])
-def test_template_leaves_transaction_registration_off_unless_asked(
+def test_template_keeps_transaction_registration_on_unless_turned_off(
     function: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from billing.config import Settings
@@ -130,11 +130,11 @@ def test_template_leaves_transaction_registration_off_unless_asked(
     monkeypatch.setenv(
         "BILLING_APM_REGISTER_TRANSACTIONS", str(environment["BILLING_APM_REGISTER_TRANSACTIONS"])
     )
-    # Then the settings the handlers read at cold start leave the registration off
-    assert Settings().apm_register_transactions is False
-    # and the parameter that turns it on exists, with "true" among its values
+    # Then the settings the handlers read at cold start keep the agent's registration on
+    assert Settings().apm_register_transactions is True
+    # and the parameter that turns it off exists, with "false" among its values
     parameter = load_template(ROOT / "template.yaml")["Parameters"]["ApmRegisterTransactions"]
-    assert (parameter["Default"], sorted(parameter["AllowedValues"])) == ("false", ["false", "true"])
+    assert (parameter["Default"], sorted(parameter["AllowedValues"])) == ("true", ["false", "true"])
 
 
 @pytest.mark.parametrize("register", [False, True])

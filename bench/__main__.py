@@ -8,6 +8,7 @@ PASS or MISS, and the misses are listed with the reason found.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -30,6 +31,8 @@ SECTIONS = (
     "lanes",
     "demo_scaling",
 )
+# the sections that time a bill's own cost bill unpaced (bench/env.py UNPACED_ENV)
+UNPACED_SECTIONS = ("scheduling", "cost", "profile", "lambda")
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -132,18 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
     }
 
-    from bench import (
-        coldstart,
-        cost,
-        demo_scaling,
-        dispatcher,
-        lambda_warm,
-        lanes,
-        profile,
-        reports,
-        scheduling,
-    )
-    from bench.env import bench_stack
+    from bench.env import UNPACED_ENV, bench_stack
+    from billing_local.stack import environment
 
     sections: list[Section] = []
     lambda_doc: dict[str, Any] | None = None
@@ -155,27 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             apm_client = local_apm_client()
         for key in chosen:
             began = time.perf_counter()
-            if key == "scheduling":
-                section = scheduling.run(bench, scheduling.Params(**sizes["scheduling"]), apm_client, log)
-            elif key == "cost":
-                section = cost.run(bench, cost.CostParams(**sizes["cost"]), apm_client, log)
+            with environment(UNPACED_ENV) if key in UNPACED_SECTIONS else contextlib.nullcontext():
+                section = _run_section(key, bench, sizes, apm_client, lambda_doc)
+            if key == "cost":
                 lambda_doc = section.raw.get("lambda_environment")
-            elif key == "dispatcher":
-                section = dispatcher.run(bench, dispatcher.DispatchParams(**sizes["dispatcher"]), log)
-            elif key == "coldstart":
-                section = coldstart.run(log, sizes["coldstart"]["reps"], lambda_doc)
-            elif key == "profile":
-                section = profile.run(bench, profile.ProfileParams(**sizes["profile"]), log)
-            elif key == "lambda":
-                section = lambda_warm.run(bench, lambda_warm.LambdaParams(**sizes["lambda"]), log)
-            elif key == "quota":
-                section = lanes.run_quota(lanes.QuotaParams(**sizes["quota"]), log)
-            elif key == "lanes":
-                section = lanes.run_lanes(lanes.LanesParams(**sizes["lanes"]), log)
-            elif key == "demo_scaling":
-                section = demo_scaling.run(demo_scaling.ScalingParams(**sizes["demo_scaling"]), log)
-            else:
-                section = reports.run(bench, log, sizes["reports"]["customers"])
             section.seconds = time.perf_counter() - began
             log(f"  ({key}: {section.seconds:.0f} s)")
             sections.append(section)
@@ -206,6 +182,44 @@ def main(argv: list[str] | None = None) -> int:
         f"{config['seconds']:.0f} s"
     )
     return 0
+
+
+def _run_section(
+    key: str, bench: Any, sizes: dict[str, Any], apm_client: Any, lambda_doc: dict[str, Any] | None
+) -> Section:
+    from bench import (
+        coldstart,
+        cost,
+        demo_scaling,
+        dispatcher,
+        lambda_warm,
+        lanes,
+        profile,
+        reports,
+        scheduling,
+    )
+
+    if key == "scheduling":
+        section = scheduling.run(bench, scheduling.Params(**sizes["scheduling"]), apm_client, log)
+    elif key == "cost":
+        section = cost.run(bench, cost.CostParams(**sizes["cost"]), apm_client, log)
+    elif key == "dispatcher":
+        section = dispatcher.run(bench, dispatcher.DispatchParams(**sizes["dispatcher"]), log)
+    elif key == "coldstart":
+        section = coldstart.run(log, sizes["coldstart"]["reps"], lambda_doc)
+    elif key == "profile":
+        section = profile.run(bench, profile.ProfileParams(**sizes["profile"]), log)
+    elif key == "lambda":
+        section = lambda_warm.run(bench, lambda_warm.LambdaParams(**sizes["lambda"]), log)
+    elif key == "quota":
+        section = lanes.run_quota(lanes.QuotaParams(**sizes["quota"]), log)
+    elif key == "lanes":
+        section = lanes.run_lanes(lanes.LanesParams(**sizes["lanes"]), log)
+    elif key == "demo_scaling":
+        section = demo_scaling.run(demo_scaling.ScalingParams(**sizes["demo_scaling"]), log)
+    else:
+        section = reports.run(bench, log, sizes["reports"]["customers"])
+    return section
 
 
 def _describe(sizes: dict[str, Any]) -> str:

@@ -3,10 +3,11 @@
 One fresh process per variant is one execution environment (bench.lambda_child): it imports the
 biller handler and invokes it warm, one SQS record per invocation, as the Lambda runtime does.
 
-- agent on, as template.yaml configures it with the extension layer: the template's ``ELASTIC_APM_*``
-  and ``SKIP_INSTRUMENT_*`` values, ``ELASTIC_APM_ENABLED=true``, and the agent's own HTTP transport
-  posting to an APM Lambda extension double on 127.0.0.1 (below): the partial-transaction
-  registration at each invocation's start and the flush at its end both happen for real;
+- agent on, as template.yaml configures it with the extension layer: the template's ``ELASTIC_APM_*``,
+  ``SKIP_INSTRUMENT_*`` and ``BILLING_APM_*`` values, ``ELASTIC_APM_ENABLED=true``, and the agent's own
+  HTTP transport posting to an APM Lambda extension double on 127.0.0.1 (below): the transaction's
+  registration at each invocation's start (unless the template's ApmRegisterTransactions is "false")
+  and the flush at its end both happen for real; the variant without the registration is printed too;
 - agent off: the template's ``ELASTIC_APM_ENABLED=false`` (what it deploys without the extension).
 
 The extension double serves what the Elastic APM AWS Lambda extension serves the agent on
@@ -88,14 +89,15 @@ def extension_double() -> Iterator[tuple[str, dict[str, int]]]:
 
 
 def template_agent_env() -> dict[str, str]:
-    """The biller's agent settings as template.yaml deploys them (values only a deploy knows left out)."""
+    """The biller's agent settings as template.yaml deploys them (values only a deploy knows left out),
+    the project's own (BILLING_APM_REGISTER_TRANSACTIONS) included."""
     from billing_local.template import function_config
 
     environment = function_config(ROOT / "template.yaml", "Biller").environment
     return {
         k: v
         for k, v in environment.items()
-        if v is not None and (k.startswith("ELASTIC_APM_") or k.startswith("SKIP_INSTRUMENT_"))
+        if v is not None and k.startswith(("ELASTIC_APM_", "SKIP_INSTRUMENT_", "BILLING_APM_"))
     }
 
 
@@ -145,7 +147,7 @@ def run(bench: BenchStack, p: LambdaParams, log: Any) -> Section:
     bench.subscribe(p.invocations)
     deployed = template_agent_env()
     quiet = {k: v for k, v in APM_ENV.items() if k in ("ELASTIC_APM_SERVICE_NAME", "ELASTIC_APM_ENVIRONMENT")}
-    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": [], "unregistered": []}
     with extension_double() as (url, counts):
         on_env = {
             **deployed,
@@ -155,8 +157,11 @@ def run(bench: BenchStack, p: LambdaParams, log: Any) -> Section:
             "ELASTIC_APM_LAMBDA_APM_SERVER": "https://apm.invalid",  # where the extension would forward
         }
         off_env = {**deployed, **quiet, "ELASTIC_APM_ENABLED": "false"}
-        for rep in range(p.reps):  # interleaved: a noisy moment hits both alike
-            for label, env in (("on", on_env), ("off", off_env)):
+        # information: the agent on with the template's ApmRegisterTransactions turned off
+        unregistered_env = {**on_env, "BILLING_APM_REGISTER_TRANSACTIONS": "false"}
+        variants = (("on", on_env), ("off", off_env), ("unregistered", unregistered_env))
+        for rep in range(p.reps):  # interleaved: a noisy moment hits every variant alike
+            for label, env in variants:
                 result = _invoke(bench, template, p, env)
                 runs[label].append(result)
                 log(
@@ -168,6 +173,7 @@ def run(bench: BenchStack, p: LambdaParams, log: Any) -> Section:
     wall_off = median([r["wall_p50_ms"] for r in runs["off"]]) or 0.0
     cpu_on = median([r["cpu_p50_ms"] for r in runs["on"]]) or 0.0
     cpu_off = median([r["cpu_p50_ms"] for r in runs["off"]]) or 0.0
+    wall_unregistered = median([r["wall_p50_ms"] for r in runs["unregistered"]]) or 0.0
     ratio = wall_on / wall_off if wall_off else None
     section.add("warm invocation wall p50, agent on as deployed", wall_on, "ms", note=f"CPU {cpu_on:.2f} ms")
     section.add("warm invocation wall p50, agent off", wall_off, "ms", "", None, f"CPU {cpu_off:.2f} ms")
@@ -181,6 +187,14 @@ def run(bench: BenchStack, p: LambdaParams, log: Any) -> Section:
         f"{extension_calls['register']} registrations and {extension_calls['intake']} intake requests"
         if cpu_off
         else "",
+    )
+    section.add(
+        "… with ApmRegisterTransactions=false (no registration per invocation): wall p50",
+        wall_unregistered,
+        "ms",
+        "",
+        None,
+        f"{wall_unregistered / wall_off:.2f} × agent off" if wall_off else "",
     )
     section.add(
         "failed invocations",

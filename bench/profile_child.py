@@ -298,6 +298,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
+    from billing.collector import settle_after_init
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--apm", choices=("on", "off"), required=True)
     parser.add_argument("--cap", type=int, required=True)
@@ -308,7 +310,7 @@ def main() -> None:
     parser.add_argument("--floor-counts", type=int, nargs=2, default=(0, 0), help="their message counts")
     parser.add_argument("--product", default="")
     args = parser.parse_args()
-    gc.freeze()  # as the handlers and the runner do after their init
+    settle_after_init()  # as the handlers and the runner do after their init
     print(json.dumps(asyncio.run(_main(args))))
 
 

@@ -3,7 +3,6 @@ unexplained (the EMF metric ReconcileUnexplained)."""
 
 from __future__ import annotations
 
-import gc
 from typing import TYPE_CHECKING, Any
 
 import elasticapm
@@ -12,6 +11,7 @@ from elasticapm import capture_serverless
 
 from billing import tracing
 from billing.bootstrap import Runtime
+from billing.collector import settle_after_init
 from billing.config import load_settings
 from billing.entrypoints.auditor import audit, summary
 from billing.entrypoints.loop import LOOP
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
-tracing.lambda_agent()  # before capture_serverless, which uses the process's agent if there is one
+# before capture_serverless, which uses the process's agent if there is one
+tracing.lambda_agent(register_transactions=runtime.settings.apm_register_transactions)
 
 
 @capture_serverless
@@ -34,5 +35,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     return result
 
 
-# Module init is done: what it built lives as long as the execution environment (see biller.py).
-gc.freeze()
+# Module init is done (settings, clients, the agent and its instrumentation): those objects live as
+# long as the execution environment, so the cyclic collector need not scan them at every full
+# collection of a warm invocation; and its young collections run less often (billing.collector).
+settle_after_init()

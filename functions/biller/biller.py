@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger
@@ -12,6 +11,7 @@ from elasticapm import capture_serverless
 
 from billing import tracing
 from billing.bootstrap import Runtime
+from billing.collector import settle_after_init
 from billing.config import load_settings
 from billing.entrypoints.biller import bill_body
 from billing.entrypoints.loop import LoopBatchProcessor
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
-tracing.lambda_agent()  # before capture_serverless, which uses the process's agent if there is one
+# before capture_serverless, which uses the process's agent if there is one
+tracing.lambda_agent(register_transactions=runtime.settings.apm_register_transactions)
 # a failed record is always reported as a batchItemFailure, even when it is the whole batch (BatchSize 1)
 processor = LoopBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
@@ -42,5 +43,5 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
 
 # Module init is done (settings, clients, the agent and its instrumentation): those objects live as
 # long as the execution environment, so the cyclic collector need not scan them at every full
-# collection of a warm invocation.
-gc.freeze()
+# collection of a warm invocation; and its young collections run less often (billing.collector).
+settle_after_init()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from typing import TYPE_CHECKING, Any
 
 import elasticapm
@@ -11,6 +10,7 @@ from elasticapm import capture_serverless
 
 from billing import tracing
 from billing.bootstrap import Runtime
+from billing.collector import settle_after_init
 from billing.config import load_settings
 from billing.entrypoints.loop import LOOP
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
-tracing.lambda_agent()  # before capture_serverless, which uses the process's agent if there is one
+# before capture_serverless, which uses the process's agent if there is one
+tracing.lambda_agent(register_transactions=runtime.settings.apm_register_transactions)
 
 
 @capture_serverless
@@ -35,5 +36,5 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
 
 # Module init is done (settings, clients, the agent and its instrumentation): those objects live as
 # long as the execution environment, so the cyclic collector need not scan them at every full
-# collection of a warm invocation.
-gc.freeze()
+# collection of a warm invocation; and its young collections run less often (billing.collector).
+settle_after_init()

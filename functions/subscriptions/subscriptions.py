@@ -3,7 +3,6 @@ and the marketplaces' HTTP calls (API Gateway HTTP API): each recorded in the su
 
 from __future__ import annotations
 
-import gc
 from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger
@@ -11,6 +10,7 @@ from elasticapm import capture_serverless
 
 from billing import tracing
 from billing.bootstrap import Runtime
+from billing.collector import settle_after_init
 from billing.config import load_settings
 from billing.entrypoints.loop import LOOP
 from billing.entrypoints.subscriptions import Subscriptions, handle
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 logger = Logger()
 runtime = Runtime(load_settings())  # configuration errors fail here, at cold start
 subscriptions = Subscriptions(runtime)
-tracing.lambda_agent()
+tracing.lambda_agent(register_transactions=runtime.settings.apm_register_transactions)
 
 
 @capture_serverless
@@ -30,5 +30,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     return LOOP.run_until_complete(handle(subscriptions, event))
 
 
-# Module init is done: what it built lives as long as the execution environment (see biller.py).
-gc.freeze()
+# Module init is done (settings, clients, the agent and its instrumentation): those objects live as
+# long as the execution environment, so the cyclic collector need not scan them at every full
+# collection of a warm invocation; and its young collections run less often (billing.collector).
+settle_after_init()

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from billing.collector import settle_after_init
 from billing.domain.model import BillOutcome
 
 if TYPE_CHECKING:
@@ -164,8 +164,9 @@ async def drain(
     """
     queue_name = queue_url.rstrip("/").rsplit("/", 1)[-1]
     # What is alive now (modules, pools, clients, the agent) lives as long as the process: out of the
-    # collector's reach, a full collection during the drain scans only what the bills allocate.
-    gc.freeze()
+    # collector's reach, a full collection during the drain scans only what the bills allocate; and
+    # young collections run as rarely as in a Lambda environment (billing.collector).
+    settle_after_init()
     stats = RunnerStats(started=time.perf_counter())
     batch = min(SQS_MAX_RECEIVE, concurrency)
     # Free consumers plus one receive batch per poller: a poller asks for a full batch once that many

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     # invocation at its Timeout with no log or metric. tests/unit/test_retry_budget.py keeps it, plus
     # time to unwind, under the Biller's Timeout in template.yaml.
     invocation_budget_seconds: float = Field(default=45.0, gt=0, le=900)
+    # Whether the APM agent registers each Lambda transaction with the APM extension when the invocation
+    # starts (a synchronous POST /register/transaction, one round trip to the extension before the bill
+    # begins), so that an invocation killed before its end (a timeout, out of memory) still shows in
+    # APM. On, as the agent does by default: measured at about nothing on a quiet machine and a few ms
+    # on a loaded one (bench/lambda_warm.py prints both); the bill's own budget already ends a bill
+    # with its transaction before the function's Timeout. template.yaml: ApmRegisterTransactions.
+    apm_register_transactions: bool = True
 
     @model_validator(mode="after")
     def _usage_source_complete(self) -> Self:

@@ -85,14 +85,29 @@ def _load_failing(biller: Biller, times: int) -> list[int]:
     return repo.calls
 
 
-async def test_a_bill_that_succeeds_at_once_opens_one_retry_context(
+async def test_a_bill_that_succeeds_at_once_opens_no_retry_context(
     biller: Biller, contexts_opened: list[int], stack: Any
 ) -> None:
     # When a customer-hour is billed and every call succeeds the first time
     outcome = await biller.bill(message("c1"))
-    # Then only the marketplace adapter's retry context was opened, not also the whole bill's
+    # Then neither the whole bill nor the marketplace adapter opened a retry context
     assert outcome.marketplace_calls == 1 and len(stack.metering.accepted()) == 2
+    assert len(contexts_opened) == 0
+
+
+async def test_a_marketplace_call_left_unconfirmed_is_retried_in_one_context_and_reported(
+    biller: Biller, contexts_opened: list[int], retries: list[RetryDetails], stack: Any
+) -> None:
+    # Given AWS answers the first BatchMeterUsage with an internal error (it may have recorded it)
+    stack.metering.faults.append("internal")
+    # When the customer-hour is billed
+    outcome = await biller.bill(message("c1"))
+    # Then the adapter sent the records again in the one retry context it opened, stamina reported
+    # the retry, and AWS holds both records
+    assert stack.metering.calls == 2 and len(stack.metering.accepted()) == 2
     assert len(contexts_opened) == 1
+    assert [r.retry_num for r in retries] == [1]
+    assert not outcome.already_billed
 
 
 async def test_a_transient_failure_of_the_first_attempt_is_retried_and_reported(

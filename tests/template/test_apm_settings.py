@@ -16,7 +16,7 @@ import pytest
 from billing.tracing import LeanClient
 from billing_local.apm_capture import CAPTURE
 from billing_local.runner import APM_SETTINGS
-from billing_local.template import function_config
+from billing_local.template import function_config, load_template
 
 ROOT = Path(__file__).resolve().parents[2]
 # the settings that decide what a span or an error carries (the others route or silence the agent)
@@ -117,3 +117,37 @@ def test_no_stack_walk_at_span_start_when_span_stack_traces_are_off(
         CAPTURE.reset()
         if previous is not None:
             elasticapm.base.set_client(previous)
+
+
+@pytest.mark.parametrize("function", ["Biller", "Dispatcher"])
+def test_template_keeps_transaction_registration_on_unless_turned_off(
+    function: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing.config import Settings
+
+    # Given the function's environment as the template deploys it by default
+    environment = function_config(ROOT / "template.yaml", function).environment
+    monkeypatch.setenv(
+        "BILLING_APM_REGISTER_TRANSACTIONS", str(environment["BILLING_APM_REGISTER_TRANSACTIONS"])
+    )
+    # Then the settings the handlers read at cold start keep the agent's registration on
+    assert Settings().apm_register_transactions is True
+    # and the parameter that turns it off exists, with "false" among its values
+    parameter = load_template(ROOT / "template.yaml")["Parameters"]["ApmRegisterTransactions"]
+    assert (parameter["Default"], sorted(parameter["AllowedValues"])) == ("true", ["false", "true"])
+
+
+@pytest.mark.parametrize("register", [False, True])
+def test_the_lambda_agent_registers_transactions_only_when_the_setting_says_so(register: bool) -> None:
+    from elasticapm.contrib.serverless import aws as aws_serverless
+
+    from billing.tracing import lambda_agent
+
+    # capture_serverless registers each transaction while this flag of the agent's is set (its default)
+    previous = aws_serverless.REGISTER_PARTIAL_TRANSACTIONS
+    try:
+        aws_serverless.REGISTER_PARTIAL_TRANSACTIONS = not register
+        lambda_agent(register_transactions=register)
+        assert aws_serverless.REGISTER_PARTIAL_TRANSACTIONS is register
+    finally:
+        aws_serverless.REGISTER_PARTIAL_TRANSACTIONS = previous

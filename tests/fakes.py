@@ -51,6 +51,7 @@ from billing.ports import (
     MarketplaceRules,
     UsageSource,
 )
+from billing.services.bill import Biller, RateCardCache
 
 Hook = Callable[[], Awaitable[None]]
 
@@ -341,6 +342,33 @@ def aws_customer(customer_id: str, active_from: datetime | None = None) -> Custo
         active_until=None,
         aws_customer_identifier=f"aws-{customer_id}",
         aws_product_code="prod-test-0001",
+    )
+
+
+def biller_on_fakes(
+    clock: Clock,
+    repo: FakeBillingRepository,
+    usage: FakeUsageSource,
+    market: MarketplaceClient,
+    *,
+    attempts: int = 3,
+    budget_seconds: float = 45.0,
+) -> Biller:
+    """A Biller wired to these fakes, with the template's look-back (24 h) and lease (120 s)."""
+
+    async def client(_: Marketplace) -> MarketplaceClient:
+        return market
+
+    return Biller(
+        repo=repo,
+        usage=usage,
+        marketplace=client,
+        rate_cards=RateCardCache(repo),
+        lookback_hours=24,
+        lease_seconds=120,
+        attempts=attempts,
+        budget_seconds=budget_seconds,
+        clock=clock,
     )
 
 

@@ -73,8 +73,7 @@ from billing.domain.model import (
     Rate,
     SubmitResult,
 )
-from billing.ports import MarketplaceClient
-from billing.services.bill import Biller, RateCardCache
+from billing.services.bill import Biller
 from fakes import (
     Answer,
     Clock,
@@ -83,6 +82,7 @@ from fakes import (
     FakeUsageSource,
     LedgerRow,
     aws_customer,
+    biller_on_fakes,
 )
 
 HOUR = Period(datetime(2026, 11, 26, 13, tzinfo=UTC))
@@ -139,20 +139,8 @@ def world(market: FakeMarketplace | None = None, budget_seconds: float = 45.0) -
     repo = FakeBillingRepository(clock=clock, rates=list(RATES))
     usage = FakeUsageSource()
     marketplace = market or FakeMarketplace()
-
-    async def client(_: Marketplace) -> MarketplaceClient:
-        return marketplace
-
-    biller = Biller(
-        repo=repo,
-        usage=usage,
-        marketplace=client,
-        rate_cards=RateCardCache(repo),
-        lookback_hours=24,
-        lease_seconds=120,
-        attempts=ATTEMPTS,
-        budget_seconds=budget_seconds,
-        clock=clock,
+    biller = biller_on_fakes(
+        clock, repo, usage, marketplace, attempts=ATTEMPTS, budget_seconds=budget_seconds
     )
     repo.add_customer(aws_customer("c1"))
     w = World(clock, repo, usage, marketplace, biller)

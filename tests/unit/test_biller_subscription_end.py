@@ -21,14 +21,20 @@ import stamina
 
 from billing.domain.messages import BillMessageV1
 from billing.domain.model import LedgerState, Marketplace, Period, Rate, SubmitResult
-from billing.services.bill import Biller, RateCardCache
-from fakes import Clock, FakeBillingRepository, FakeMarketplace, FakeUsageSource, aws_customer
+from billing.services.bill import Biller
+from fakes import (
+    Clock,
+    FakeBillingRepository,
+    FakeMarketplace,
+    FakeUsageSource,
+    aws_customer,
+    biller_on_fakes,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from billing.domain.model import Customer, LedgerEntry
-    from billing.ports import MarketplaceClient
 
 HOUR = Period(datetime(2026, 11, 26, 13, tzinfo=UTC))
 END = HOUR.end + timedelta(minutes=20)  # the cancellation: 20 minutes after the hour billed
@@ -71,20 +77,7 @@ def biller(market: CheckingMarketplace) -> tuple[Biller, FakeBillingRepository]:
     usage.add("c1", HOUR.start + timedelta(minutes=5), "capacity_gb_hours", "3")
     repo.add_customer(aws_customer("c1"))
 
-    async def client(_: Marketplace) -> MarketplaceClient:
-        return market
-
-    built = Biller(
-        repo=repo,
-        usage=usage,
-        marketplace=client,
-        rate_cards=RateCardCache(repo),
-        lookback_hours=24,
-        lease_seconds=120,
-        attempts=3,
-        budget_seconds=45.0,
-        clock=clock,
-    )
+    built = biller_on_fakes(clock, repo, usage, market)
     return built, repo
 
 

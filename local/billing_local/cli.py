@@ -10,7 +10,7 @@ import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path  # typer reads the annotations at run time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -209,35 +209,26 @@ def run_command(
                     )
                 )
             except DispatchInterrupted:
-                console.print(
+                _interrupted(
                     f"interrupted while dispatching {hour}: this run billed nothing; `billing run --period "
-                    f"{hour}` again sends every customer not yet billed (each is billed once)",
-                    markup=False,
-                    highlight=False,
+                    f"{hour}` again sends every customer not yet billed (each is billed once)"
                 )
-                raise typer.Exit(INTERRUPTED) from None
     except KeyboardInterrupt:  # outside the run's event loop (which takes Ctrl-C over while it runs)
-        console.print(
+        _interrupted(
             f"interrupted: `billing status --period {hour}` shows what is billed; `billing run --period "
-            f"{hour}` again bills the rest (each customer once)",
-            markup=False,
-            highlight=False,
+            f"{hour}` again bills the rest (each customer once)"
         )
-        raise typer.Exit(INTERRUPTED) from None
     wall = time.perf_counter() - began
     _finish_apm(apm_events, timeline)
     _print_summary(result, wall)
     if report:
         _write_report(report, result, wall)
     if result.interrupted:
-        console.print(
+        _interrupted(
             f"interrupted: the summary above is what settled before Ctrl-C; `billing run --period {hour}` "
             "again bills the rest (a bill abandoned in flight comes back after the queue's visibility "
-            "timeout; none is billed twice)",
-            markup=False,
-            highlight=False,
+            "timeout; none is billed twice)"
         )
-        raise typer.Exit(INTERRUPTED)
     _exit_on_failures(result, allow_rejected)
 
 
@@ -255,6 +246,12 @@ def _configured() -> None:
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _interrupted(message: str) -> NoReturn:
+    """Say what a Ctrl-C left and how to go on (whole, never read as markup), and exit 130."""
+    console.print(message, markup=False, highlight=False)
+    raise typer.Exit(INTERRUPTED) from None
 
 
 def _log_file(verbose: bool) -> contextlib.ExitStack:
@@ -356,8 +353,7 @@ def demo_command(
             stack.metering.latency_s = latency_ms / 1000
             _demo(stack, customers, seed, chosen, now, concurrency, report, apm)
     except (KeyboardInterrupt, DispatchInterrupted):  # Ctrl-C while seeding or dispatching
-        console.print("interrupted: the demo's stack and its data are deleted now", markup=False)
-        raise typer.Exit(INTERRUPTED) from None
+        _interrupted("interrupted: the demo's stack and its data are deleted now")
     finally:
         stack_cm.__exit__(None, None, None)
     _finish_apm(apm_events, timeline)
@@ -401,13 +397,10 @@ def _demo(
         )
     except DemoInterrupted as stopped:
         _print_summary(stopped.result, time.perf_counter() - began)
-        console.print(
+        _interrupted(
             "interrupted: the summary above is what settled before Ctrl-C; the demo's stack and its data "
-            "are deleted now",
-            markup=False,
-            highlight=False,
+            "are deleted now"
         )
-        raise typer.Exit(INTERRUPTED) from None
     wall = time.perf_counter() - began
     _print_summary(result.first, wall)
     again = result.again

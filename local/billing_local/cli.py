@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-from billing_local import cli_customers, cli_invoke, cli_local, cli_ops
+from billing_local import cli_customers, cli_invoke, cli_local, cli_ops, errors
 from billing_local.local_run import HourResult, parse_marketplaces
 
 if TYPE_CHECKING:
@@ -245,13 +245,10 @@ def _configured() -> None:
         raise ConfigurationError("set BILLING_QUEUE_URL or every lane's BILLING_<MARKETPLACE>_QUEUE_URL")
 
 
-INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
-
-
 def _interrupted(message: str) -> NoReturn:
     """Say what a Ctrl-C left and how to go on (whole, never read as markup), and exit 130."""
     console.print(message, markup=False, highlight=False)
-    raise typer.Exit(INTERRUPTED) from None
+    raise typer.Exit(errors.INTERRUPTED) from None
 
 
 def _log_file(verbose: bool) -> contextlib.ExitStack:

@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from billing_local import clock as local_clock
+from billing_local import errors
 
 console = Console(stderr=True, soft_wrap=True)  # a message is one line, never broken mid-sentence
 
-EXIT_INTERRUPTED = 130
 MOVE_TASK = "StartMessageMoveTask"
 BY_HAND = "receive, send, delete"
 # What an endpoint answers for an action it does not implement: moto gives an HTML 500, so botocore
@@ -371,7 +371,7 @@ def redrive_command(
         console.print(f"[red]left in the dead-letter queue[/red] {message_id}: {escape(reason)}")
     if result.interrupted:
         console.print("interrupted: " + ("move task cancelled" if result.method == MOVE_TASK else "stopped"))
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(errors.INTERRUPTED)
     if not result.ok:
         raise typer.Exit(1)
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 USAGE = 2
 RUNTIME = 1
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 @dataclass(frozen=True)

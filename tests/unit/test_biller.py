@@ -46,6 +46,7 @@ and the rating the decisions carry: remainders, late usage, credits.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -204,6 +205,20 @@ async def test_a_bill_past_its_budget_fails_and_its_rows_stay_unconfirmed() -> N
         "DataTransferGb": (LedgerState.ACCEPTED, 1),
     }
     assert all(r.unconfirmed for r in w.rows().values())
+
+
+async def test_the_budget_counts_from_the_invocations_start_not_the_bills() -> None:
+    # Given a bill with a 10 s budget whose invocation began 10.5 s ago (a cold start that slow)
+    market = FakeMarketplace(answers=[Answer.HANG])
+    w = world(market, budget_seconds=10.0)
+    some_usage(w)
+    started = asyncio.get_running_loop().time() - 10.5
+    # When the hour is billed
+    with pytest.raises(BudgetSpentError):
+        await w.biller.bill(message(), started)
+    # Then the spent budget stopped it before anything was sent (from the bill's own start, it would have
+    # submitted and waited 10 s for an answer)
+    assert market.calls == []
 
 
 # --- decided now ---------------------------------------------------------------------------------------

@@ -10,7 +10,11 @@ it gives, with the retry structure of the code:
   attempt bounded by botocore's connect + read timeouts (AWS, the cheapest case: Google adds a token
   fetch and a services.check loop, Azure a token fetch whose azure-core timeouts are 300 s);
 - the invocation budget (``BILLING_INVOCATION_BUDGET_SECONDS``) cuts all of it short, then the bill
-  unwinds: its failure's log and metrics, connections returned to the pool.
+  unwinds: its failure's log and metrics, connections returned to the pool. It counts from the
+  invocation's start, so a cold start's pool (asyncpg's 60 s connect timeout, twice after a refused
+  password) and the Google and Azure adapters, built on their first bill, are inside it
+  (tests/integration/test_cold_start_budget.py, tests/unit/test_biller.py). The database secret read at
+  module init falls under Lambda's init phase, not the invocation.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -11,7 +12,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
 from billing import log_context, tracing
-from billing.domain.errors import BadMessageError, PermanentError
+from billing.domain.errors import BadMessageError, BudgetSpentError, PermanentError
 from billing.domain.messages import parse_message
 from billing.domain.model import LedgerState
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
     from billing.bootstrap import Runtime
     from billing.domain.model import BillOutcome
+    from billing.services.bill import Biller
 
 logger = Logger()
 METRICS_NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "MarketplaceBilling")
@@ -63,6 +65,7 @@ async def bill_body(
     Runs inside the invocation's APM transaction (Lambda's or the local runner's): labels it, sets
     its outcome and result, and emits the invocation's metrics.
     """
+    started = asyncio.get_running_loop().time()  # the budget covers a cold start's pool too
     age_ms = int(time.time() * 1000) - sent_timestamp_ms if sent_timestamp_ms else None
     keys: dict[str, Any] = {"message_id": message_id, **tracing.correlation_ids()}
     try:
@@ -84,8 +87,8 @@ async def bill_body(
     }
     try:
         with log_context.bound(**{k: str(v) for k, v in keys.items() if k in _BILL_KEYS}):
-            biller = await runtime.biller()
-            outcome = await biller.bill(message)
+            biller = await _built_within_budget(runtime, started)
+            outcome = await biller.bill(message, started)
     except Exception as exc:
         tracing.record_failure(exc)
         _emit_metrics(None, age_ms, failed=True)
@@ -104,6 +107,21 @@ async def bill_body(
     else:
         logger.info("billed", extra={**keys, **summary(outcome)})
     return outcome
+
+
+async def _built_within_budget(runtime: Runtime, started: float) -> Biller:
+    """The environment's Biller; building it (a cold start's secret read and database connection, whose
+    own timeouts are longer than the function's) counts against the invocation's budget, so a database
+    that does not answer fails the item in time instead of the function timing out."""
+    budget = runtime.settings.invocation_budget_seconds
+    try:
+        async with asyncio.timeout_at(started + budget):
+            return await runtime.biller()
+    except TimeoutError:
+        raise BudgetSpentError(
+            f"the Biller was not ready (database pool, usage source) within the {budget:g} s budget; "
+            "SQS redelivers the message"
+        ) from None
 
 
 def _emit_metrics(outcome: BillOutcome | None, age_ms: int | None, failed: bool) -> None:

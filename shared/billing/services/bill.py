@@ -78,8 +78,11 @@ class Biller:
     holder_wait_seconds: float = 10.0
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
-    async def bill(self, message: BillMessageV1) -> BillOutcome:
+    async def bill(self, message: BillMessageV1, started: float | None = None) -> BillOutcome:
         """Bill the message's customer-hour; idempotent, so any delivery may run it again.
+
+        The budget counts from ``started`` (the event loop's time when the invocation began: a cold
+        start's database pool is built before the Biller exists, inside the same budget), else from now.
 
         An hour that has not ended by ``clock`` is a bad message (it fails until the dead-letter queue
         holds it): its usage is still coming in. One that ended inside the settle delay is billed: the
@@ -103,9 +106,15 @@ class Biller:
             # a Lambda timeout (its ledger rows stay SUBMITTED, resubmitted with the same quantities later),
             # but the item fails with a log, a metric and an APM outcome, and the slot is free sooner.
             # The adapters read the same deadline (billing.budget) to stop retrying throttles in time.
-            budget = DEADLINE.set(asyncio.get_running_loop().time() + self.budget_seconds)
+            loop_time = asyncio.get_running_loop().time()
+            ends = (loop_time if started is None else started) + self.budget_seconds
+            if ends <= loop_time:  # spent before the bill began: claim nothing, send nothing
+                raise BudgetSpentError(
+                    f"the {self.budget_seconds:g} s budget was spent before the bill began; SQS redelivers it"
+                )
+            budget = DEADLINE.set(ends)
             try:
-                async with asyncio.timeout(self.budget_seconds) as deadline:
+                async with asyncio.timeout_at(ends) as deadline:
                     return await self._bill_with_retries(message, owner, retryable)
             except TimeoutError:
                 if not deadline.expired():

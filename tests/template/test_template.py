@@ -986,6 +986,36 @@ def test_a_database_function_without_reserved_concurrency_is_caught(
     assert check_connection_budget(broken) != []
 
 
+def check_one_at_a_time(template: Template) -> list[str]:
+    """The Dispatcher and the Auditor run one environment at a time: the connection budget counts one
+    pool each, and two overlapping dispatches of an hour (a retried schedule meeting a slow run) would
+    only race to send the same messages, two audits to report the same day."""
+    problems = []
+    for function in (DISPATCHER, AUDITOR):
+        reserved = resolve(template, function_property(template, function, "ReservedConcurrentExecutions"))
+        if reserved is None or int(reserved) != 1:
+            problems.append(f"{function}'s ReservedConcurrentExecutions is {reserved}, not 1")
+    return problems
+
+
+def test_the_dispatcher_and_the_auditor_run_one_at_a_time(template: Template) -> None:
+    assert check_one_at_a_time(template) == []
+
+
+@pytest.mark.parametrize("function", [DISPATCHER, AUDITOR])
+@pytest.mark.parametrize("reserved", [2, None], ids=["two", "none"])
+def test_a_second_dispatcher_or_auditor_environment_is_caught(
+    template: Template, function: str, reserved: int | None
+) -> None:
+    def widened(t: Template) -> None:
+        if reserved is None:
+            _props(t, function).pop("ReservedConcurrentExecutions")
+        else:
+            _props(t, function)["ReservedConcurrentExecutions"] = reserved
+
+    assert check_one_at_a_time(mutate(template, widened)) != []
+
+
 def test_the_dispatchers_own_pool_counts_against_the_budget(template: Template) -> None:
     def dispatcher_pool_of_30(t: Template) -> None:
         _props(t, DISPATCHER)["Environment"]["Variables"][POOL_SIZE] = 30

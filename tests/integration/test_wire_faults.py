@@ -199,3 +199,44 @@ async def test_a_reset_then_an_out_of_bounds_retry_is_not_settled_as_expired() -
     assert result.state is LedgerState.SUBMITTED
     assert "TimestampOutOfBoundsException" in (result.reason or "")
     assert RESET in (result.reason or "")
+
+
+OPERATION = {"gcp": "services.report", "azure": "batchUsageEvent"}
+
+
+@pytest.mark.parametrize("marketplace", ["gcp", "azure"])
+async def test_a_retry_log_line_names_the_customer_hour_marketplace_and_call(
+    marketplace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Google's and Azure's retries reach the same log hook as AWS's (test_biller_aws checks the Biller's
+    keys end to end): the line names whose hour, on which marketplace, and the call retried, not
+    stamina's "<context block>"."""
+    import json
+
+    from billing import log_context
+    from billing.entrypoints import biller as entrypoint  # installs the retry hook, as the handler does
+    from testkit import captured_logs
+
+    # Given the marketplace answers its first metering call 503 (unavailable: retried)
+    world = World(marketplace, Resetter(lambda _: False))
+    if marketplace == "gcp":
+        world.gcp.fail_next("report", 503)
+    else:
+        world.azure.fail_next(503)
+    stream = captured_logs(monkeypatch, entrypoint.logger)
+    customer = CUSTOMERS[marketplace]
+    with serving(world) as url:
+        async with adapter(marketplace, url) as client:
+            # When the adapter submits inside a bill (the Biller binds these keys)
+            keys = {
+                "customer_id": customer.id,
+                "billing_hour": PERIOD.isoformat(),
+                "marketplace": marketplace,
+            }
+            with log_context.bound(**keys):
+                (result,) = await client.submit(customer, PERIOD, [entry(marketplace)])
+    # Then the retry was logged with the bill's keys and the call's name, and the retry was taken
+    assert result.state is LedgerState.ACCEPTED, result.reason
+    logs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (retry,) = [e for e in logs if e["message"] == "retrying after a transient error"]
+    assert {k: retry.get(k) for k in (*keys, "retrying")} == {**keys, "retrying": OPERATION[marketplace]}

@@ -693,6 +693,12 @@ def main(argv: list[str] | None = None) -> int:
         default=Rates.outage_s,
         help="how long one marketplace is down each hour (the default dead-letters messages)",
     )
+    parser.add_argument(
+        "--marketplace-fault-rate",
+        type=float,
+        default=Rates.marketplace,
+        help="the share of marketplace calls that fail (429, 500, 503, timeout, answer lost, reset alike)",
+    )
     args = parser.parse_args(argv)
     if args.hours < 2 or args.customer_hours < args.hours * len(ALL):
         parser.error("need --hours >= 2 and at least one customer of each marketplace")
@@ -705,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     from billing_local.stack import QueueSettings, embedded_postgres
 
     concurrency = args.concurrency or QueueSettings.from_template().max_concurrency
-    rates = Rates(outage_s=args.outage_seconds)
+    rates = Rates(outage_s=args.outage_seconds, marketplace=args.marketplace_fault_rate)
     plan = SubscriberPlan.draw(customers, args.hours, args.seed, rates)
     print(
         f"chaos: {customers:,} customers x {args.hours} hours = {customer_hours:,} customer-hours, "

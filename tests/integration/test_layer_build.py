@@ -156,6 +156,17 @@ def test_the_layer_ships_the_migrations_beside_the_postgres_adapter(layer: Path)
     assert {p.name: p.read_bytes() for p in shipped.glob("*.sql")} == expected
 
 
+def test_the_layer_ships_the_ca_bundles_the_database_tls_verifies_against(layer: Path) -> None:
+    # Given the CA bundles billing.adapters.postgres_tls reads (billing/certs, beside the package),
+    # When the layer is built, Then it holds each of them unchanged: without them every TLS connection
+    # to RDS fails its verification in the deployed functions
+    source = SHARED / "billing" / "certs"
+    shipped = layer / "billing" / "certs"
+    expected = {p.name: p.read_bytes() for p in source.glob("*.pem")}
+    assert {"rds-global-bundle.pem", "amazon-root-cas.pem"} <= set(expected)
+    assert {p.name: p.read_bytes() for p in shipped.glob("*.pem")} == expected
+
+
 def test_a_build_without_python_313_fails_and_says_why() -> None:
     missing = make("layer-target-python", "LAYER_TARGET_PYTHON=")
     assert missing.returncode != 0

@@ -3,8 +3,9 @@
 The fenced block after the ``<!-- readme-local -->`` anchor in README.md is run by bash with
 ``set -euxo pipefail`` (every command must exit 0; the trace names the one that did not) in an empty
 temporary directory, against the installed ``billing`` command line and a real local stack, so the
-README cannot drift from what works. Its hour is the last ended hour of the wall clock, as a reader's
-would be (the emulators follow the marketplaces' windows on the wall clock).
+README cannot drift from what works. Its hour is the last ended hour of the local tooling's clock, as a
+reader's would be: here that clock is pinned (BILLING_LOCAL_NOW, seconds before the top of an hour), so
+the test does not depend on the minute it runs at, and an hour crossing mid-block would show.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def test_the_readme_local_section_runs_as_written(tmp_path: Path) -> None:
     billed = f"customers: {seeded} billable, {seeded} billed, 0 finished not billed"
     assert billed in proc.stdout, proc.stdout[:3000]
     assert ", 0 unfinished" in proc.stdout
+    # status, reconcile and redrive say what a reader should see after a clean run (their exit codes,
+    # 0 under set -e, say the same)
+    assert "hour 2026-11-26T13:00:00Z: clean" in proc.stdout, proc.stdout[-3000:]
+    assert re.search(r"^clean: (\d+) of \1 customer-dimension\(s\) fully explained$", proc.stdout, re.M)
+    assert "moved 0 message(s)" in proc.stdout + proc.stderr
     assert "local stack" in proc.stdout + proc.stderr and "stopped" in proc.stdout
     assert not (tmp_path / "state" / "state.json").exists()
 

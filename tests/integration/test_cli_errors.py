@@ -193,6 +193,21 @@ def test_local_env_without_a_stack_is_one_error_line(tmp_path: Path) -> None:
     assert_one_error(proc, 1, "no local stack is running", "billing local up")
 
 
+@pytest.mark.parametrize(
+    "command", [("status", "--period", HOUR), ("reconcile", "--from", HOUR, "--to", HOUR)]
+)
+def test_an_invalid_setting_of_the_operator_commands_is_one_error_line(command: tuple[str, ...]) -> None:
+    env = _clean_env(DATABASE_URL="postgresql://u@127.0.0.1:1/db", BILLING_DB_POOL_MAX="many")
+    proc = billing(*command, env=env)
+    assert_one_error(proc, 2, "configuration error", "db_pool_max")
+
+
+@pytest.mark.parametrize("command", ["show", "history"])
+def test_an_unknown_customer_is_one_error_line(command: str, database_url: str) -> None:
+    proc = billing("customers", command, "nobody", env=_clean_env(DATABASE_URL=database_url))
+    assert_one_error(proc, 1, "no subject or customer 'nobody'", "billing customers list")
+
+
 def test_a_dsn_that_is_not_a_dsn_is_a_configuration_error() -> None:
     proc = billing("seed", "--customers", "1", env=_clean_env(DATABASE_URL="localhost:5432/billing"))
     assert_one_error(proc, 2, "configuration error", "not a PostgreSQL DSN")

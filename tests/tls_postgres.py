@@ -140,6 +140,20 @@ def server_binaries() -> Path | None:
 @contextlib.contextmanager
 def tls_postgres(cert_pem: bytes, key_pem: bytes, host: str = "localhost") -> Iterator[TlsServer]:
     """A PostgreSQL server listening on ``host`` with TLS (``cert_pem``/``key_pem``) and scram passwords."""
+    with _postgres(host, (cert_pem, key_pem)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def plain_postgres(host: str = "127.0.0.1") -> Iterator[TlsServer]:
+    """A PostgreSQL server listening on ``host`` without TLS (``ssl=off``: it answers an SSLRequest with
+    "N"), trusting every login: a developer's local server, as the CLI meets it over TCP."""
+    with _postgres(host, None) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _postgres(host: str, tls: tuple[bytes, bytes] | None) -> Iterator[TlsServer]:
     binaries = server_binaries()
     if binaries is None:
         raise RuntimeError("Debian's PostgreSQL server is not installed (make postgres-server)")
@@ -150,11 +164,12 @@ def tls_postgres(cert_pem: bytes, key_pem: bytes, host: str = "localhost") -> It
         base.chmod(0o755)
         data = base / "data"
         data.mkdir(mode=0o700)
-        for name, content in (("server.crt", cert_pem), ("server.key", key_pem)):
+        files = (("server.crt", tls[0]), ("server.key", tls[1])) if tls else ()
+        for name, content in files:
             (base / name).write_bytes(content)
             (base / name).chmod(0o600)
         if owner is not None:  # the socket, the log and the key are the server's
-            for path in (base, data, base / "server.crt", base / "server.key"):
+            for path in (base, data, *(base / name for name, _ in files)):
                 shutil.chown(path, owner, owner)
 
         def run(*args: str) -> None:
@@ -162,18 +177,21 @@ def tls_postgres(cert_pem: bytes, key_pem: bytes, host: str = "localhost") -> It
 
         run(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
             "--auth-host=scram-sha-256", "--encoding=utf8")  # fmt: skip
-        # TCP only with TLS and a password; the superuser is trusted on the socket, to set things up
-        (data / "pg_hba.conf").write_text(
-            "local all postgres trust\n"
-            "local all all scram-sha-256\n"
-            "hostssl all all 127.0.0.1/32 scram-sha-256\n"
-            "hostssl all all ::1/128 scram-sha-256\n"
-        )
         port = _free_port()
-        options = (
-            f"-h {host} -p {port} -k {base} -c ssl=on -c ssl_cert_file={base / 'server.crt'}"
-            f" -c ssl_key_file={base / 'server.key'}"
-        )
+        options = f"-h {host} -p {port} -k {base} -c ssl={'on' if tls else 'off'}"
+        if tls:
+            # TCP only with TLS and a password; the superuser is trusted on the socket, to set things up
+            (data / "pg_hba.conf").write_text(
+                "local all postgres trust\n"
+                "local all all scram-sha-256\n"
+                "hostssl all all 127.0.0.1/32 scram-sha-256\n"
+                "hostssl all all ::1/128 scram-sha-256\n"
+            )
+            options += f" -c ssl_cert_file={base / 'server.crt'} -c ssl_key_file={base / 'server.key'}"
+        else:
+            (data / "pg_hba.conf").write_text(
+                "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+            )
         run(str(binaries / "pg_ctl"), "-D", str(data), "-w", "-o", options, "-l", str(base / "log"), "start")
         try:
             yield TlsServer(host, port, base)

@@ -141,11 +141,7 @@ def _now() -> datetime:
     """The local tooling's clock (billing_local.clock: BILLING_LOCAL_NOW or the wall clock)."""
     from billing_local import clock
 
-    try:
-        return clock.now()
-    except clock.ClockError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    return clock.now()  # a malformed BILLING_LOCAL_NOW: a ClockError, one line from billing_local.errors
 
 
 @app.command("run")
@@ -462,13 +458,10 @@ def timeline_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="The HTML file to write.")],
 ) -> None:
     """Render captured APM intake events (NDJSON) as a self-contained HTML timeline."""
-    from billing_local.timeline import TimelineInputError, write_timeline
+    from billing_local.timeline import write_timeline
 
-    try:
-        stats = write_timeline(events, output)
-    except TimelineInputError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    _writable(output, "--output")
+    stats = write_timeline(events, output)  # input without transactions: one line from billing_local.errors
     out.print(
         f"{output}: {stats.transactions} transactions, {stats.spans} spans, {stats.failures} failures, "
         f"makespan {stats.makespan_ms / 1000:.2f} s, p50 {stats.p50_ms:.1f} ms, p99 {stats.p99_ms:.1f} ms"

@@ -33,6 +33,7 @@ from billing.domain.subscriptions import (
     SubjectKey,
     fold,
 )
+from billing_local.errors import Failure
 
 console = Console(soft_wrap=True)  # a line is whole at any width: it is read and grepped
 errors = Console(stderr=True, soft_wrap=True)
@@ -114,6 +115,10 @@ def list_command(
     console.print(table)
 
 
+def _unknown(ident: str) -> Failure:
+    return Failure(f"no subject or customer {ident!r}: `billing customers list` shows them")
+
+
 @customers_app.command("show")
 def show_command(
     ident: Annotated[
@@ -124,8 +129,7 @@ def show_command(
     """One subject's state: identity, plans, billable span, why it is not billed (if it is not)."""
     row = asyncio.run(_repo_call("subject", ident))
     if row is None:
-        errors.print(f"no subject or customer {escape(ident)!r}")
-        raise typer.Exit(1)
+        raise _unknown(ident)
     doc = _jsonable(asdict(row))
     if as_json:
         print(json.dumps(doc, indent=2))
@@ -153,8 +157,7 @@ def history_command(
 
     subject, events = asyncio.run(read())
     if subject is None:
-        errors.print(f"no subject or customer {escape(ident)!r}")
-        raise typer.Exit(1)
+        raise _unknown(ident)
     if as_json:
         print(json.dumps([_jsonable(asdict(e)) for e in events], indent=2))
         return

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from billing_local.errors import Failure
+
 if TYPE_CHECKING:
     from billing_local.stack import LocalStack
 
@@ -70,9 +72,9 @@ def export_lines(env: dict[str, str]) -> str:
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(message, err=True)
-    return typer.Exit(1)
+def _fail(message: str) -> Failure:
+    """The failure to raise: billing_local.errors prints it as one "error: " line, exit 1."""
+    return Failure(message)
 
 
 @local_app.command("up")
@@ -87,10 +89,7 @@ def up(
     and the printed environment carries it to the other commands."""
     from billing_local import clock
 
-    try:
-        clock.pinned()
-    except clock.ClockError as exc:
-        raise _fail(str(exc)) from None
+    clock.pinned()  # a malformed BILLING_LOCAL_NOW is a usage error before anything starts
     directory = state_dir()
     if (running := read_state(directory)) is not None:
         typer.echo(f"# the local stack is already running (pid {running['pid']}); its environment:", err=True)
@@ -162,12 +161,7 @@ def hour() -> None:
     from billing.domain.model import Period
     from billing_local import clock
 
-    try:
-        moment = clock.now()
-    except clock.ClockError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    typer.echo(Period.last_complete_before(moment, timedelta(0)).isoformat())
+    typer.echo(Period.last_complete_before(clock.now(), timedelta(0)).isoformat())
 
 
 def notify_stack() -> None:
@@ -178,8 +172,16 @@ def notify_stack() -> None:
     import urllib.request
 
     request = urllib.request.Request(f"{url}/customers/refresh", method="POST", data=b"")
-    with urllib.request.urlopen(request, timeout=120) as answer:
-        answer.read()
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            answer.read()
+    except OSError as exc:  # URLError and HTTPError are OSErrors; the database is not the one to blame
+        reason = getattr(exc, "reason", None) or exc
+        raise Failure(
+            f"the local stack's admin endpoint {ADMIN_VARIABLE}={url} does not answer ({reason}): start "
+            'the stack with `billing local up`, then eval "$(billing local env)" (or unset '
+            f"{ADMIN_VARIABLE} when not using it)"
+        ) from exc
 
 
 async def subscribe_every_customer(stack: LocalStack) -> int:

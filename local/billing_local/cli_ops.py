@@ -390,13 +390,8 @@ def _period(text: str) -> Any:
 
 def _settings(pool_max: int = 2) -> Any:
     from billing.config import load_settings
-    from billing.domain.errors import ConfigurationError
 
-    try:
-        settings = load_settings()
-    except ConfigurationError as exc:
-        console.print(f"[red]{escape(str(exc))}[/red]")
-        raise typer.Exit(2) from None
+    settings = load_settings()  # a ConfigurationError is one "error: " line from billing_local.errors
     return settings.model_copy(update={"db_pool_max": max(settings.db_pool_max, pool_max)})
 
 

@@ -1,20 +1,23 @@
 """Expected failures of the `billing` command line as one or two lines a person can act on.
 
 `main` runs the typer app; an exception that `explain` recognises (settings missing, a database that is
-unreachable, refuses the login or is not migrated, a missing queue, no AWS credentials) is printed as
-its explanation on stderr and ends the process with exit 1 (runtime) or 2 (configuration / usage),
-without a traceback. `--debug` (or `BILLING_DEBUG=1`) keeps the traceback. Anything not recognised is a
-bug and still gets its traceback. The explanations look through the exception's causes and through
-exception groups (asyncio task groups wrap the failure of one task).
+unreachable, does not resolve, is not at its socket, offers no TLS, refuses the login or is not migrated,
+a missing queue, no AWS credentials or region, a malformed BILLING_LOCAL_NOW, a timeline input without
+transactions, a `Failure` a command raises) is printed as its explanation on stderr after "error: ",
+and ends the process with exit 1 (runtime) or 2 (configuration / usage), without a traceback. `--debug`
+(or `BILLING_DEBUG=1`) keeps the traceback. Anything not recognised is a bug and still gets its traceback.
+The explanations look through the exception's causes and through exception groups (asyncio task groups
+wrap the failure of one task).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -28,6 +31,15 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-
 class Explanation:
     message: str
     exit_code: int
+
+
+class Failure(Exception):
+    """An expected failure a command has put into words itself: printed after "error: ", no traceback."""
+
+    def __init__(self, message: str, exit_code: int = RUNTIME) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -47,21 +59,89 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
                 stack.append(linked)
 
 
+def _socket_path(dsn: str) -> str | None:
+    """The Unix socket a DSN names (libpq's rule: a host that is a directory holds ``.s.PGSQL.PORT``), or
+    None for a TCP DSN."""
+    parts = urlsplit(dsn)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    host = query.get("host") or parts.hostname
+    if not host or not host.startswith("/"):
+        return None
+    port = query.get("port") or (str(parts.port) if parts.port else "5432")
+    return f"{host.rstrip('/')}/.s.PGSQL.{port}"
+
+
 def _database_place() -> str:
-    """host:port (or the socket directory) of DATABASE_URL, never its password."""
+    """host:port (or the socket's path) of DATABASE_URL, never its password."""
     dsn = os.environ.get("DATABASE_URL", "")
     if not dsn:
         return "the configured database"
     try:
+        if (path := _socket_path(dsn)) is not None:
+            return path
         parts = urlsplit(dsn)
-        host, port = parts.hostname, parts.port
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        host = query.get("host") or parts.hostname or "localhost"
+        port = query.get("port") or parts.port or 5432
     except ValueError:
         return "the configured database"
-    if not host:
-        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-        host = query.get("host", "localhost")
-        port = int(query["port"]) if query.get("port", "").isdigit() else port
-    return f"{host}:{port or 5432}"
+    return f"{host}:{port}"
+
+
+def _database_host() -> str:
+    """The database host as the message names it: DATABASE_URL's host name (never its password)."""
+    try:
+        parts = urlsplit(os.environ.get("DATABASE_URL", ""))
+        host = parse_qs(parts.query).get("host", [parts.hostname or ""])[-1]
+    except ValueError:
+        host = ""
+    return f"the database host {host!r}" if host else "the database host"
+
+
+def _raised_by_asyncpg(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while asyncpg connected (its frames are in the traceback): a missing
+    file or a failed name lookup there is the database's, not a report's or a queue's."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"{os.sep}asyncpg{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _local_stack_socket(path: str) -> bool:
+    """A socket of the local stack's embedded PostgreSQL (its temporary folders' prefixes), or any socket
+    while the local stack's environment is exported."""
+    local = ("billing-pg-", "billing-runtime-")  # stack.embedded_postgres's folders
+    return any(prefix in path for prefix in local) or bool(os.environ.get("BILLING_LOCAL_ADMIN_URL"))
+
+
+def _database_connection(exc: BaseException) -> Explanation | None:
+    """A connection to the database that failed before PostgreSQL answered: which address, and what to do."""
+    if isinstance(exc, socket.gaierror):
+        return Explanation(
+            f"{_database_host()} does not resolve ({exc.strerror}): fix DATABASE_URL's host",
+            RUNTIME,
+        )
+    place = _database_place()
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError) and place.startswith("/"):
+        hint = (
+            "the local stack is not running: start it with `billing local up`, then "
+            'eval "$(billing local env)"'
+            if _local_stack_socket(place)
+            else "is PostgreSQL running with that socket? (check DATABASE_URL's host and port)"
+        )
+        missing = "no socket" if isinstance(exc, FileNotFoundError) else "nobody listening"
+        return Explanation(f"database unreachable: {missing} at {place}; {hint}", RUNTIME)
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        # asyncpg's words when the server answers the SSLRequest with "N" (connect_utils.py)
+        return Explanation(
+            f"the database at {place} does not offer TLS, and a TCP connection must verify the server's "
+            "certificate: for a local database without TLS set BILLING_DB_TLS_VERIFY=false (or connect "
+            "through its Unix socket); otherwise enable TLS on the server (README, TLS and secret rotation)",
+            USAGE,
+        )
+    return None
 
 
 def _database_name() -> tuple[str, str]:
@@ -97,7 +177,17 @@ def _explain_one(exc: BaseException) -> Explanation | None:
     import botocore.exceptions
 
     from billing.domain.errors import ConfigurationError
+    from billing_local.clock import ClockError
+    from billing_local.timeline import TimelineInputError
 
+    if isinstance(exc, Failure):
+        return Explanation(exc.message, exc.exit_code)
+    if isinstance(exc, ClockError | TimelineInputError):  # an input of the command's: its own words
+        return Explanation(str(exc), USAGE)
+    if isinstance(exc, OSError) and _raised_by_asyncpg(exc):
+        found = _database_connection(exc)
+        if found is not None:
+            return found
     if isinstance(exc, ConfigurationError):
         return Explanation(f"configuration error: {exc}{_no_stack_hint()}", USAGE)
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
@@ -131,6 +221,14 @@ def _explain_one(exc: BaseException) -> Explanation | None:
             "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); "
             'for the local stack: eval "$(billing local env)"',
             RUNTIME,
+        )
+    if isinstance(exc, botocore.exceptions.NoRegionError):
+        # botocore reads AWS_DEFAULT_REGION; AWS_REGION only inside Lambda (configprovider.py)
+        return Explanation(
+            "no AWS region: set AWS_DEFAULT_REGION (e.g. us-east-1; outside Lambda the SDK does not read "
+            "AWS_REGION) or a region in AWS_PROFILE's config; for the local stack: "
+            'eval "$(billing local env)"',
+            USAGE,
         )
     if isinstance(exc, botocore.exceptions.ClientError):
         code = exc.response.get("Error", {}).get("Code", "")

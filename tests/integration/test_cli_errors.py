@@ -2,9 +2,10 @@
 
 Each test runs the installed `billing` entry point in a subprocess against a real failure: no settings,
 a closed port, a real PostgreSQL refusing a password, a role or a database, an unmigrated database,
-moto's SQS without the queue, no AWS credentials, a DSN that is not one, an hour not yet ended, a
-report folder that does not exist. Exit 2 is a usage or configuration error, exit 1 a runtime one;
-no traceback unless `--debug`.
+moto's SQS without the queue, no AWS credentials or region, a DSN that is not one, a host that does not
+resolve, a Unix socket that is gone, a server without TLS, a dead local-stack admin endpoint, an hour not
+yet ended, a report folder that does not exist, a malformed BILLING_LOCAL_NOW, no local stack. Exit 2
+is a usage or configuration error, exit 1 a runtime one; no traceback unless `--debug`.
 """
 
 from __future__ import annotations
@@ -108,6 +109,103 @@ def test_database_unreachable_names_host_and_port() -> None:
     # port 1 on loopback: nothing listens there, the connection is refused at once
     proc = billing("seed", "--customers", "1", env=_clean_env(DATABASE_URL="postgresql://u:p@127.0.0.1:1/db"))
     assert_one_error(proc, 1, "unreachable", "127.0.0.1:1")
+
+
+@pytest.mark.parametrize("command", [("seed", "--customers", "1"), ("db", "migrate")])
+def test_a_database_host_that_does_not_resolve_is_named(command: tuple[str, ...]) -> None:
+    # .invalid never resolves (RFC 6761); `db migrate` connects without the pool, seed through it
+    dsn = "postgresql://u:secret-pw@nonexistent.invalid:5432/db"
+    proc = billing(*command, env=_clean_env(DATABASE_URL=dsn))
+    stderr = assert_one_error(proc, 1, "'nonexistent.invalid'", "does not resolve", "DATABASE_URL")
+    assert "secret-pw" not in stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("seed", "--customers", "1"), ("reconcile", "--from", HOUR, "--to", HOUR), ("db", "migrate")],
+)
+def test_a_unix_socket_that_is_gone_names_its_path(command: tuple[str, ...], tmp_path: Path) -> None:
+    # a folder with no server's socket in it
+    dsn = f"postgresql://postgres@/postgres?host={tmp_path}&port=5432"
+    proc = billing(*command, env=_clean_env(DATABASE_URL=dsn))
+    assert_one_error(proc, 1, "unreachable", f"{tmp_path}/.s.PGSQL.5432")
+
+
+def test_the_local_stacks_socket_after_local_down_says_billing_local_up(tmp_path: Path) -> None:
+    # `billing local down` deletes the embedded server's folder; the exported DSN still names it
+    gone = tmp_path / "billing-pg-gone" / "data"
+    dsn = f"postgresql://postgres:@/postgres?host={gone}"
+    proc = billing("seed", "--customers", "1", env=_clean_env(DATABASE_URL=dsn))
+    assert_one_error(proc, 1, f"{gone}/.s.PGSQL.5432", "billing local up")
+
+
+@pytest.mark.skipif(server_binaries() is None, reason="Debian's PostgreSQL server (make postgres-server)")
+def test_a_database_without_tls_over_tcp_says_how_to_connect() -> None:
+    # a developer's own PostgreSQL on 127.0.0.1 with ssl=off: the commands verify TLS over TCP by default
+    from tests.tls_postgres import plain_postgres
+
+    with plain_postgres() as server:
+        env = _clean_env(DATABASE_URL=server.dsn("postgres", "secret-pw", "postgres"))
+        proc = billing("seed", "--customers", "1", env=env)
+        # the advice holds: without verification the same DSN connects (and finds no schema)
+        advised = billing("seed", "--customers", "1", env=env | {"BILLING_DB_TLS_VERIFY": "false"})
+    stderr = assert_one_error(
+        proc, 2, f"127.0.0.1:{server.port}", "does not offer TLS", "BILLING_DB_TLS_VERIFY=false"
+    )
+    assert "secret-pw" not in stderr
+    assert_one_error(advised, 1, "not migrated")
+
+
+def test_a_dead_local_stack_admin_endpoint_is_named_not_the_database() -> None:
+    # the stack's environment still exported after `billing local down`: its admin endpoint is the first
+    # thing `billing run` calls (port 1 on loopback refuses at once)
+    env = _clean_env(
+        DATABASE_URL="postgresql://u:secret-pw@127.0.0.1:1/db",
+        BILLING_QUEUE_URL="http://127.0.0.1:1/q",
+        BILLING_LOCAL_ADMIN_URL="http://127.0.0.1:1",
+    )
+    proc = billing("run", "--period", HOUR, env=env)
+    stderr = assert_one_error(proc, 1, "admin endpoint", "BILLING_LOCAL_ADMIN_URL", "billing local up")
+    assert "database" not in stderr and "secret-pw" not in stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("run", "--period", HOUR),
+        ("redrive", "--dlq-url", "http://127.0.0.1:1/q", "--queue-url", "http://127.0.0.1:1/q2"),
+    ],
+)
+def test_no_aws_region_says_which_variable(command: tuple[str, ...]) -> None:
+    env = _clean_env(DATABASE_URL="postgresql://u:p@127.0.0.1:1/db", BILLING_QUEUE_URL="http://127.0.0.1:1/q")
+    proc = billing(*command, env=env)
+    assert_one_error(proc, 2, "no AWS region", "AWS_DEFAULT_REGION")
+
+
+def test_a_malformed_local_clock_is_one_error_line() -> None:
+    for command in (("local", "hour"), ("run", "--period", HOUR)):
+        proc = billing(*command, env=_clean_env(BILLING_LOCAL_NOW="garbage"))
+        assert_one_error(proc, 2, "BILLING_LOCAL_NOW='garbage'", "ISO 8601")
+
+
+def test_local_env_without_a_stack_is_one_error_line(tmp_path: Path) -> None:
+    proc = billing("local", "env", env=_clean_env(BILLING_LOCAL_DIR=str(tmp_path)))
+    assert_one_error(proc, 1, "no local stack is running", "billing local up")
+
+
+@pytest.mark.parametrize(
+    "command", [("status", "--period", HOUR), ("reconcile", "--from", HOUR, "--to", HOUR)]
+)
+def test_an_invalid_setting_of_the_operator_commands_is_one_error_line(command: tuple[str, ...]) -> None:
+    env = _clean_env(DATABASE_URL="postgresql://u@127.0.0.1:1/db", BILLING_DB_POOL_MAX="many")
+    proc = billing(*command, env=env)
+    assert_one_error(proc, 2, "configuration error", "db_pool_max")
+
+
+@pytest.mark.parametrize("command", ["show", "history"])
+def test_an_unknown_customer_is_one_error_line(command: str, database_url: str) -> None:
+    proc = billing("customers", command, "nobody", env=_clean_env(DATABASE_URL=database_url))
+    assert_one_error(proc, 1, "no subject or customer 'nobody'", "billing customers list")
 
 
 def test_a_dsn_that_is_not_a_dsn_is_a_configuration_error() -> None:
@@ -221,6 +319,15 @@ def test_a_report_folder_that_does_not_exist_fails_before_any_work(
     # no database is configured: had the command started work, it would fail on that (or start a stack)
     proc = billing(*command, "--report", str(tmp_path / "no-such-folder" / "r.json"), env=_clean_env())
     assert_one_error(proc, 2, "--report", "no-such-folder", "does not exist")
+
+
+def test_a_timeline_folder_that_does_not_exist_fails_before_reading(tmp_path: Path) -> None:
+    events = tmp_path / "events.ndjson"
+    events.write_text("")  # had the command read it first, it would fail on "no transaction events"
+    proc = billing(
+        "timeline", str(events), "-o", str(tmp_path / "no-such-folder" / "t.html"), env=_clean_env()
+    )
+    assert_one_error(proc, 2, "--output", "no-such-folder", "does not exist")
 
 
 def test_an_unknown_option_is_one_line_and_exit_2() -> None:

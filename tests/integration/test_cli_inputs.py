@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tests.integration.test_cli_errors import _clean_env, assert_one_error, billing
 from typer.testing import CliRunner
 
 from billing.domain.model import Period
@@ -22,7 +23,6 @@ def test_seeding_an_hour_that_has_not_ended_is_a_usage_error() -> None:
 def test_a_timeline_of_input_without_transactions_is_an_error(tmp_path: Path) -> None:
     events = tmp_path / "events.ndjson"
     events.write_text(json.dumps({"metadata": {"service": {"name": "billing"}}}) + "\n")
-    result = CliRunner().invoke(app, ["timeline", str(events), "-o", str(tmp_path / "t.html")])
-    assert result.exit_code == 2
-    assert "no transaction events" in " ".join(result.output.split())  # stderr wraps at 80 columns
+    proc = billing("timeline", str(events), "-o", str(tmp_path / "t.html"), env=_clean_env())
+    assert_one_error(proc, 2, f"{events}: no transaction events")
     assert not (tmp_path / "t.html").exists()

@@ -25,11 +25,13 @@ if TYPE_CHECKING:
 
 # Never the local variables in a traceback: a failing `billing db migrate` would print the DSN, password
 # included (older typer releases, 0.22 among them, show locals by default): every app says so itself.
+# click's plain help, not typer's rich panels, which cut option names at 80 columns (help_env.py says why)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Hourly marketplace usage billing.",
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database commands.", pretty_exceptions_show_locals=False)
 app.add_typer(db_app, name="db")
@@ -43,9 +45,9 @@ out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 
 
 def main() -> None:
     from billing_local.errors import run
-    from billing_local.help_env import document_environment
+    from billing_local.help_env import prepare_help
 
-    document_environment(app)
+    prepare_help(app)
     run(app)
 
 

@@ -108,7 +108,8 @@ def _interrupt_when(
     return proc.returncode, out, "".join(err)
 
 
-def _assert_billed_exactly_once(env: dict[str, str], customers: int) -> None:
+def _assert_billed_exactly_once(env: dict[str, str], customers: int) -> subprocess.CompletedProcess[str]:
+    """Rerun the hour; assert every customer billed, each record held once; return the rerun."""
     rerun = _billing(env, "run", "--period", HOUR)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"customers: {customers} billable, {customers} billed, 0 finished not billed" in rerun.stdout
@@ -120,6 +121,7 @@ def _assert_billed_exactly_once(env: dict[str, str], customers: int) -> None:
         keys = Counter(tuple(r) for r in records)
         assert all(n == 1 for n in keys.values()), [k for k, n in keys.items() if n > 1][:5]
         assert len(keys) == settled.get(marketplace, 0), marketplace
+    return rerun
 
 
 def _settled_records(dsn: str) -> dict[str, int]:
@@ -157,7 +159,16 @@ def test_ctrl_c_while_billing_exits_130_and_a_rerun_bills_each_customer_once(
     assert "Traceback" not in out + err and "ExceptionGroup" not in out + err
     assert "interrupted: the summary above is what settled before Ctrl-C" in err, out + err
     assert "customers: 300 billable" in out  # what was done, from the ledger
-    _assert_billed_exactly_once(local_env, 300)
+    unfinished = re.search(r"^customers: 300 billable, .* (\d+) unfinished$", out, re.MULTILINE)
+    assert unfinished is not None, out
+    rerun = _assert_billed_exactly_once(local_env, 300)
+    # the rerun dispatches nothing new (the hour was dispatched): its progress counts the customers the
+    # interrupted run left unfinished, whose messages are on the queue, not a bare count with no total
+    left = int(unfinished[1])
+    settled = [line for line in rerun.stderr.splitlines() if line.startswith("customer-hours settled: ")]
+    assert settled, rerun.stderr
+    assert all(re.match(rf"customer-hours settled: \d+/{left} ", line) for line in settled), settled
+    assert settled[-1].startswith(f"customer-hours settled: {left}/{left} "), settled
 
 
 def test_ctrl_c_while_dispatching_exits_130_and_a_rerun_bills_each_customer_once(

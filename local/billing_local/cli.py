@@ -342,9 +342,21 @@ def demo_command(
     _writable(timeline, "--timeline")
     apm = _start_apm(apm_events, timeline)
     now = datetime.now(UTC)
-    with console.status("starting embedded PostgreSQL, moto and the marketplace emulators"):
-        stack_cm = _stack_for_demo()
-        stack = stack_cm.__enter__()
+    starting = "starting embedded PostgreSQL, moto and the marketplace emulators"
+    # a spinner on a terminal; a log or a pipe gets the line (and no rich Live, whose start a Ctrl-C
+    # could cut short, leaving it to swallow the line that says what the Ctrl-C did)
+    spinner = console.status(starting) if console.is_terminal else contextlib.nullcontext()
+    try:
+        if not console.is_terminal:
+            console.print(starting)
+        with spinner:
+            stack_cm = _stack_for_demo()
+            stack = stack_cm.__enter__()
+    except KeyboardInterrupt:  # local_stack stops what it had started before this reaches here
+        _interrupted(
+            "interrupted while the local stack was starting: nothing was billed; its PostgreSQL and "
+            "emulators are stopped"
+        )
     try:
         from billing_local.stack import environment
 

@@ -8,6 +8,8 @@ fits an options table into 80 columns by cutting option names, metavars and defa
 (`--resend-unbil…`), and keeps a docstring's line breaks in a command list. click wraps every cell
 instead, moves an option's help under a long name, and never cuts. A group's command list gets each
 command's first sentence, whole (`summarize`): click would otherwise cut it with "..." to fit a line.
+And click's wrapper breaks lines after hyphens, splitting `--queue-url` in two: the formatter holds
+them (`_unbroken_hyphens`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import typer
 
 _DATABASE = "DATABASE_URL (or BILLING_DATABASE_SECRET_ARN; BILLING_DB_TLS_VERIFY, BILLING_DB_CA_BUNDLE)"
@@ -65,9 +69,55 @@ def _epilog(names: str) -> str:
 
 
 def prepare_help(app: typer.Typer) -> None:
-    """Epilogs naming the environment, and whole one-sentence summaries in every command list."""
+    """Epilogs naming the environment, whole one-sentence summaries in every command list, and a
+    layout that never breaks a line inside a hyphenated word."""
     document_environment(app)
     summarize(app)
+    _unbroken_hyphens(app)
+
+
+# U+2011 NON-BREAKING HYPHEN: textwrap breaks after an ASCII "-" only
+_HELD = "\u2011"
+
+
+def _unbroken_hyphens(app: typer.Typer) -> None:
+    """Every command's help formatter keeps hyphenated words whole (`--queue-url`, `no-allow-rejected`,
+    `./.billing-local`): click's wrapper (textwrap, break_on_hyphens) would split them across lines,
+    and a name cut in two cannot be copied. The hyphens are held while wrapping and restored after."""
+    from typer._click.core import Context
+    from typer._click.formatting import HelpFormatter
+    from typer.core import TyperCommand, TyperGroup
+
+    class Formatter(HelpFormatter):
+        def write_text(self, text: str) -> None:
+            super().write_text(text.replace("-", _HELD))
+
+        def write_dl(self, rows: Sequence[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+            held = [(first, second.replace("-", _HELD)) for first, second in rows]
+            super().write_dl(held, col_max, col_spacing)
+
+        def getvalue(self) -> str:
+            return super().getvalue().replace(_HELD, "-")
+
+    class HelpContext(Context):
+        formatter_class = Formatter
+
+    class Command(TyperCommand):
+        context_class = HelpContext
+
+    class Group(TyperGroup):
+        context_class = HelpContext
+
+    def walk(instance: typer.Typer) -> None:
+        instance.info.cls = Group
+        for command in instance.registered_commands:
+            if command.cls in (None, TyperCommand):  # a command's own class is left alone
+                command.cls = Command
+        for group in instance.registered_groups:
+            if group.typer_instance is not None:
+                walk(group.typer_instance)
+
+    walk(app)
 
 
 # a sentence ends at ".", "!" or "?" followed by a capital or a backquote ("e.g. for" does not end one)

@@ -71,6 +71,8 @@ def test_help_is_whole_at_80_columns(path: tuple[str, ...]) -> None:
     # then it fits and cuts nothing: no line is wider, nothing ends in "…" (rich's cut)
     assert all(len(line) <= 80 for line in text.splitlines()), text
     assert "…" not in text, text
+    # and no hyphenated word is split across lines ("[default: no-allow-" / "rejected]", "--queue-" / "url")
+    assert not [line for line in text.splitlines() if re.search(r"\w-$", line)], text
     # and every option's names are there whole (not followed by more of a name)
     command = TREE[path]
     for param in command.params:

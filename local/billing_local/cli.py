@@ -343,8 +343,8 @@ def demo_command(
     apm = _start_apm(apm_events, timeline)
     now = datetime.now(UTC)
     starting = "starting embedded PostgreSQL, moto and the marketplace emulators"
-    # a spinner on a terminal; a log or a pipe gets the line (and no rich Live, whose start a Ctrl-C
-    # could cut short, leaving it to swallow the line that says what the Ctrl-C did)
+    # a spinner on a terminal; a log or a pipe gets the line (rich's status draws nothing there). The
+    # print is inside the try: a Ctrl-C right after the line is written can land in the print's tail
     spinner = console.status(starting) if console.is_terminal else contextlib.nullcontext()
     try:
         if not console.is_terminal:

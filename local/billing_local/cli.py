@@ -25,11 +25,13 @@ if TYPE_CHECKING:
 
 # Never the local variables in a traceback: a failing `billing db migrate` would print the DSN, password
 # included (older typer releases, 0.22 among them, show locals by default): every app says so itself.
+# click's plain help, not typer's rich panels, which cut option names at 80 columns (help_env.py says why)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Hourly marketplace usage billing.",
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database commands.", pretty_exceptions_show_locals=False)
 app.add_typer(db_app, name="db")
@@ -43,9 +45,9 @@ out = Console(soft_wrap=True)  # summaries are read and grepped: no wrapping at 
 
 def main() -> None:
     from billing_local.errors import run
-    from billing_local.help_env import document_environment
+    from billing_local.help_env import prepare_help
 
-    document_environment(app)
+    prepare_help(app)
     run(app)
 
 
@@ -336,9 +338,21 @@ def demo_command(
     _writable(timeline, "--timeline")
     apm = _start_apm(apm_events, timeline)
     now = datetime.now(UTC)
-    with console.status("starting embedded PostgreSQL, moto and the marketplace emulators"):
-        stack_cm = _stack_for_demo()
-        stack = stack_cm.__enter__()
+    starting = "starting embedded PostgreSQL, moto and the marketplace emulators"
+    # a spinner on a terminal; a log or a pipe gets the line (rich's status draws nothing there). The
+    # print is inside the try: a Ctrl-C right after the line is written can land in the print's tail
+    spinner = console.status(starting) if console.is_terminal else contextlib.nullcontext()
+    try:
+        if not console.is_terminal:
+            console.print(starting)
+        with spinner:
+            stack_cm = _stack_for_demo()
+            stack = stack_cm.__enter__()
+    except KeyboardInterrupt:  # local_stack stops what it had started before this reaches here
+        _interrupted(
+            "interrupted while the local stack was starting: nothing was billed; its PostgreSQL and "
+            "emulators are stopped"
+        )
     try:
         from billing_local.stack import environment
 

@@ -149,16 +149,15 @@ async def run_hour(
     lane_stats: dict[str, RunnerStats] = {}
     try:
         bar = progress_bar if not quiet else _no_progress
-        with bar(f"customers dispatched for {event.get('period')}", total=0) as sends.advance:
+        with bar(f"customers dispatched for {event.get('period')}", total=None) as sends.advance:
             dispatched = await _until_interrupted(_dispatch(built, event, apm_client), interrupt, 0.0)
         sends.advance = None  # a throttled customer's copy, sent while billing, is not dispatch
         if dispatched is None:
             raise DispatchInterrupted(str(event.get("period")))
         sqs = await built.aws_client("sqs", max_pool_connections=total + 10)
-        # this run's messages: a resend sends only the unfinished customers again
-        expected = dispatched.resent if dispatched.already_dispatched else dispatched.dispatched
+        expected, only = await _to_settle(built, dispatched)
         with bar("customer-hours settled", total=expected) as advance:
-            settled = SettledProgress(advance)
+            settled = SettledProgress(advance, only)
             handle = lambda d: bill_body(built, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
             seen: dict[int, RunnerStats] = {}  # each drain's stats, for a drain abandoned after Ctrl-C
 
@@ -209,6 +208,23 @@ async def run_hour(
         await built.close()
 
 
+async def _to_settle(built: Runtime, dispatched: DispatchResult) -> tuple[int, frozenset[str] | None]:
+    """How many customer-hours this run will settle, and (when known) which.
+
+    A dispatch or a resend: the messages it sent. An hour dispatched before, with nothing sent now (a
+    rerun after Ctrl-C, after a redrive moved its messages back, after a visibility timeout): the
+    hour's customers not yet billed, whose messages are what the queue holds for it; only they count,
+    so a stray copy of a billed customer's message cannot take the count past the total."""
+    if not dispatched.already_dispatched:
+        return dispatched.dispatched, None
+    if dispatched.resent:
+        return dispatched.resent, None
+    from billing_local.report import period_report
+
+    unfinished = (await period_report(await built.pool(), dispatched.period)).unbilled
+    return len(unfinished), frozenset(unfinished)
+
+
 class _SendCount:
     """Wraps the run's queue (Runtime's ``wrappers`` seam) to advance the dispatch's progress by the
     messages each send delivered, while ``advance`` is set."""
@@ -256,7 +272,7 @@ async def _until_interrupted(work: Awaitable[T], interrupt: asyncio.Event | None
 
 
 @contextlib.contextmanager
-def _no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+def _no_progress(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
     yield lambda n: None
 
 

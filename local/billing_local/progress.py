@@ -8,16 +8,17 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Collection, Iterator
 
     from billing_local.runner import RunnerStats
 
 
 @contextlib.contextmanager
-def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; draws a bar with counts and rate on a TTY, else a line every 10 %.
 
-    ``total`` 0: not known ahead (the dispatch's customers): a count, and a plain line at each advance."""
+    ``total`` None: not known ahead (the dispatch's customers): a count, and a plain line at each
+    advance. 0: nothing to do, said once ("0/0")."""
     if sys.stderr.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -29,7 +30,7 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
             TimeElapsedColumn(),
         )
         with Progress(*columns, transient=True) as progress:
-            task = progress.add_task(label, total=total or None, rate="")
+            task = progress.add_task(label, total=total, rate="")
             began = time.perf_counter()
             done = 0
 
@@ -41,10 +42,12 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
 
             yield advance_tty
         return
-    step = max(total // 10, 1)
+    step = max((total or 0) // 10, 1)
     done = 0
-    if not total:
+    if total is None:
         print(f"{label}: starting", file=sys.stderr, flush=True)
+    elif total == 0:
+        print(f"{label}: 0/0", file=sys.stderr, flush=True)
     began = time.perf_counter()
 
     def advance_plain(n: int) -> None:
@@ -53,7 +56,7 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
         done += n
         if done // step != before // step or done == total:
             rate = done / max(time.perf_counter() - began, 1e-9)
-            count = f"{done}/{total}" if total else str(done)
+            count = str(done) if total is None else f"{done}/{total}"
             print(f"{label}: {count} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
 
     yield advance_plain
@@ -68,8 +71,9 @@ class SettledProgress:
     instance serves them all (the consumers are tasks of one event loop, so no lock).
     """
 
-    def __init__(self, advance: Callable[[int], None]) -> None:
+    def __init__(self, advance: Callable[[int], None], only: Collection[str] | None = None) -> None:
         self.advance = advance
+        self.only = only  # when given, the customers whose hour counts (those the total counted)
         self.settled: set[str] = set()
         self._succeeded: dict[int, int] = {}  # id(stats) -> successes already looked at
 
@@ -79,6 +83,8 @@ class SettledProgress:
         self._succeeded[id(stats)] = stats.succeeded
         outcome = stats.outcomes[-1]
         if outcome.requeued or outcome.customer_id in self.settled:
+            return
+        if self.only is not None and outcome.customer_id not in self.only:
             return
         self.settled.add(outcome.customer_id)
         self.advance(1)

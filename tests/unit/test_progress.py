@@ -39,3 +39,16 @@ def test_only_each_customer_hours_first_finish_advances_whatever_the_lane() -> N
         step()
         progress(stats)
     assert sum(advanced) == 3 == len(progress.settled)
+
+
+def test_a_rerun_counts_only_the_customers_its_total_counted() -> None:
+    # Given a rerun whose total is the hour's two unfinished customers (a1, a2)
+    advanced: list[int] = []
+    progress = SettledProgress(advanced.append, only={"a1", "a2"})
+    stats = RunnerStats()
+    # When a copy of a billed customer's message (a9, abandoned in flight by Ctrl-C) is billed as well
+    for customer in ("a1", "a9", "a2"):
+        succeed(stats, customer)
+        progress(stats)
+    # Then the count reaches the total and does not pass it
+    assert sum(advanced) == 2

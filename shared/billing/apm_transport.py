@@ -20,6 +20,10 @@ registration. The extension accepts a body gzip-, deflate- or not encoded
 so to the extension on the loopback interface nothing is compressed; to any other server the
 agent's gzip applies.
 
+The APM Server's version is not fetched (``GET /``, which the extension proxies to the APM Server,
+a remote round trip the agent's thread makes at start unless ``skip_server_info``, as template.yaml
+sets it): the agent then assumes a current server, as it does until the answer comes.
+
 Failures are the agent's: logged ("Failed to submit message"), counted for its back-off, never
 raised into the handler; a request waits at most the agent's ``server_timeout`` per socket
 operation. Events wait no longer than the agent lets them (``api_request_time``, and at most

@@ -160,7 +160,8 @@ def test_template_selects_the_serverless_transport(function: str, monkeypatch: p
 
     # Given the function's agent settings as the template deploys them with the extension layer
     environment = function_config(ROOT / "template.yaml", function).environment
-    monkeypatch.setenv("ELASTIC_APM_TRANSPORT_CLASS", str(environment["ELASTIC_APM_TRANSPORT_CLASS"]))
+    for name in ("ELASTIC_APM_TRANSPORT_CLASS", "ELASTIC_APM_SKIP_SERVER_INFO"):
+        monkeypatch.setenv(name, str(environment[name]))
     previous = elasticapm.get_client()
     threads = set(threading.enumerate())
     # When the handlers' agent is built (capture_serverless's settings, the extension's address)
@@ -175,6 +176,8 @@ def test_template_selects_the_serverless_transport(function: str, monkeypatch: p
         # Then its transport posts each invocation's events from the flushing thread: no sender thread
         assert type(client._transport) is ServerlessTransport
         assert set(threading.enumerate()) == threads
+        # which never asks the APM Server's version, as the template says
+        assert client.config.skip_server_info is True
     finally:
         client.close()
         if previous is not None:

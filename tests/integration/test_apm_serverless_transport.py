@@ -29,19 +29,20 @@ def extension() -> Iterator[tuple[str, ApmExtension]]:
         yield served
 
 
-def _client(server_url: str, transport_class: str = TRANSPORT) -> Any:
+def _client(server_url: str, transport_class: str = TRANSPORT, **settings: Any) -> Any:
+    settings = {"metrics_sets": [], **settings}
     return LeanClient(  # what the handlers build, settings as template.yaml's and capture_serverless's
         server_url=server_url,
         transport_class=transport_class,
         metrics_interval="0ms",
         breakdown_metrics=False,
-        metrics_sets=[],
         central_config=False,
         cloud_provider="none",
         span_compression_enabled=False,
         span_stack_trace_min_duration="-1ms",
         collect_local_variables="off",
         skip_server_info=True,
+        **settings,
     )
 
 
@@ -54,8 +55,8 @@ def agent(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     previous = elasticapm.get_client()
     built: list[Any] = []
 
-    def build(server_url: str, transport_class: str = TRANSPORT) -> Any:
-        client = _client(server_url, transport_class)
+    def build(server_url: str, transport_class: str = TRANSPORT, **settings: Any) -> Any:
+        client = _client(server_url, transport_class, **settings)
         built.append(client)
         return client
 
@@ -164,6 +165,23 @@ def test_an_unhandled_error_is_sent_with_its_transaction_in_the_invocations_last
     assert request.flushed
     assert [e["id"] for e in request.of_type("transaction")] == [transaction.id]
     assert [e["transaction_id"] for e in request.of_type("error")] == [transaction.id]
+
+
+def test_metrics_collected_at_the_invocations_end_go_in_its_last_request(
+    extension: tuple[str, ApmExtension], agent: Any
+) -> None:
+    url, double = extension
+    # Given an agent with a metric set (capture_serverless turns them off unless ELASTIC_APM_METRICS_SETS)
+    client = agent(url, metrics_sets=["elasticapm.metrics.sets.cpu.CPUMetricSet"])
+    ids = _invocation(client)
+    # When the invocation ends as capture_serverless ends it: metrics collected, then the flush
+    client.metrics.collect()
+    client._transport.flush()
+    # Then the metric set travels with the transaction in the one last request
+    (request,) = double.intake
+    assert request.flushed
+    assert [t["id"] for t in request.of_type("transaction")] == [ids["transaction"]]
+    assert any("system.cpu.total.norm.pct" in m["samples"] for m in request.of_type("metricset"))
 
 
 def test_an_invocation_with_nothing_to_send_still_tells_the_extension_it_is_done(

@@ -6,7 +6,9 @@ the Lambda runtime invokes it (``lambda_handler(event, context)`` with a one-rec
 asyncpg pool and HTTP sessions live on the module's loop across invocations.
 
 ``BENCH_LAMBDA_PROFILE=PATH`` (in the parent's environment) profiles the warm invocations with
-cProfile, in the handler's thread only, to ``PATH.on``, ``PATH.off`` or ``PATH.on-unregistered``.
+cProfile, in the handler's thread only, to ``PATH.on``, ``PATH.off`` or ``PATH.on-unregistered``;
+``BENCH_LAMBDA_SAMPLE=PATH`` samples them (bench.profile_child.Sampler, every 0.5 ms of CPU) into
+the same names, as JSON: samples by component and the most sampled functions.
 """
 
 from __future__ import annotations
@@ -133,9 +135,17 @@ def main() -> None:
         import cProfile
 
         profiler = cProfile.Profile()
+    sample_to = os.environ.get("BENCH_LAMBDA_SAMPLE")
+    sampler = None
+    if sample_to:
+        from bench.profile_child import Sampler
+
+        sampler = Sampler(interval_s=0.0005)
     for i in range(args.invocations):
         if profiler is not None and i == 1:
             profiler.enable()
+        if sampler is not None and i == 1:
+            sampler.__enter__()
         event = event_for(customer_id(args.first + i))
         before = opened["tcp"] + opened["unix"]
         t0, c0 = time.perf_counter(), time.process_time()
@@ -151,11 +161,16 @@ def main() -> None:
         if i + 1 == args.memory_after:
             gc.collect()
             memory["after_small"] = {"n": i + 1, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+    label = "on" if os.environ.get("ELASTIC_APM_ENABLED") == "true" else "off"
+    if os.environ.get("BILLING_APM_REGISTER_TRANSACTIONS") == "false":
+        label += "-unregistered"
+    if sampler is not None:
+        sampler.__exit__()
+        Path(f"{sample_to}.{label}").write_text(
+            json.dumps({"samples": sampler.samples, "functions": sampler.functions.most_common(60)})
+        )
     if profiler is not None:
         profiler.disable()
-        label = "on" if os.environ.get("ELASTIC_APM_ENABLED") == "true" else "off"
-        if os.environ.get("BILLING_APM_REGISTER_TRANSACTIONS") == "false":
-            label += "-unregistered"
         profiler.dump_stats(f"{profile_to}.{label}")
     gc.collect()
     memory["after_all"] = {"n": args.invocations, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}

@@ -36,7 +36,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import threading
-import time
+from time import monotonic
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -68,7 +68,7 @@ class ServerlessTransport(HTTPTransport):  # type: ignore[misc]
             self._compress_level = 0
         self._host, self._port = parts.hostname or "localhost", parts.port or 80
         self._events: list[tuple[str, Any]] = []
-        self._oldest: float | None = None
+        self._due_at: float | None = None  # when the buffered events must go, flush or not
         self._events_lock = threading.Lock()
         self._send_lock = threading.Lock()  # one request at a time on the kept-alive connection
         self._connection: http.client.HTTPConnection | None = None
@@ -110,12 +110,12 @@ class ServerlessTransport(HTTPTransport):  # type: ignore[misc]
         """
         if event_type is None or data is None or self._closed:
             return
-        now = time.monotonic()
+        now = monotonic()
         with self._events_lock:
             self._events.append((event_type, data))
-            if self._oldest is None:
-                self._oldest = now
-            due = len(self._events) >= QUEUE_CHILL_COUNT or now - self._oldest >= self._max_flush_seconds()
+            if self._due_at is None:  # the setting is read once per batch, not at every event
+                self._due_at = now + self._max_flush_seconds()
+            due = len(self._events) >= QUEUE_CHILL_COUNT or now >= self._due_at
         if due:
             self._send_buffered(flushed=False)
 
@@ -129,7 +129,7 @@ class ServerlessTransport(HTTPTransport):  # type: ignore[misc]
 
     def _send_buffered(self, *, flushed: bool) -> None:
         with self._events_lock:
-            events, self._events, self._oldest = self._events, [], None
+            events, self._events, self._due_at = self._events, [], None
         try:
             body = self._body(events)
         except Exception:  # the agent's thread would have died with it; the handler must not

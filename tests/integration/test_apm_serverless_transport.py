@@ -184,6 +184,35 @@ def test_metrics_collected_at_the_invocations_end_go_in_its_last_request(
     assert any("system.cpu.total.norm.pct" in m["samples"] for m in request.of_type("metricset"))
 
 
+@pytest.mark.parametrize("limit", ["api_request_time", "events"])
+def test_events_past_the_agents_limits_are_sent_before_the_flush_without_ending_the_invocation(
+    limit: str, extension: tuple[str, ApmExtension], agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing import apm_transport
+
+    url, double = extension
+    now = [1000.0]
+    monkeypatch.setattr(apm_transport, "monotonic", lambda: now[0])
+    client = agent(url, api_request_time="10s")
+    client.begin_transaction("request")
+    # Given a long invocation (a dispatcher's thousands of sends) whose events reach the agent's limits
+    spans = apm_transport.QUEUE_CHILL_COUNT if limit == "events" else 2
+    for i in range(spans):
+        if limit == "api_request_time" and i == spans - 1:
+            now[0] += 10.0  # the agent's api_request_time since the first buffered event
+        with elasticapm.capture_span(f"SendMessageBatch {i}", span_type="messaging"):
+            pass
+    # Then they were posted as they came due, by this thread, without telling the extension it is done
+    (early,) = double.intake
+    assert not early.flushed and len(early.of_type("span")) == spans
+    assert list(early.events[0]) == ["metadata"]
+    # and the invocation's end posts the rest with flushed=true
+    client.end_transaction("dispatch", "success")
+    client._transport.flush()
+    assert [r.flushed for r in double.intake] == [False, True]
+    assert [len(r.of_type("transaction")) for r in double.intake] == [0, 1]
+
+
 def test_an_invocation_with_nothing_to_send_still_tells_the_extension_it_is_done(
     extension: tuple[str, ApmExtension], agent: Any
 ) -> None:

@@ -33,6 +33,7 @@ operation. Events wait no longer than the agent lets them (``api_request_time``,
 
 from __future__ import annotations
 
+import functools
 import gzip
 import http.client
 import threading
@@ -67,6 +68,7 @@ class ServerlessTransport(HTTPTransport):  # type: ignore[misc]
             # the extension decompresses whatever it gets and recompresses its batches itself
             self._compress_level = 0
         self._host, self._port = parts.hostname or "localhost", parts.port or 80
+        self._netloc = parts.netloc
         self._events: list[tuple[str, Any]] = []
         self._due_at: float | None = None  # when the buffered events must go, flush or not
         self._events_lock = threading.Lock()
@@ -181,7 +183,11 @@ class ServerlessTransport(HTTPTransport):  # type: ignore[misc]
         how ``capture_serverless`` learns that the extension does not take registrations). A
         server that is not on the loopback interface goes through the agent's own urllib3 path.
         """
-        if not self._local:
+        url = custom_url or self._url
+        if forced_flush:
+            url = f"{url}?flushed=true"
+        netloc, target = _split(url)
+        if not self._local or netloc != self._netloc:
             location: str | None = super().send(data, forced_flush, custom_url, custom_headers)
             return location
         headers: dict[Any, Any] = dict(self._headers) if self._headers else {}
@@ -190,11 +196,6 @@ class ServerlessTransport(HTTPTransport):  # type: ignore[misc]
             headers.update(custom_headers)
         else:
             headers[b"Content-Type"] = b"application/x-ndjson"
-        url = custom_url or self._url
-        if forced_flush:
-            url = f"{url}?flushed=true"
-        parts = urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
         body = data.encode("utf-8") if isinstance(data, str) else data
         with self._send_lock:
             connection = self._connected()
@@ -228,3 +229,10 @@ class ServerlessTransport(HTTPTransport):  # type: ignore[misc]
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+
+@functools.lru_cache(maxsize=16)
+def _split(url: str) -> tuple[str, str]:
+    """A URL's host part and request target (the intake and registration URLs, parsed once each)."""
+    parts = urlsplit(url)
+    return parts.netloc, parts.path + (f"?{parts.query}" if parts.query else "")

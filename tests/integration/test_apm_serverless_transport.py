@@ -288,3 +288,20 @@ def test_a_registration_the_extension_refuses_fails_as_the_agent_expects(
         },
     )
     assert double.counts["register"] == 1
+
+
+def test_a_request_for_another_server_goes_there_not_down_the_kept_alive_connection(
+    extension: tuple[str, ApmExtension], agent: Any
+) -> None:
+    url, double = extension
+    transport: ServerlessTransport = agent(url)._transport
+    with apm_extension() as (other_url, other):
+        transport.send(
+            '{"metadata": {}}\n',
+            custom_url=f"{other_url}/register/transaction",
+            custom_headers={
+                "x-elastic-aws-request-id": "req-1",
+                "Content-Type": "application/vnd.elastic.apm.transaction+ndjson",
+            },
+        )
+    assert (double.counts["register"], other.counts["register"]) == (0, 1)

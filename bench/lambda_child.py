@@ -4,6 +4,11 @@ Run by bench.cost as ``python -m bench.lambda_child``: the parent holds the loca
 endpoints in the environment. Prints one JSON document. The handler is invoked in-process exactly as
 the Lambda runtime invokes it (``lambda_handler(event, context)`` with a one-record SQS event), so its
 asyncpg pool and HTTP sessions live on the module's loop across invocations.
+
+``BENCH_LAMBDA_PROFILE=PATH`` (in the parent's environment) profiles the warm invocations with
+cProfile, in the handler's thread only, to ``PATH.on``, ``PATH.off`` or ``PATH.on-unregistered``;
+``BENCH_LAMBDA_SAMPLE=PATH`` samples them (bench.profile_child.Sampler, every 0.5 ms of CPU) into
+the same names, as JSON: samples by component and the most sampled functions.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import sys
 import time
@@ -123,7 +129,23 @@ def main() -> None:
     connections: list[int] = []
     memory: dict[str, Any] = {}
     pg_first: list[tuple[int, str]] = []
+    profile_to = os.environ.get("BENCH_LAMBDA_PROFILE")
+    profiler = None
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    sample_to = os.environ.get("BENCH_LAMBDA_SAMPLE")
+    sampler = None
+    if sample_to:
+        from bench.profile_child import Sampler
+
+        sampler = Sampler(interval_s=0.0005)
     for i in range(args.invocations):
+        if profiler is not None and i == 1:
+            profiler.enable()
+        if sampler is not None and i == 1:
+            sampler.__enter__()
         event = event_for(customer_id(args.first + i))
         before = opened["tcp"] + opened["unix"]
         t0, c0 = time.perf_counter(), time.process_time()
@@ -139,6 +161,17 @@ def main() -> None:
         if i + 1 == args.memory_after:
             gc.collect()
             memory["after_small"] = {"n": i + 1, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+    label = "on" if os.environ.get("ELASTIC_APM_ENABLED") == "true" else "off"
+    if os.environ.get("BILLING_APM_REGISTER_TRANSACTIONS") == "false":
+        label += "-unregistered"
+    if sampler is not None:
+        sampler.__exit__()
+        Path(f"{sample_to}.{label}").write_text(
+            json.dumps({"samples": sampler.samples, "functions": sampler.functions.most_common(60)})
+        )
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(f"{profile_to}.{label}")
     gc.collect()
     memory["after_all"] = {"n": args.invocations, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
     pg_last = LOOP.run_until_complete(backends())

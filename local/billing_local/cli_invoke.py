@@ -155,6 +155,9 @@ def invoke_command(
     if undeclared:
         console.print(f"note: `sam local invoke` would ignore {', '.join(undeclared)} (not in the template)")
     declared = {k: v for k, v in config.environment.items() if v is not None and k not in os.environ}
+    if _apm_captured_locally():
+        # the template's transport posts to the APM extension, which is not here: captured in memory
+        declared.pop(APM_TRANSPORT, None)
     if _apm_captured_locally() and not {APM_ENABLED} & (set(os.environ) | set(overrides)):
         # the template turns the agent off without the extension layer; then no transaction exists and
         # every log line's elasticapm_labels carry trace.id null. Captured in memory, it costs nothing.

@@ -101,3 +101,12 @@ def test_keep_timestamps_keeps_the_events_send_time() -> None:
     assert kept.returncode == 0, kept.stderr
     age = kept.metric("MessageAgeMs")
     assert kept.started_ms - sent <= age <= kept.ended_ms - sent
+
+
+def test_the_agent_captures_in_memory_whatever_transport_the_template_deploys(sample: Invocation) -> None:
+    # Given the template's agent settings, which select the serverless transport for the extension
+    assert sample.returncode == 0, sample.stderr
+    # Then the command's in-memory transport was the one used: nothing tried to reach an APM Server
+    # (the template's transport would have posted to the agent's default http://localhost:8200)
+    assert "Failed to submit message" not in sample.stderr
+    assert "Unable to reach APM Server" not in sample.stderr

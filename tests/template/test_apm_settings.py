@@ -6,6 +6,7 @@ runs through the agent's processors and serializer as it would be posted to an A
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,33 @@ def test_the_lambda_agent_registers_transactions_only_when_the_setting_says_so(r
         assert aws_serverless.REGISTER_PARTIAL_TRANSACTIONS is register
     finally:
         aws_serverless.REGISTER_PARTIAL_TRANSACTIONS = previous
+
+
+@pytest.mark.parametrize("function", ["Biller", "Dispatcher", "Auditor", "Subscriptions"])
+def test_template_selects_the_serverless_transport(function: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from billing.apm_transport import ServerlessTransport
+
+    # Given the function's agent settings as the template deploys them with the extension layer
+    environment = function_config(ROOT / "template.yaml", function).environment
+    for name in ("ELASTIC_APM_TRANSPORT_CLASS", "ELASTIC_APM_SKIP_SERVER_INFO"):
+        monkeypatch.setenv(name, str(environment[name]))
+    previous = elasticapm.get_client()
+    threads = set(threading.enumerate())
+    # When the handlers' agent is built (capture_serverless's settings, the extension's address)
+    client = LeanClient(
+        service_name="apm-settings-test",
+        server_url="http://localhost:8200",
+        metrics_interval="0ms",
+        central_config=False,
+        cloud_provider="none",
+    )
+    try:
+        # Then its transport posts each invocation's events from the flushing thread: no sender thread
+        assert type(client._transport) is ServerlessTransport
+        assert set(threading.enumerate()) == threads
+        # which never asks the APM Server's version, as the template says
+        assert client.config.skip_server_info is True
+    finally:
+        client.close()
+        if previous is not None:
+            elasticapm.base.set_client(previous)

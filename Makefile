@@ -28,9 +28,14 @@ $(PY):
 # pip compiles what it installs into the venv's own __pycache__, not under the prefix above: a plain
 # `.venv/bin/python -m pytest` finds that bytecode too, even under PYTHONDONTWRITEBYTECODE (else it
 # compiles every library it imports at every run: 1.5 s of the unit tier's CPU)
+# setuptools' notice at every editable install of a project with two package roots (shared/, local/):
+# "Please be careful with folders ... with the same name as your package", framed in "!!" (an
+# InformationOnly warning; pip >= 25 shows its build backend's warnings). It gives a newcomer nothing
+# to do. Only that message is silenced: a deprecation at install still shows.
+QUIET_BUILD = PYTHONWARNINGS="ignore:Editable installation"
 $(STAMP): pyproject.toml | $(PY)
 	env -u PYTHONPYCACHEPREFIX $(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	env -u PYTHONPYCACHEPREFIX $(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	env -u PYTHONPYCACHEPREFIX $(QUIET_BUILD) $(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
 	@touch $@
 

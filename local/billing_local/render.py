@@ -89,11 +89,12 @@ def iter_lines(reconciliation: Reconciliation, limit: int | None = None) -> Iter
     yield (
         f"totals: source {num(sum((line.source for line in r.lines), Decimal(0)))}, "
         f"billed {sum(line.billed for line in r.lines)}; "
-        f"{len(different)} customer-dimension(s) with a difference: "
+        f"{r.unexplained + explained} difference(s) in {len(different)} customer-dimension(s): "
         f"{r.unexplained} unexplained, {explained} explained"
     )
     different.sort(key=lambda line: not line.unexplained)  # stable: unexplained first, then as listed
     shown = different if limit is None else different[:limit]
+    told: set[str] = set()  # a reason is written out once; the same one again is named by its kind
     for line in shown:
         yield (
             f"{line.customer_id} {line.dimension} ({line.marketplace}): source {num(line.source)}, "
@@ -102,7 +103,9 @@ def iter_lines(reconciliation: Reconciliation, limit: int | None = None) -> Iter
         for d in line.differences:
             label = "explained" if d.explained else "UNEXPLAINED"
             at = f"{d.period} " if d.period else ""
-            yield f"    {label:<11} {num(d.amount):>10}  {at}{d.kind}: {d.reason}"
+            why = f"{d.kind}: {d.reason}" if d.reason not in told else f"{d.kind} (as above)"
+            told.add(d.reason)
+            yield f"    {label:<11} {num(d.amount):>10}  {at}{why}"
     if len(shown) < len(different):
         yield (
             f"... {len(different) - len(shown)} more customer-dimension(s) with a difference "

@@ -440,7 +440,8 @@ async def test_reconcile_prints_totals_first_and_at_most_limit_details_unexplain
     assert result.exit_code == 1
     totals = next(i for i, line in enumerate(lines) if line.startswith("totals: "))
     assert lines[totals] == (
-        "totals: source 10.5, billed 1; 7 customer-dimension(s) with a difference: 3 unexplained, 4 explained"
+        "totals: source 10.5, billed 1; "
+        "7 difference(s) in 7 customer-dimension(s): 3 unexplained, 4 explained"
     )
     details = [i for i, line in enumerate(lines) if " (aws): source " in line]
     assert len(details) == 2 and totals < min(details)
@@ -539,6 +540,25 @@ async def test_reconcile_explains_a_carried_remainder(biller: Biller, pool: Any,
     assert (
         "explained          0.5  carried remainder: fractions of a unit wait for later hours" in result.output
     )
+
+
+async def test_reconcile_writes_a_reason_out_once_and_names_it_by_its_kind_after(
+    biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given two customers each billed 2 units of 2.5 GB-hours, 0.5 carried: the same difference twice
+    for c in ("c1", "c2"):
+        await subscribed(pool, stack, c)
+        await add_usage(pool, c, HOUR.start, "capacity_gb_hours", "2.5")
+    await bill_hour(biller, ["c1", "c2"])
+    # When the hour is reconciled
+    result = await run_cli_async(*reconcile_args())
+    # Then the reason is written out under the first customer only; the second names its kind
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    reasons = [x for x in lines if "carried remainder" in x]
+    assert len(reasons) == 2, result.stdout
+    assert reasons[0].endswith("carried remainder: fractions of a unit wait for later hours (carry 0 → 0.5)")
+    assert reasons[1].endswith("0.5  carried remainder (as above)")
 
 
 async def test_reconcile_explains_a_credit_left_by_a_downward_correction(

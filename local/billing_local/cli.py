@@ -425,7 +425,9 @@ def _demo(
     # #13: customers subscribing through the marketplaces' own events, and their final partial hours
     from billing_local.lifecycle import lifecycle_demo
 
-    out.print("subscription lifecycle:")
+    out.print(
+        "subscription lifecycle (hours of its own, three before the hour just billed, so the two never mix):"
+    )
     asyncio.run(lifecycle_demo(stack, now))
     _exit_on_failures(result.first, allow_rejected=True)
 

@@ -272,9 +272,10 @@ async def run_lifecycle(stack: LocalStack, google: Any, microsoft: Any, clock: C
         "gcp": sorted((r.start_time.hour, r.value) for r in google.records.values() if r.value),
         "azure": sorted((e.hour.hour, int(e.quantity)) for e in microsoft.accepted.values() if e.quantity),
     }
+    console.print("what each marketplace now holds for them, per hour (the final partial hour last):")
     for market, records in done.held.items():
-        shown = ", ".join(f"{h:02d}:00 x{q}" for h, q in records)
-        console.print(f"  {market} holds {shown} (the 1000 units after the end: never sent)")
+        shown = ", ".join(f"{q} unit(s) for {h:02d}:00" for h, q in records)
+        console.print(f"  {market}: {shown}; the 1,000 units recorded after the end were never sent")
     return done
 
 

@@ -137,9 +137,10 @@ class RunInfo:
 
     run_id: str
     attempts: int
-    dispatched: int
+    dispatched: int  # messages the hour's dispatch sent
     started_at: str
     dispatched_at: str | None  # None: no dispatcher has finished sending the hour
+    resent: int = 0  # messages sent again since (`billing run --resend-unbilled`), summed
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,10 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
     """The period report plus its billing run and one problem per missing customer or bad record."""
     report = await period_report(pool, period)
     run_row = await pool.fetchrow(
-        "SELECT id, attempts, dispatched, started_at, dispatched_at FROM billing_runs WHERE period = $1",
+        """
+        SELECT id, attempts, dispatched, resent, started_at, dispatched_at FROM billing_runs
+         WHERE period = $1
+        """,
         period.start,
     )
     run = None
@@ -223,6 +227,7 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
             dispatched=int(run_row["dispatched"]),
             started_at=_iso(run_row["started_at"]),
             dispatched_at=_iso(run_row["dispatched_at"]) if run_row["dispatched_at"] else None,
+            resent=int(run_row["resent"]),
         )
     records = await pool.fetch(
         """
@@ -240,10 +245,22 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
         _ATTENTION,
     )
     with_records = {r["customer_id"] for r in records}
+    # the dispatch sends the customers billable when it runs: one written since was never sent
+    # (both times are the database's own clock)
+    after_dispatch: set[str] = set()
+    if run_row is not None and run_row["dispatched_at"] is not None:
+        after_dispatch = {
+            r["id"]
+            for r in await pool.fetch(
+                "SELECT id FROM customers WHERE id = ANY($1::text[]) AND created_at > $2",
+                report.unbilled,
+                run_row["dispatched_at"],
+            )
+        }
     problems: list[Problem] = []
     for marketplace, counts in sorted(report.marketplaces.items()):
         problems += [
-            Problem("missing", marketplace, c, None, _missing_reason(run), blocking=True)
+            Problem("missing", marketplace, c, None, _missing_reason(run, period, c in after_dispatch), True)
             for c in counts.missing
             if c not in with_records
         ]
@@ -252,14 +269,22 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
     return PeriodStatus(report, run, problems)
 
 
-def _missing_reason(run: RunInfo | None) -> str:
+def _missing_reason(run: RunInfo | None, period: Period, after_dispatch: bool) -> str:
     if run is None:
-        return "no ledger record: the hour was never dispatched (no billing run; `billing run --period`)"
+        return (
+            "no ledger record: the hour was never dispatched (no billing run; "
+            f"`billing run --period {period}`)"
+        )
     if run.dispatched_at is None:
         return f"no ledger record: the dispatcher has not finished the hour (attempt {run.attempts})"
+    if after_dispatch:
+        return (
+            "no ledger record: not in the hour's dispatch (billable since it ran): "
+            f"`billing run --period {period} --resend-unbilled`"
+        )
     return (
         "no ledger record: dispatched but never billed; its message is still in the billing queue "
-        "or in the dead-letter queue (`billing redrive`), or was lost (`billing run --period HOUR "
+        f"or in the dead-letter queue (`billing redrive`), or was lost (`billing run --period {period} "
         "--resend-unbilled`)"
     )
 

@@ -274,13 +274,12 @@ def _interruptible(work: Callable[[asyncio.Event], Awaitable[HourResult]]) -> Ho
 
 def _say_what_the_dispatch_did(result: HourResult) -> None:
     """A rerun of an hour sends nothing: say so, rather than leave bare "0" progress lines to read."""
-    from billing.domain.model import LedgerState
     from billing_local.accounting import run_failures
 
     d, r = result.dispatch, result.report
     if d.already_dispatched and not d.resent and not result.to_settle and not r.unbilled:
         # "billed" only when the marketplaces hold every record: else the records are listed below
-        unbilled = run_failures({s: r.count(s) for s in LedgerState}, allow_rejected=False)
+        unbilled = run_failures(r.not_billed(), allow_rejected=False)
         done = "already billed" if not unbilled else "already settled, not all billed (see below)"
         console.print(
             f"hour {d.period} {done}: nothing to do (dispatched before, {d.dispatched} customer(s))",
@@ -298,11 +297,10 @@ def _say_what_the_dispatch_did(result: HourResult) -> None:
 
 def _exit_on_failures(result: HourResult, allow_rejected: bool) -> None:
     """Exit 1 when a customer is unfinished or a record was rejected (unless allowed), failed or expired."""
-    from billing.domain.model import LedgerState
     from billing_local.accounting import run_failures
 
     r, hour = result.report, result.dispatch.period
-    failures = run_failures({s: r.count(s) for s in LedgerState}, allow_rejected)
+    failures = run_failures(r.not_billed(), allow_rejected)
     if r.unbilled:
         console.print(
             f"[red]{len(r.unbilled)} customer(s) left unfinished[/red]: " + ", ".join(r.unbilled[:10])

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from billing.domain.model import Period
 from billing_local.cli import app
-from testkit import PRODUCT, add_aws_customer, add_rates, add_usage
+from testkit import HOUR, PRODUCT, add_aws_customer, add_rates, add_usage
 
 
 def recent_hour() -> Period:
@@ -124,3 +124,53 @@ async def test_a_run_before_seeding_says_how_to_bill_the_customers_written_since
     assert done.exit_code == 0, done.output
     assert f"hour {hour} already billed: nothing to do" in done.stderr
     assert "customer-hours settled" not in done.stderr
+
+
+# An hour run after AWS's six-hour window (BatchMeterUsage takes timestamps up to six hours old): the
+# biller settles its records as expired without a call, their units going back to the carry.
+LATE = "2026-11-26T21:00:00Z"  # BILLING_LOCAL_NOW: eight hours after HOUR starts
+
+
+async def customers_past_the_window(pool: Any, stack: Any, with_usage: tuple[str, ...]) -> None:
+    await add_rates(pool)
+    for customer in ("idle", *with_usage):
+        await add_aws_customer(pool, customer)
+    for customer in with_usage:
+        await add_usage(pool, customer, HOUR.start, "capacity_gb_hours", "3")
+
+
+async def test_records_expired_with_no_unit_to_bill_are_not_money_lost(pool: Any, stack: Any) -> None:
+    # Given a customer without usage in an hour billed after the marketplace's window: its records
+    # expire with quantity 0 and nothing carried (in the window they would have been sent as zeros)
+    await customers_past_the_window(pool, stack, with_usage=())
+    # When the hour is run
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["run", "--period", HOUR.isoformat()], env={"BILLING_LOCAL_NOW": LATE}
+    )
+    # Then nothing is lost: the customer is billed (nothing owed) and the run exits 0
+    assert result.exit_code == 0, result.output
+    assert "customers: 1 billable, 1 billed, 0 finished not billed" in result.stdout
+    assert (
+        "expired        2 record(s): CapacityGbHours 0, DataTransferGb 0 (2 with no unit to bill)"
+        in result.stdout
+    )
+    assert "not billed" not in result.stderr
+
+
+async def test_records_expired_with_units_still_fail_the_run(pool: Any, stack: Any) -> None:
+    # Given the same hour with a second customer whose usage expired with it
+    await customers_past_the_window(pool, stack, with_usage=("used",))
+    # When the hour is run
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["run", "--period", HOUR.isoformat()], env={"BILLING_LOCAL_NOW": LATE}
+    )
+    # Then its record with units is money not collected this hour: exit 1, counting only that record
+    # (its DataTransferGb record, with no usage, has no unit to bill, like the idle customer's two)
+    assert result.exit_code == 1, result.output
+    assert "customers: 2 billable, 1 billed, 1 finished not billed" in result.stdout
+    assert (
+        "expired        4 record(s): CapacityGbHours 0, DataTransferGb 0 (3 with no unit to bill)"
+        in result.stdout
+    )
+    assert f"not billed: 1 record(s) expired (`billing status --period {HOUR}`" in result.stderr
+    assert "units: 0 billed, 3 expired (back to the carry)" in result.stdout

@@ -25,7 +25,8 @@ UNSETTLED_OUTCOMES = (LedgerState.REJECTED, LedgerState.FAILED, LedgerState.EXPI
 
 
 def run_failures(counts: dict[LedgerState, int], allow_rejected: bool) -> dict[LedgerState, int]:
-    """The record counts that make a run exit 1: rejected (unless allowed), failed and expired."""
+    """The record counts that make a run exit 1: rejected (unless allowed), failed and expired (the
+    caller counts only expired records with units to bill: PeriodReport.not_billed)."""
     return {
         state: counts.get(state, 0)
         for state in UNSETTLED_OUTCOMES

@@ -51,13 +51,9 @@ def main() -> None:
     run(app)
 
 
-def _period(text: str) -> Period:
-    from billing.domain.model import Period
-
-    try:
-        return Period.parse(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+def _period(text: str, option: str = "--period") -> Period:
+    period: Period = cli_ops.parse_period(text, option)  # a usage error naming the option, with an example
+    return period
 
 
 def _dsn() -> str:
@@ -89,11 +85,9 @@ def seed_command(
 ) -> None:
     """Write deterministic synthetic customers, rate card and usage to DATABASE_URL."""
     chosen = _marketplaces(marketplaces)
-    last = _period(end) if end else _last_complete_hour()
-    if end and last.end > _now():
-        raise typer.BadParameter(
-            f"{last} has not ended yet: usage of a future hour is not billable", param_hint="--end"
-        )
+    last = _period(end, "--end") if end else _last_complete_hour()
+    if end:
+        cli_ops.require_ended(last, "--end", "usage of a future hour is not billable")
     from billing_local.local_run import seed_database
 
     summary = asyncio.run(seed_database(_dsn(), customers, hours, seed, last, chosen))
@@ -101,18 +95,8 @@ def seed_command(
     first = last.shifted(1 - hours)
     out.print(
         f"seeded {summary.customers} customers, {summary.usage_rows} usage rows over {hours} hour(s): "
-        f"{first} to {last} (bill them with `billing run --period HOUR`)"
+        f"{first} to {last} (bill them with `billing run --period {last}`)"
     )
-
-
-def _ended(hour: Period, now: datetime) -> None:
-    """An hour is billed once it has ended: before that its usage is not all there."""
-    if not hour.has_ended(now):
-        raise typer.BadParameter(
-            f"{hour} has not ended yet (now {now.strftime('%Y-%m-%dT%H:%M:%SZ')}): "
-            "bill an hour that has ended",
-            param_hint="'--period'",
-        )
 
 
 def _writable(path: Path | None, option: str) -> None:
@@ -182,7 +166,7 @@ def run_command(
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO")
     _quiet_by_default(verbose)
     hour = _period(period)
-    _ended(hour, _now())  # a malformed BILLING_LOCAL_NOW is a usage error before any work
+    cli_ops.require_ended(hour)  # by BILLING_LOCAL_NOW when pinned, as `billing status` checks it
     _writable(report, "--report")
     _writable(apm_events, "--apm-events")
     _writable(timeline, "--timeline")
@@ -218,6 +202,7 @@ def run_command(
         )
     wall = time.perf_counter() - began
     _finish_apm(apm_events, timeline)
+    _say_what_the_dispatch_did(result)
     _print_summary(result, wall)
     if report:
         _write_report(report, result, wall)
@@ -287,22 +272,59 @@ def _interruptible(work: Callable[[asyncio.Event], Awaitable[HourResult]]) -> Ho
     return asyncio.run(main())
 
 
-def _exit_on_failures(result: HourResult, allow_rejected: bool) -> None:
-    """Exit 1 when a customer is unfinished or a record was rejected (unless allowed), failed or expired."""
-    from billing.domain.model import LedgerState
+def _say_what_the_dispatch_did(result: HourResult) -> None:
+    """A rerun of an hour sends nothing: say so, rather than leave bare "0" progress lines to read."""
     from billing_local.accounting import run_failures
 
-    r = result.report
-    failures = run_failures({s: r.count(s) for s in LedgerState}, allow_rejected)
+    d, r = result.dispatch, result.report
+    if d.already_dispatched and not d.resent and not result.to_settle and not r.unbilled:
+        # "billed" only when the marketplaces hold every record: else the records are listed below
+        unbilled = run_failures(r.not_billed(), allow_rejected=False)
+        done = "already billed" if not unbilled else "already settled, not all billed (see below)"
+        console.print(
+            f"hour {d.period} {done}: nothing to do (dispatched before, {d.dispatched} customer(s))",
+            markup=False,
+            highlight=False,
+        )
+    elif not r.customers:
+        console.print(
+            f"no customer is billable in {d.period}: nothing billed; the hour is recorded as dispatched, so "
+            f"customers written later are sent by `billing run --period {d.period} --resend-unbilled`",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _exit_on_failures(result: HourResult, allow_rejected: bool) -> None:
+    """Exit 1 when a customer is unfinished or a record was rejected (unless allowed), failed or expired."""
+    from billing_local.accounting import run_failures
+
+    r, hour = result.report, result.dispatch.period
+    failures = run_failures(r.not_billed(), allow_rejected)
     if r.unbilled:
         console.print(
             f"[red]{len(r.unbilled)} customer(s) left unfinished[/red]: " + ", ".join(r.unbilled[:10])
         )
+        if result.dispatch.already_dispatched and not result.dispatch.resent:
+            # the dispatcher sends an hour once: a customer missing from that dispatch (written after
+            # it, or whose message was purged or lost) has no message unless it is sent again
+            console.print(
+                f"the hour was dispatched before ({result.dispatch.dispatched} customer(s)) and this run "
+                f"sent nothing: `billing run --period {hour} --resend-unbilled` sends the unfinished "
+                f"customers' messages again (each is billed once); `billing status --period {hour}` says "
+                "why each one is unfinished",
+                markup=False,
+                highlight=False,
+            )
+        else:
+            console.print(
+                f"`billing status --period {hour}` names each one and why", markup=False, highlight=False
+            )
     if failures:
         console.print(
             "[red]not billed:[/red] "
             + ", ".join(f"{n} record(s) {s.value}" for s, n in failures.items())
-            + " (`billing status --period HOUR` names each one and why)"
+            + f" (`billing status --period {hour}` names each one and why)"
         )
     if r.unbilled or failures:
         raise typer.Exit(1)
@@ -494,9 +516,9 @@ def _stack_for_demo() -> Any:
 def _print_summary(result: HourResult, wall: float) -> None:
     from billing_local.render import hour_lines
 
-    out.print(
-        f"hour {result.report.period}  run {result.dispatch.run_id}  dispatched {result.dispatch.dispatched}"
-    )
+    d = result.dispatch
+    resent = f", resent {d.resent}" if d.resent else ""  # an hour dispatched before: its messages sent again
+    out.print(f"hour {result.report.period}  run {d.run_id}  dispatched {d.dispatched}{resent}")
     for line in hour_lines(result.report):
         out.print(line, markup=False, highlight=False)
     out.print(

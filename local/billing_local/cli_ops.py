@@ -341,6 +341,14 @@ def redrive_command(
         queue_url = os.environ.get(
             f"BILLING_{lane.upper()}_QUEUE_URL", queue_url if destination_arn else None
         )
+    if lane is None and not dlq_url and not source_arn:
+        lanes = [m for m in ("aws", "gcp", "azure") if os.environ.get(f"BILLING_{m.upper()}_DLQ_URL")]
+        if lanes:  # the local stack (and the deployed template) has one dead-letter queue per lane
+            raise typer.BadParameter(
+                f"which lane's dead-letter queue? BILLING_DLQ_URL is not set, but {len(lanes)} lane(s) "
+                f"have one: --lane {'|'.join(lanes)}",
+                param_hint="'--lane'",
+            )
     sqs, probe = _sqs_clients()
     dlq = resolve_queue(
         sqs, None if source_arn else dlq_url, source_arn, "dead-letter queue (BILLING_DLQ_URL)"
@@ -379,13 +387,49 @@ def redrive_command(
 # --- status ----------------------------------------------------------------------------------------
 
 
-def _period(text: str) -> Any:
+EXAMPLE_HOUR = "2026-11-26T13:00:00Z"
+
+
+def parse_period(text: str, option: str = "--period") -> Any:
+    """An hour given on the command line, or a usage error naming ``option`` with an example."""
+    from datetime import UTC, datetime
+
     from billing.domain.model import Period
 
+    hint = f"'{option}'"
     try:
-        return Period.parse(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not an hour: give one in UTC, e.g. {EXAMPLE_HOUR}", param_hint=hint
+        ) from None
+    if moment.tzinfo is None:
+        raise typer.BadParameter(
+            f"{text!r} has no time zone: give the full form, e.g. {moment:%Y-%m-%dT%H:00:00}Z",
+            param_hint=hint,
+        )
+    try:
+        return Period(moment.astimezone(UTC))
+    except ValueError as exc:  # not on the hour, out of range: echoed in UTC with "Z", as it is typed
+        raise typer.BadParameter(str(exc).replace("+00:00", "Z"), param_hint=hint) from None
+
+
+def require_ended(hour: Any, option: str = "--period", what: str = "bill an hour that has ended") -> None:
+    """An hour is billed (and checked) once it has ended, by the local tooling's clock
+    (billing_local.clock: BILLING_LOCAL_NOW when pinned): before that its usage is not all there."""
+    from billing_local import clock
+
+    now = clock.now()  # a malformed BILLING_LOCAL_NOW: a ClockError, one line from billing_local.errors
+    if not hour.has_ended(now):
+        pinned = f", {clock.VARIABLE}" if clock.pinned() is not None else ""
+        raise typer.BadParameter(
+            f"{hour} has not ended yet (now {now.strftime('%Y-%m-%dT%H:%M:%SZ')}{pinned}): {what}",
+            param_hint=f"'{option}'",
+        )
+
+
+def _period(text: str, option: str = "--period") -> Any:
+    return parse_period(text, option)
 
 
 def _settings(pool_max: int = 2) -> Any:
@@ -426,9 +470,12 @@ def status_command(
     """Check an hour: counts per marketplace and state, missing customers, failures with reasons, and
     each lane's capacity at its quota (customers per hour, this hour's customers, the margin).
 
-    Exits 1 when a billable customer has no complete ledger or a record failed or was rejected.
+    Exits 1 when a billable customer has no complete ledger or a record was rejected, failed or
+    expired with a submission the marketplace may have received; 2 for an hour that has not ended.
     """
-    status, lanes = asyncio.run(_status(_period(period)))
+    hour = _period(period)
+    require_ended(hour, what="check an hour that has ended")
+    status, lanes = asyncio.run(_status(hour))
     if as_json:
         typer.echo(
             json.dumps({**status.as_dict(), "lanes": {c.marketplace: c.as_dict() for c in lanes}}, indent=2)
@@ -458,7 +505,11 @@ def _status_lines(status: Any, limit: int) -> Iterator[str]:
         yield "run: none (the hour was never dispatched)"
     else:
         finished = f"finished {run.dispatched_at}" if run.dispatched_at else "NOT finished"
-        yield f"run {run.run_id}: dispatched {run.dispatched} customer(s), {finished}, attempt {run.attempts}"
+        resent = f", resent {run.resent}" if run.resent else ""
+        yield (
+            f"run {run.run_id}: dispatched {run.dispatched} customer(s){resent}, {finished}, "
+            f"attempt {run.attempts}"
+        )
     for name in sorted(set(r.marketplaces) | set(r.states)):
         counts = r.marketplaces.get(name)
         states = ", ".join(f"{s.value} {r.count(s, name)}" for s in LedgerState if r.count(s, name))
@@ -528,7 +579,7 @@ def reconcile_command(
     Exits 1 when a difference is unexplained (a rejected or unsettled quantity, a changed ledger row,
     a broken carry chain, late usage that will never be billed).
     """
-    first, last = _period(start), _period(end)
+    first, last = _period(start, "--from"), _period(end, "--to")
     if last < first:
         raise typer.BadParameter(f"--to {last} is before --from {first}")
     result = asyncio.run(_reconcile(first, last, customer, show_progress=not as_json and sys.stderr.isatty()))

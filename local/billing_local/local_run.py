@@ -51,6 +51,7 @@ class HourResult:
     latency_s: float | None = None  # the marketplace's latency per call, when the caller knows it
     lanes: dict[str, RunnerStats] = field(default_factory=dict)  # per lane, when the stack has lanes
     interrupted: bool = False  # Ctrl-C stopped the drain: the report says what settled before it
+    to_settle: int | None = None  # the customer-hours this run set out to settle (None: not counted)
 
 
 class DemoInterrupted(Exception):
@@ -156,7 +157,10 @@ async def run_hour(
             raise DispatchInterrupted(str(event.get("period")))
         sqs = await built.aws_client("sqs", max_pool_connections=total + 10)
         expected, only = await _to_settle(built, dispatched)
-        with bar("customer-hours settled", total=expected) as advance:
+        # an hour dispatched before with nothing left to settle: no "0/0" line (the CLI says "already
+        # billed: nothing to do"); the drain still runs, for any stray copy of the hour's messages
+        settle_bar = _no_progress if dispatched.already_dispatched and not expected else bar
+        with settle_bar("customer-hours settled", total=expected) as advance:
             settled = SettledProgress(advance, only)
             handle = lambda d: bill_body(built, d.body, d.message_id, _sent(d.attributes))  # noqa: E731
             seen: dict[int, RunnerStats] = {}  # each drain's stats, for a drain abandoned after Ctrl-C
@@ -203,7 +207,7 @@ async def run_hour(
             apm_client._transport.flush()
         report = await period_report(await built.pool(), dispatched.period)
         interrupted = interrupt is not None and interrupt.is_set()
-        return HourResult(dispatched, stats, report, total, latency_s, lane_stats, interrupted)
+        return HourResult(dispatched, stats, report, total, latency_s, lane_stats, interrupted, expected)
     finally:
         await built.close()
 

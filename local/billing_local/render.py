@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from billing_local.runner import RunnerStats
 
 FOOTNOTE = (
-    "billed: every record of the customer accepted or duplicate (the marketplace holds it) or skipped",
+    "billed: every record of the customer accepted or duplicate (the marketplace holds it), skipped, or "
+    "expired with no unit to bill",
     "skipped: nothing to send (a zero quantity the marketplace does not want)",
     "expired: the hour was past the marketplace's window; its units went back to the carry for a later hour",
     "rejected: refused for good, not retried; failed: not settled yet (retried, or in the dead-letter queue)",
@@ -49,7 +50,12 @@ def hour_lines(r: PeriodReport) -> Iterable[str]:
             if not n and state not in SHOWN_STATES:
                 continue  # pending and submitted: only while a run is in flight
             units = ", ".join(f"{d} {q}" for d, q in sorted(dimensions.get(state.value, {}).items()))
-            yield f"    {state.value:<9} {n:>6} record(s)" + (f": {units}" if units else "")
+            empty = r.expired_empty.get(marketplace, 0) if state is LedgerState.EXPIRED else 0
+            yield (
+                f"    {state.value:<9} {n:>6} record(s)"
+                + (f": {units}" if units else "")
+                + (f" ({empty} with no unit to bill)" if empty else "")
+            )
         q = r.quantities.get(marketplace)
         if q is not None:
             yield (
@@ -133,6 +139,7 @@ def hour_document(result: HourResult, wall_s: float | None = None) -> dict[str, 
             | {
                 "customers": _customers(r, mp),
                 "quantities": {s.value: r.dimensions.get(mp, {}).get(s.value, {}) for s in SHOWN_STATES},
+                "expired_no_unit_to_bill": r.expired_empty.get(mp, 0),
             }
             | _units(r, mp)
             for mp in sorted(set(r.states) | set(r.marketplaces))

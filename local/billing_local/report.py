@@ -23,6 +23,16 @@ if TYPE_CHECKING:
     import asyncpg
 
 
+# An expired record with no unit to bill: quantity 0 and, if never submitted (decided after the window,
+# everything the hour rated put in the carry), nothing carried (carry_out <= carry_in: the hour rated
+# nothing new, e.g. its usage was billed by a later hour's look-back, or a credit). Within the window it
+# would have been sent as a zero or skipped: no money is deferred, so it counts as billed, and does not
+# make a run exit 1. The same units hour_quantities counts as "expired" (billing_local.accounting).
+EXPIRED_EMPTY = """
+    (l.state = 'expired' AND l.quantity = 0 AND (l.attempts > 0 OR l.carry_out <= l.carry_in))
+"""
+
+
 @dataclass
 class MarketplaceCustomers:
     """Billable customers of one marketplace in an hour, and which of them lack a complete ledger."""
@@ -46,10 +56,17 @@ class PeriodReport:
     # marketplace -> state -> dimension -> quantity (the units each state's records hold)
     dimensions: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     settled: int = 0  # customers whose every record the marketplace holds (or had nothing to send)
+    expired_empty: dict[str, int] = field(default_factory=dict)  # marketplace -> expired, no unit to bill
 
     def count(self, state: LedgerState, marketplace: str | None = None) -> int:
         groups = [self.states.get(marketplace, {})] if marketplace else list(self.states.values())
         return sum(g.get(state.value, 0) for g in groups)
+
+    def not_billed(self) -> dict[LedgerState, int]:
+        """Records per state, expired ones counted only when they held units to bill."""
+        counts = {s: self.count(s) for s in LedgerState}
+        counts[LedgerState.EXPIRED] -= sum(self.expired_empty.values())
+        return counts
 
 
 async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int = 50) -> PeriodReport:
@@ -63,7 +80,9 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
                                   AND NOT (l.state = ANY($3::text[]))) AS billed,
                EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $1)
                AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.customer_id = c.id AND l.period = $1
-                                  AND NOT (l.state = ANY($4::text[]))) AS settled
+                                  AND NOT (l.state = ANY($4::text[]) OR """
+        + EXPIRED_EMPTY
+        + """)) AS settled
           FROM customers c
          WHERE c.status = 'active' AND c.active_from < $2 AND (c.active_until IS NULL OR c.active_until > $1)
          ORDER BY c.id
@@ -76,7 +95,10 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
     rows = await pool.fetch(
         """
         SELECT c.marketplace, l.state, l.dimension, l.attempts = 0 AS unsent, count(*) AS n,
-               sum(l.quantity) AS quantity, sum(l.carry_in) AS carry_in, sum(l.carry_out) AS carry_out
+               sum(l.quantity) AS quantity, sum(l.carry_in) AS carry_in, sum(l.carry_out) AS carry_out,
+               count(*) FILTER (WHERE """
+        + EXPIRED_EMPTY
+        + """) AS empty
           FROM ledger l JOIN customers c ON c.id = l.customer_id
          WHERE l.period = $1 GROUP BY 1, 2, 3, 4
         """,
@@ -85,7 +107,9 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
     states: dict[str, dict[str, int]] = defaultdict(dict)
     groups: dict[str, list[StateGroup]] = defaultdict(list)
     dimensions: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(dict))
+    expired_empty: dict[str, int] = defaultdict(int)
     for r in rows:
+        expired_empty[r["marketplace"]] += int(r["empty"])
         states[r["marketplace"]][r["state"]] = states[r["marketplace"]].get(r["state"], 0) + int(r["n"])
         per_dimension = dimensions[r["marketplace"]][r["state"]]
         per_dimension[r["dimension"]] = per_dimension.get(r["dimension"], 0) + int(r["quantity"])
@@ -125,6 +149,7 @@ async def period_report(pool: asyncpg.Pool, period: Period, failures_limit: int 
         quantities={m: hour_quantities(g) for m, g in groups.items()},
         dimensions={m: {s: dict(d) for s, d in by_state.items()} for m, by_state in dimensions.items()},
         settled=sum(1 for c in customers if c["settled"]),
+        expired_empty={m: n for m, n in expired_empty.items() if n},
     )
 
 
@@ -137,9 +162,10 @@ class RunInfo:
 
     run_id: str
     attempts: int
-    dispatched: int
+    dispatched: int  # messages the hour's dispatch sent
     started_at: str
     dispatched_at: str | None  # None: no dispatcher has finished sending the hour
+    resent: int = 0  # messages sent again since (`billing run --resend-unbilled`), summed
 
 
 @dataclass(frozen=True)
@@ -212,7 +238,10 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
     """The period report plus its billing run and one problem per missing customer or bad record."""
     report = await period_report(pool, period)
     run_row = await pool.fetchrow(
-        "SELECT id, attempts, dispatched, started_at, dispatched_at FROM billing_runs WHERE period = $1",
+        """
+        SELECT id, attempts, dispatched, resent, started_at, dispatched_at FROM billing_runs
+         WHERE period = $1
+        """,
         period.start,
     )
     run = None
@@ -223,6 +252,7 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
             dispatched=int(run_row["dispatched"]),
             started_at=_iso(run_row["started_at"]),
             dispatched_at=_iso(run_row["dispatched_at"]) if run_row["dispatched_at"] else None,
+            resent=int(run_row["resent"]),
         )
     records = await pool.fetch(
         """
@@ -240,10 +270,22 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
         _ATTENTION,
     )
     with_records = {r["customer_id"] for r in records}
+    # the dispatch sends the customers billable when it runs: one written since was never sent
+    # (both times are the database's own clock)
+    after_dispatch: set[str] = set()
+    if run_row is not None and run_row["dispatched_at"] is not None:
+        after_dispatch = {
+            r["id"]
+            for r in await pool.fetch(
+                "SELECT id FROM customers WHERE id = ANY($1::text[]) AND created_at > $2",
+                report.unbilled,
+                run_row["dispatched_at"],
+            )
+        }
     problems: list[Problem] = []
     for marketplace, counts in sorted(report.marketplaces.items()):
         problems += [
-            Problem("missing", marketplace, c, None, _missing_reason(run), blocking=True)
+            Problem("missing", marketplace, c, None, _missing_reason(run, period, c in after_dispatch), True)
             for c in counts.missing
             if c not in with_records
         ]
@@ -252,14 +294,22 @@ async def period_status(pool: asyncpg.Pool, period: Period) -> PeriodStatus:
     return PeriodStatus(report, run, problems)
 
 
-def _missing_reason(run: RunInfo | None) -> str:
+def _missing_reason(run: RunInfo | None, period: Period, after_dispatch: bool) -> str:
     if run is None:
-        return "no ledger record: the hour was never dispatched (no billing run; `billing run --period`)"
+        return (
+            "no ledger record: the hour was never dispatched (no billing run; "
+            f"`billing run --period {period}`)"
+        )
     if run.dispatched_at is None:
         return f"no ledger record: the dispatcher has not finished the hour (attempt {run.attempts})"
+    if after_dispatch:
+        return (
+            "no ledger record: not in the hour's dispatch (billable since it ran): "
+            f"`billing run --period {period} --resend-unbilled`"
+        )
     return (
         "no ledger record: dispatched but never billed; its message is still in the billing queue "
-        "or in the dead-letter queue (`billing redrive`), or was lost (`billing run --period HOUR "
+        f"or in the dead-letter queue (`billing redrive`), or was lost (`billing run --period {period} "
         "--resend-unbilled`)"
     )
 

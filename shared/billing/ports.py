@@ -135,6 +135,10 @@ class DispatchRepository(Protocol):
 
     async def finish_run(self, run_id: uuid.UUID, dispatched: int) -> None: ...
 
+    async def record_resend(self, run_id: uuid.UUID, resent: int) -> None:
+        """Add ``resent`` to the run's count of messages sent again (read by the operator tooling)."""
+        ...
+
 
 class MessageQueue(Protocol):
     async def send(

@@ -339,9 +339,33 @@ async def test_status_fails_naming_a_customer_that_was_dispatched_but_never_bill
     assert "NOT CLEAN (1 customer(s) missing" in result.output
     assert (
         "missing   aws   c2: no ledger record: dispatched but never billed; its message is still in the "
-        "billing queue or in the dead-letter queue (`billing redrive`), or was lost (`billing run --period "
-        "HOUR --resend-unbilled`)"
+        f"billing queue or in the dead-letter queue (`billing redrive`), or was lost (`billing run --period "
+        f"{HOUR} --resend-unbilled`)"
     ) in result.output
+
+
+async def test_status_names_a_customer_written_after_the_dispatch_and_counts_its_resend(
+    runtime: Runtime, biller: Biller, pool: Any, stack: Any
+) -> None:
+    # Given an hour dispatched before any customer existed (a newcomer's `billing run` before `seed`)
+    await runtime.dispatch({"period": HOUR.isoformat()})
+    await subscribed(pool, stack, "late")
+    # When the operator checks the hour
+    before = await run_cli_async("status", "--period", HOUR.isoformat())
+    # Then the customer is missing for the true reason (it was never in the dispatch), with the command
+    assert before.exit_code == 1, before.output
+    assert "dispatched 0 customer(s), finished" in before.output
+    assert (
+        "missing   aws   late: no ledger record: not in the hour's dispatch (billable since it ran): "
+        f"`billing run --period {HOUR} --resend-unbilled`"
+    ) in before.output
+    assert "dispatched but never billed" not in before.output
+    # and once its message is sent again and billed, the header counts that resend
+    resent = await runtime.dispatch({"period": HOUR.isoformat(), "resend_unbilled": True})
+    await biller.bill(message("late", HOUR, run_id=resent.run_id))
+    after = await run_cli_async("status", "--period", HOUR.isoformat())
+    assert after.exit_code == 0, after.output
+    assert "dispatched 0 customer(s), resent 1, finished" in after.output
 
 
 async def test_status_fails_on_a_rejected_record_with_the_marketplace_reason(

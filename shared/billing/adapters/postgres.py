@@ -606,6 +606,9 @@ class PostgresDispatchRepository:
             "UPDATE billing_runs SET dispatched = $2, dispatched_at = now() WHERE id = $1", run_id, dispatched
         )
 
+    async def record_resend(self, run_id: uuid.UUID, resent: int) -> None:
+        await self._pool.execute("UPDATE billing_runs SET resent = resent + $2 WHERE id = $1", run_id, resent)
+
 
 class PostgresUsageSource:
     """Usage summed per (hour, metric) in one SQL statement, whatever the number of clusters."""

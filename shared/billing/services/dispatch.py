@@ -54,6 +54,9 @@ async def dispatch(
         for marketplace, messages in lanes.items():
             sent += await queue.send(messages, lane=marketplace)
     if run.completed:
+        # only counted, for `billing status`: the messages are on the queue already, and a failure
+        # here makes the dispatch fail and be retried, which resends (billing is idempotent)
+        await repo.record_resend(run.id, sent)
         return DispatchResult(run.id, period, run.dispatched, already_dispatched=True, resent=sent)
     await repo.finish_run(run.id, sent)
     return DispatchResult(run.id, period, sent, already_dispatched=False)

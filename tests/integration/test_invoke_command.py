@@ -68,8 +68,8 @@ def embedded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     original = billing_local.stack.local_stack
 
     @contextlib.contextmanager
-    def keeping(database_url: str | None = None) -> Iterator[Any]:
-        with original(database_url) as stack:
+    def keeping(database_url: str | None = None, **options: Any) -> Iterator[Any]:
+        with original(database_url, **options) as stack:
             started.append(stack)
             yield stack
 
@@ -329,3 +329,24 @@ def test_an_env_vars_file_not_in_sams_format_is_refused(probe: Path) -> None:
     result = run_probe(probe, {"Parameters": ["not", "a", "mapping"]})
     assert result.exit_code == 2
     assert "--env-vars" in result.stderr
+
+
+def test_an_unknown_function_is_one_usage_line_naming_every_function() -> None:
+    # through the installed `billing`, as from a shell: typer converts the argument with pydantic, whose
+    # message starts "Value error, "; the command line prints the problem alone
+    import subprocess
+
+    billing = str(Path(sys.executable).parent / "billing")
+    result = subprocess.run(
+        [billing, "invoke", "Nope", "--event", str(EVENTS / "backfill.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: Invalid value for 'function': 'Nope' is not one of 'Dispatcher', 'Biller', 'Subscriptions',"
+        " 'Auditor'.",
+        "(see `billing invoke --help`)",
+    ]

@@ -172,7 +172,8 @@ def invoke_command(
         # every log line's elasticapm_labels carry trace.id null. Captured in memory, it costs nothing.
         declared[APM_ENABLED] = "true"
     lambda_env = lambda_runtime_environment(config, template)
-    if _database_configured({**os.environ, **declared, **overrides}):
+    embedded = not _database_configured({**os.environ, **declared, **overrides})
+    if not embedded:
         outcome = invoke(
             config, payload, {**declared, **lambda_env, **overrides}, restamp=not keep_timestamps
         )
@@ -186,6 +187,8 @@ def invoke_command(
             restamp=not keep_timestamps,
         )
     typer.echo(json.dumps(outcome.response, default=str))
+    if function is Function.SUBSCRIPTIONS and (why := subscriptions_hint(outcome.response, embedded)):
+        console.print(why)
     if outcome.failed:
         raise typer.Exit(1)
 
@@ -433,21 +436,41 @@ def _invoke_on_local_stack(
         after = stack.held_records()
         added = ", ".join(f"{mp} {after[mp] - held[mp]}" for mp in sorted(after))
         console.print(f"records the marketplace emulators now hold in addition: {added}")
-    if function is Function.SUBSCRIPTIONS and (refusal := refused_request(outcome.response)):
-        console.print(refusal)
     return outcome
 
 
-def refused_request(response: Any) -> str | None:
-    """One line on why the Subscriptions function refused an HTTP request, for a 401 or 403 answer."""
-    status = response.get("statusCode") if isinstance(response, dict) else None
-    if status not in (401, 403):
+def subscriptions_hint(response: Any, embedded: bool) -> str | None:
+    """One line on an answer of the Subscriptions function a newcomer would not read alone: a refused
+    request (401/403), an agreement with no license yet, unset Google or Azure settings."""
+    if not isinstance(response, dict):
         return None
-    return (
-        f"refused ({status}): the request's token is not one this run's emulators signed or issued (their"
-        " keys are made per run); the events/ gcp-* and azure-* samples are signed by a throwaway key, so"
-        " every handler refuses them, as events/README.md says; `billing demo` shows accepted ones"
-    )
+    status = response.get("statusCode")
+    if status in (401, 403):
+        where = (
+            "this run's emulators (their keys are made per run)"
+            if embedded
+            else "the emulators of the configured stack; the embedded stack `billing invoke` starts"
+            " without a database configured takes aws-registration.json's token"
+        )
+        return (
+            f"refused ({status}): the request's token is not one signed or issued by {where}; the events/"
+            " gcp-* and azure-* samples are signed by a throwaway key, so every handler refuses them, as"
+            " events/README.md says; `billing demo` shows accepted ones"
+        )
+    error, message = response.get("errorType"), str(response.get("errorMessage", ""))
+    if error == "UnknownAgreementError":
+        return (
+            f"{message}: an agreement event names only its agreement, and AWS sends a License Updated event"
+            " for it too: invoke events/aws-license-updated.json first (without a database configured,"
+            " `billing invoke` records one itself); EventBridge would deliver this event again later"
+        )
+    if error == "ValidationError" and ("PushSettings" in message or "WebhookSettings" in message):
+        return (
+            "the function's Google/Azure push settings (BILLING_GCP_PUSH_*, BILLING_AZURE_WEBHOOK_*) are"
+            " unset: give them with --env-vars, or invoke without a database configured (its embedded"
+            " stack serves Google's Procurement and Azure's fulfillment emulators and sets them)"
+        )
+    return None
 
 
 def event_hours(function: Function, event: Any, env: Mapping[str, str]) -> list[Period]:

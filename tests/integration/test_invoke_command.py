@@ -350,3 +350,26 @@ def test_an_unknown_function_is_one_usage_line_naming_every_function() -> None:
         " 'Auditor'.",
         "(see `billing invoke --help`)",
     ]
+
+
+def test_an_agreement_event_before_its_license_says_what_to_invoke_first(
+    stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a configured database (as after `billing local up`) that has seen no event of the agreement
+    def no_stack(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the embedded stack must not start when a database is configured")
+
+    monkeypatch.setattr(billing_local.stack, "local_stack", no_stack)
+    # When the agreement's Created event is invoked
+    result = run("invoke", "Subscriptions", "--event", EVENTS / "aws-agreement-created.json")
+    # Then the function failed as in Lambda (EventBridge retries), and one line says what to do
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["errorType"] == "UnknownAgreementError"
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("no license known for AWS agreement")]
+    assert "invoke events/aws-license-updated.json first" in line
+    # and once the License Updated event is in, the agreement event is recorded
+    licensed = run("invoke", "Subscriptions", "--event", EVENTS / "aws-license-updated.json")
+    assert licensed.exit_code == 0, licensed.output
+    again = run("invoke", "Subscriptions", "--event", EVENTS / "aws-agreement-created.json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == {"recorded": 1}

@@ -373,3 +373,18 @@ def test_an_agreement_event_before_its_license_says_what_to_invoke_first(
     again = run("invoke", "Subscriptions", "--event", EVENTS / "aws-agreement-created.json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout) == {"recorded": 1}
+
+
+def test_a_push_without_the_push_settings_says_how_to_give_them(
+    stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a configured database whose environment has no Google push settings (as `billing local up`)
+    for name in ("BILLING_GCP_PUSH_AUDIENCE", "BILLING_GCP_PUSH_SERVICE_ACCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    # When a Pub/Sub push sample is invoked
+    result = run("invoke", "Subscriptions", "--event", EVENTS / "gcp-pubsub-account-active.json")
+    # Then the function failed at its settings, and one line names them and the way out
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["errorType"] == "ValidationError"
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("the function's Google/Azure push")]
+    assert "BILLING_GCP_PUSH_*" in line and "without a database configured" in line

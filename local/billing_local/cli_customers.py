@@ -1,5 +1,10 @@
 """`billing customers list|show ID|history ID|import FILE.csv`: the billing subjects as an operator sees them.
 
+A subject is what a marketplace's lifecycle events (or ``import``) made: a row of ``subscription_state``,
+linked to the ``customers`` row it bills as. ``billing seed`` (and any customer written with SQL) writes
+``customers`` rows only, with no subject and no history: list and show include them too, marked "no
+subject", so every customer that `billing run` bills and `billing reconcile` finds can be looked up here.
+
 ``import`` bulk-loads subjects a seller already has on the marketplaces: every row is validated first
 (and folded exactly as marketplace events would be); if any row is rejected, the report lists them all
 and nothing is written; otherwise every row is recorded in one transaction (all or nothing). Each row
@@ -17,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path  # typer reads the annotations at run time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -34,6 +39,13 @@ from billing.domain.subscriptions import (
     fold,
 )
 from billing_local.errors import Failure
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
+    import asyncpg
+
+_T = TypeVar("_T")
 
 console = Console(soft_wrap=True)  # a line is whole at any width: it is read and grepped
 errors = Console(stderr=True, soft_wrap=True)
@@ -67,18 +79,73 @@ def _dsn() -> str:
     return database_dsn(load_settings())
 
 
-async def _repo_call(method: str, *args: Any) -> Any:
+async def _with_pool(call: Callable[[asyncpg.Pool], Awaitable[_T]]) -> _T:
     from billing.adapters.postgres import create_pool
-    from billing.adapters.postgres_subscriptions import PostgresSubscriptionRepository
     from billing.adapters.postgres_tls import database_tls
     from billing.config import load_settings
 
     # TLS verified as the functions verify it: an operator may point this at the production database
     pool = await create_pool(_dsn(), 2, database_tls(load_settings()))
     try:
-        return await getattr(PostgresSubscriptionRepository(pool), method)(*args)
+        return await call(pool)
     finally:
         await pool.close()
+
+
+async def _repo_call(method: str, *args: Any) -> Any:
+    from billing.adapters.postgres_subscriptions import PostgresSubscriptionRepository
+
+    return await _with_pool(lambda pool: getattr(PostgresSubscriptionRepository(pool), method)(*args))
+
+
+NO_SUBJECT = "no subject: a customers row written directly (`billing seed`, SQL), no marketplace events"
+# customers rows no subject links to: what `billing seed` writes; shaped like SubjectRow for list/show
+_DIRECT_CUSTOMERS = """
+SELECT c.marketplace, c.id AS customer_id, c.status, c.active_until AS ends_at, c.created_at AS updated_at,
+       tstzrange(c.active_from, c.active_until)::text AS billable,
+       jsonb_strip_nulls(jsonb_build_object(
+           'aws_customer_identifier', c.aws_customer_identifier, 'aws_account_id', c.aws_account_id,
+           'aws_product_code', c.aws_product_code, 'gcp_usage_reporting_id', c.gcp_usage_reporting_id,
+           'gcp_service_name', c.gcp_service_name, 'azure_resource_id', c.azure_resource_id,
+           'azure_resource_uri', c.azure_resource_uri, 'azure_plan_id', c.azure_plan_id))::text AS identity
+FROM customers c
+WHERE NOT EXISTS (SELECT 1 FROM subscription_state s WHERE s.customer_id = c.id)
+"""
+
+
+def _direct(r: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "marketplace": r["marketplace"],
+        "subject_id": None,
+        "customer_id": r["customer_id"],
+        "tenant_id": None,
+        "status": r["status"],
+        "ends_at": r["ends_at"],
+        "billable": r["billable"],
+        "plans": [],
+        "identity": json.loads(r["identity"]),
+        "link_problem": None,
+        "events": 0,
+        "updated_at": r["updated_at"],
+        "note": NO_SUBJECT,
+    }
+
+
+async def _direct_customers(marketplace: str | None, limit: int = 1000) -> list[dict[str, Any]]:
+    rows = await _with_pool(
+        lambda pool: pool.fetch(
+            _DIRECT_CUSTOMERS + " AND ($1::text IS NULL OR c.marketplace = $1) ORDER BY c.marketplace, c.id"
+            " LIMIT $2",
+            marketplace,
+            limit,
+        )
+    )
+    return [_direct(r) for r in rows]
+
+
+async def _direct_customer(ident: str) -> dict[str, Any] | None:
+    row = await _with_pool(lambda pool: pool.fetchrow(_DIRECT_CUSTOMERS + " AND c.id = $1", ident))
+    return _direct(row) if row is not None else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -93,26 +160,47 @@ def _jsonable(value: Any) -> Any:
 
 @customers_app.command("list")
 def list_command(
-    marketplace: Annotated[str | None, typer.Option(help="aws, gcp or azure.")] = None,
+    marketplace: Annotated[
+        Marketplace | None, typer.Option(help="Only this marketplace's.", case_sensitive=False)
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
 ) -> None:
-    """Every subject: marketplace, subject id, the tenant it bills as, status, billable span."""
-    rows = asyncio.run(_repo_call("subjects", marketplace))
+    """Every subject (marketplace, subject id, the tenant it bills as, status, billable span), and every
+    customer written without one (`billing seed`), marked "no subject"."""
+    market = marketplace.value if marketplace is not None else None
+
+    async def read() -> list[dict[str, Any]]:
+        subjects = [asdict(r) for r in await _repo_call("subjects", market)]
+        return subjects + await _direct_customers(market)
+
+    rows = sorted(
+        asyncio.run(read()), key=lambda r: (r["marketplace"], r["customer_id"] or "", r["subject_id"] or "")
+    )
     if as_json:
-        print(json.dumps([_jsonable(asdict(r)) for r in rows], indent=2))
+        print(json.dumps([_jsonable(r) for r in rows], indent=2))
+        return
+    if not rows:
+        where = f" on {market}" if market else ""
+        console.print(
+            f"no subjects or customers{where}: `billing seed` writes demo customers, marketplace events"
+            " and `billing customers import` write subjects"
+        )
         return
     table = Table("marketplace", "subject", "customer (tenant)", "status", "billable", "ends", "problem")
     for r in rows:
         table.add_row(
-            r.marketplace,
-            escape(r.subject_id),
-            escape(r.customer_id or "-"),
-            r.status,
-            escape(r.billable),
-            r.ends_at.isoformat() if r.ends_at else "",
-            escape(r.link_problem or ""),
+            r["marketplace"],
+            escape(r["subject_id"] or "(no subject)"),
+            escape(r["customer_id"] or "-"),
+            r["status"],
+            escape(r["billable"]),
+            r["ends_at"].isoformat() if r["ends_at"] else "",
+            escape(r["link_problem"] or ""),
         )
     console.print(table)
+    direct = sum(1 for r in rows if r["subject_id"] is None)
+    if direct:
+        console.print(f"{direct} of {len(rows)}: {NO_SUBJECT}")
 
 
 def _unknown(ident: str) -> Failure:
@@ -127,10 +215,15 @@ def show_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
 ) -> None:
     """One subject's state: identity, plans, billable span, why it is not billed (if it is not)."""
-    row = asyncio.run(_repo_call("subject", ident))
+
+    async def read() -> dict[str, Any] | None:
+        subject = await _repo_call("subject", ident)
+        return asdict(subject) if subject is not None else await _direct_customer(ident)
+
+    row = asyncio.run(read())
     if row is None:
         raise _unknown(ident)
-    doc = _jsonable(asdict(row))
+    doc = _jsonable(row)
     if as_json:
         print(json.dumps(doc, indent=2))
         return
@@ -149,13 +242,19 @@ def history_command(
 ) -> None:
     """Every event the marketplaces sent about the subject, in the order received (append-only)."""
 
-    async def read() -> tuple[Any, list[Any]]:
+    async def read() -> tuple[Any, list[Any], bool]:
         subject = await _repo_call("subject", ident)
         if subject is None:
-            return None, []
-        return subject, await _repo_call("history", subject.marketplace, subject.subject_id)
+            return None, [], await _direct_customer(ident) is not None
+        return subject, await _repo_call("history", subject.marketplace, subject.subject_id), False
 
-    subject, events = asyncio.run(read())
+    subject, events, direct = asyncio.run(read())
+    if direct:
+        if as_json:
+            print("[]")
+            return
+        console.print(f"customer {escape(ident)} has no history: {NO_SUBJECT}")
+        return
     if subject is None:
         raise _unknown(ident)
     if as_json:
@@ -264,6 +363,12 @@ def validate(path: Path) -> tuple[list[LifecycleEvent], list[Rejected], int]:
     tenants: dict[str, int] = {}
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
+        unknown = sorted(set(reader.fieldnames or ()) - set(CSV_COLUMNS))
+        if unknown:
+            # the header is line 1: reported once there, not again for every row
+            known = ", ".join(CSV_COLUMNS)
+            rows = sum(1 for _ in reader)
+            return [], [Rejected(1, f"unknown columns: {', '.join(unknown)} (known: {known})")], rows
         rows = 0
         for line, row in enumerate(reader, start=2):
             rows += 1
@@ -285,12 +390,26 @@ def validate(path: Path) -> tuple[list[LifecycleEvent], list[Rejected], int]:
     return events, rejected, rows
 
 
-@customers_app.command("import")
+IMPORT_HELP = "\n\n".join(
+    (
+        "Load subjects from a CSV; all rows or none. Exit 1 if any is rejected.",
+        "The first line is the header: any of the columns " + ", ".join(CSV_COLUMNS) + ".",
+        "Required: marketplace (aws, gcp or azure), subject_id, tenant_id (the customer id it bills as),"
+        " active_from (ISO-8601 with a timezone, e.g. 2026-11-01T00:00:00Z) and the marketplace's"
+        " identity columns: aws_account_id + aws_license_arn, or aws_customer_identifier +"
+        " aws_product_code; gcp_usage_reporting_id + gcp_service_name; azure_subscription_id or"
+        " azure_resource_uri, and plan. Optional: ended_at, plan (other marketplaces), quantity (a whole"
+        " number), aws_agreement_id, gcp_entitlement_id, gcp_account_id.",
+    )
+)
+
+
+@customers_app.command("import", help=IMPORT_HELP, short_help="Load subjects from a CSV; all rows or none.")
 def import_command(
     file: Annotated[Path, typer.Argument(metavar="FILE.csv", exists=True, dir_okay=False, readable=True)],
     as_json: Annotated[bool, typer.Option("--json", help="The report as JSON.")] = False,
 ) -> None:
-    """Load subjects from a CSV (header: the columns below); all rows or none. Exit 1 if any is rejected."""
+    """Load subjects from a CSV; all rows or none. Exit 1 if any is rejected."""
     events, rejected, rows = validate(file)
     written: list[Any] = []
     if not rejected:
@@ -314,7 +433,7 @@ def import_command(
         for p in report["not_billed"]:
             errors.print(f"not billed: {escape(p['subject'])}: {escape(p['reason'] or '')}")
         verdict = "nothing written" if rejected else "all written"
-        console.print(f"{rows} rows, {len(rejected)} rejected: {verdict}")
+        console.print(f"{rows} row{'' if rows == 1 else 's'}, {len(rejected)} rejected: {verdict}")
     if rejected:
         raise typer.Exit(1)
 

@@ -59,6 +59,7 @@ class Function(StrEnum):
     DISPATCHER = "Dispatcher"
     BILLER = "Biller"
     SUBSCRIPTIONS = "Subscriptions"
+    AUDITOR = "Auditor"
 
     @property
     def logical_id(self) -> str:
@@ -82,6 +83,12 @@ INVOKE_HELP = "\n\n".join(
         " 2026-11-26T13:00Z, long past the marketplaces' windows, so the emulators' clocks and the Biller's"
         " clock (the imported handler module's runtime is built again with that clock) read 20 minutes"
         " after that hour ended, as if the hour were being billed on time.",
+        "Subscriptions: the stack also serves Google's Procurement API and Azure's fulfillment API. An AWS"
+        " agreement event names only its agreement, so the store first records the agreement's License"
+        " Updated event; an AWS registration's token is taken by the emulator as one it issued (a note"
+        " says each). The gcp-* and azure-* samples are signed by a throwaway key: the function answers"
+        " 401/403 and one line says why. Auditor: reconciles the event's day on the fresh stack."
+        " events/README.md says which function each sample is for and what it answers.",
         "The APM agent gets an in-memory transport (billing_local.apm_capture) unless"
         " ELASTIC_APM_TRANSPORT_CLASS says otherwise, so nothing tries to reach an APM Server; with it the"
         " agent is on (unless ELASTIC_APM_ENABLED is set in the environment or --env-vars), so the"
@@ -99,7 +106,9 @@ def register(app: typer.Typer) -> None:
 
 
 def invoke_command(
-    function: Annotated[Function, typer.Argument(help="The function: Dispatcher, Biller or Subscriptions.")],
+    function: Annotated[
+        Function, typer.Argument(help="The function: Dispatcher, Biller, Subscriptions or Auditor.")
+    ],
     event: Annotated[
         Path,
         typer.Option(
@@ -163,7 +172,8 @@ def invoke_command(
         # every log line's elasticapm_labels carry trace.id null. Captured in memory, it costs nothing.
         declared[APM_ENABLED] = "true"
     lambda_env = lambda_runtime_environment(config, template)
-    if _database_configured({**os.environ, **declared, **overrides}):
+    embedded = not _database_configured({**os.environ, **declared, **overrides})
+    if not embedded:
         outcome = invoke(
             config, payload, {**declared, **lambda_env, **overrides}, restamp=not keep_timestamps
         )
@@ -177,6 +187,8 @@ def invoke_command(
             restamp=not keep_timestamps,
         )
     typer.echo(json.dumps(outcome.response, default=str))
+    if function is Function.SUBSCRIPTIONS and (why := subscriptions_hint(outcome.response, embedded)):
+        console.print(why)
     if outcome.failed:
         raise typer.Exit(1)
 
@@ -400,13 +412,20 @@ def _invoke_on_local_stack(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--marketplaces") from None
     console.print("starting the embedded local stack: PostgreSQL, moto (SQS), the marketplace emulators")
-    with local_stack() as stack:
+    # Subscriptions: Google's Procurement API and Pub/Sub push signer, Azure's fulfillment API and
+    # webhook signer too, and the function's settings pointing at them
+    with local_stack(lifecycle=function is Function.SUBSCRIPTIONS) as stack:
         # the stack supplies what only a deploy knows (queue URL, endpoints); --env-vars still wins
         env = {**declared, **lambda_env, **stack.env, **overrides}
         hours = event_hours(function, event, env)
         _prepare_stack(stack, hours, customers, seed, chosen)
         if function is Function.DISPATCHER:
             return invoke(config, event, env, restamp=restamp)
+        if function is Function.SUBSCRIPTIONS:
+            from billing_local.sample_state import prepare_subscription_state
+
+            for note in prepare_subscription_state(stack, event):
+                console.print(f"note: {note}")
         now = max(p.end for p in hours) + AFTER_HOUR_END if hours else None
         if now is not None:
             for emulator in (stack.metering, stack.gcp, stack.azure):
@@ -420,12 +439,48 @@ def _invoke_on_local_stack(
     return outcome
 
 
+def subscriptions_hint(response: Any, embedded: bool) -> str | None:
+    """One line on an answer of the Subscriptions function a newcomer would not read alone: a refused
+    request (401/403), an agreement with no license yet, unset Google or Azure settings."""
+    if not isinstance(response, dict):
+        return None
+    status = response.get("statusCode")
+    if status in (401, 403):
+        where = (
+            "this run's emulators (their keys are made per run)"
+            if embedded
+            else "the emulators of the configured stack; the embedded stack `billing invoke` starts"
+            " without a database configured takes aws-registration.json's token"
+        )
+        return (
+            f"refused ({status}): the request's token is not one signed or issued by {where}; the events/"
+            " gcp-* and azure-* samples are signed by a throwaway key, so every handler refuses them, as"
+            " events/README.md says; `billing demo` shows accepted ones"
+        )
+    error, message = response.get("errorType"), str(response.get("errorMessage", ""))
+    if error == "UnknownAgreementError":
+        return (
+            f"{message}: an agreement event names only its agreement, and AWS sends a License Updated event"
+            " for it too: invoke events/aws-license-updated.json first (without a database configured,"
+            " `billing invoke` records one itself); EventBridge would deliver this event again later"
+        )
+    if error == "ValidationError" and ("PushSettings" in message or "WebhookSettings" in message):
+        return (
+            "the function's Google/Azure push settings (BILLING_GCP_PUSH_*, BILLING_AZURE_WEBHOOK_*) are"
+            " unset: give them with --env-vars, or invoke without a database configured (its embedded"
+            " stack serves Google's Procurement and Azure's fulfillment emulators and sets them)"
+        )
+    return None
+
+
 def event_hours(function: Function, event: Any, env: Mapping[str, str]) -> list[Period]:
     """The hours (Periods) the event names: its records' periods, or the hour the Dispatcher bills."""
     from billing.domain.errors import BadMessageError, ConfigurationError
 
-    if not isinstance(event, dict):
-        return []  # not an event of these functions: the handler will say so
+    if not isinstance(event, dict) or function in (Function.SUBSCRIPTIONS, Function.AUDITOR):
+        # not an event of these functions (the handler will say so), or one that bills no hour: a
+        # subscription's news, or the Auditor's day (it reads what was billed; it bills nothing)
+        return []
 
     if function is Function.BILLER:
         from billing.domain.messages import parse_message

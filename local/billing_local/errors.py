@@ -13,6 +13,7 @@ wrap the failure of one task).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -255,6 +256,22 @@ def debugging(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("BILLING_DEBUG", "").lower() in {"1", "true", "yes"}
 
 
+def usage_message(exc: Exception) -> str:
+    """Click's message for a usage error, without the prefix pydantic puts on a validator's ValueError.
+
+    typer (0.29 here) converts parameters with pydantic, whose message for a ValueError raised while
+    validating (an enum value not among the choices) begins "Value error, ": it names the exception
+    class, not the problem.
+    """
+    from typer._click import exceptions as click_errors
+
+    text = exc.format_message() if isinstance(exc, click_errors.ClickException) else str(exc)
+    return _PYDANTIC_PREFIX.sub("", text)
+
+
+_PYDANTIC_PREFIX = re.compile(r"(?<=: )Value error, |^Value error, ")
+
+
 def run(app: Callable[..., object], argv: list[str] | None = None) -> None:
     """Run the app; an expected failure becomes its explanation and exit code (a traceback with --debug)."""
     args = sys.argv[1:] if argv is None else argv
@@ -274,7 +291,7 @@ def run(app: Callable[..., object], argv: list[str] | None = None) -> None:
         raise SystemExit(exc.exit_code) from None  # typer has printed the help already
     except click_errors.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "billing"
-        sys.stderr.write(f"error: {exc.format_message()}\n(see `{where} --help`)\n")
+        sys.stderr.write(f"error: {usage_message(exc)}\n(see `{where} --help`)\n")
         raise SystemExit(USAGE) from None
     except click_errors.ClickException as exc:
         sys.stderr.write(f"error: {exc.format_message()}\n")

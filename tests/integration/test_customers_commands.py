@@ -145,3 +145,84 @@ async def test_list_show_and_history_tell_why_a_subject_is_billed(
     assert [(e["kind"], e["source"]) for e in history] == [("active", "import"), ("ended", "import")]
     missing = await cli("customers", "show", "nobody")
     assert missing.exit_code == 1
+
+
+async def test_list_show_and_history_cover_the_customers_billing_seed_writes(
+    env: Any, pool: asyncpg.Pool
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from billing.domain.model import Period
+    from billing_local.seed import seed
+
+    # Given the customers `billing seed` writes: customers rows, no subject, no history
+    hour = Period.last_complete_before(datetime(2026, 11, 26, 14, tzinfo=UTC), timedelta(0))
+    await seed(pool, 3, 1, 7, hour)
+    # Then list shows them, marked as having no subject
+    listed = json.loads((await cli("customers", "list", "--json")).output)
+    assert [(c["marketplace"], c["customer_id"], c["subject_id"], c["status"]) for c in listed] == [
+        ("aws", "cust-000000", None, "active"),
+        ("azure", "cust-000002", None, "active"),
+        ("gcp", "cust-000001", None, "active"),
+    ]
+    table = await cli("customers", "list", "--marketplace", "gcp")
+    assert table.exit_code == 0 and "cust-000001" in table.output and "cust-000000" not in table.output
+    assert "1 of 1: no subject" in table.output
+    # show finds one by its id, with the marketplace identity it is billed by
+    shown = await cli("customers", "show", "cust-000001", "--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["identity"]["gcp_usage_reporting_id"] == "project_number:100001"
+    # and history says in one line why there is none
+    history = await cli("customers", "history", "cust-000001")
+    assert history.exit_code == 0, history.output
+    assert history.output.strip().splitlines() == [
+        "customer cust-000001 has no history: no subject: a customers row written directly"
+        " (`billing seed`, SQL), no marketplace events"
+    ]
+
+
+async def test_an_empty_list_says_so_in_one_line(env: Any) -> None:
+    listed = await cli("customers", "list")
+    assert listed.exit_code == 0
+    assert listed.output.strip().splitlines() == [
+        "no subjects or customers: `billing seed` writes demo customers, marketplace events and"
+        " `billing customers import` write subjects"
+    ]
+
+
+def test_an_unknown_marketplace_is_a_usage_error_naming_the_valid_ones() -> None:
+    # through the installed `billing`, as from a shell: its one-line usage error, without pydantic's
+    # "Value error, " (typer converts the option with pydantic)
+    import subprocess
+    import sys
+
+    billing = str(Path(sys.executable).parent / "billing")
+    result = subprocess.run(
+        [billing, "customers", "list", "--marketplace", "oracle"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == (
+        "error: Invalid value for '--marketplace': 'oracle' is not one of 'aws', 'gcp', 'azure'."
+    )
+
+
+def test_import_help_lists_the_columns() -> None:
+    text = run_cli("customers", "import", "--help").output
+    for column in CSV_COLUMNS:
+        assert column in text
+    assert "the columns below" not in run_cli("customers", "--help").output
+
+
+async def test_a_bad_header_is_reported_once_on_line_1(env: Any, pool: asyncpg.Pool, tmp_path: Path) -> None:
+    csv = tmp_path / "subjects.csv"
+    csv.write_text("a,b\n1,2\n")
+    result = await cli("customers", "import", str(csv))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("line 1: unknown columns: a, b (known: marketplace, subject_id,")
+    assert lines[1:] == ["1 row, 1 rejected: nothing written"]
+    assert await pool.fetchval("SELECT count(*) FROM customers") == 0

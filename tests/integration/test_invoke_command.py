@@ -68,8 +68,8 @@ def embedded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     original = billing_local.stack.local_stack
 
     @contextlib.contextmanager
-    def keeping(database_url: str | None = None) -> Iterator[Any]:
-        with original(database_url) as stack:
+    def keeping(database_url: str | None = None, **options: Any) -> Iterator[Any]:
+        with original(database_url, **options) as stack:
             started.append(stack)
             yield stack
 
@@ -329,3 +329,62 @@ def test_an_env_vars_file_not_in_sams_format_is_refused(probe: Path) -> None:
     result = run_probe(probe, {"Parameters": ["not", "a", "mapping"]})
     assert result.exit_code == 2
     assert "--env-vars" in result.stderr
+
+
+def test_an_unknown_function_is_one_usage_line_naming_every_function() -> None:
+    # through the installed `billing`, as from a shell: typer converts the argument with pydantic, whose
+    # message starts "Value error, "; the command line prints the problem alone
+    import subprocess
+
+    billing = str(Path(sys.executable).parent / "billing")
+    result = subprocess.run(
+        [billing, "invoke", "Nope", "--event", str(EVENTS / "backfill.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: Invalid value for 'function': 'Nope' is not one of 'Dispatcher', 'Biller', 'Subscriptions',"
+        " 'Auditor'.",
+        "(see `billing invoke --help`)",
+    ]
+
+
+def test_an_agreement_event_before_its_license_says_what_to_invoke_first(
+    stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a configured database (as after `billing local up`) that has seen no event of the agreement
+    def no_stack(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the embedded stack must not start when a database is configured")
+
+    monkeypatch.setattr(billing_local.stack, "local_stack", no_stack)
+    # When the agreement's Created event is invoked
+    result = run("invoke", "Subscriptions", "--event", EVENTS / "aws-agreement-created.json")
+    # Then the function failed as in Lambda (EventBridge retries), and one line says what to do
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["errorType"] == "UnknownAgreementError"
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("no license known for AWS agreement")]
+    assert "invoke events/aws-license-updated.json first" in line
+    # and once the License Updated event is in, the agreement event is recorded
+    licensed = run("invoke", "Subscriptions", "--event", EVENTS / "aws-license-updated.json")
+    assert licensed.exit_code == 0, licensed.output
+    again = run("invoke", "Subscriptions", "--event", EVENTS / "aws-agreement-created.json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == {"recorded": 1}
+
+
+def test_a_push_without_the_push_settings_says_how_to_give_them(
+    stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a configured database whose environment has no Google push settings (as `billing local up`)
+    for name in ("BILLING_GCP_PUSH_AUDIENCE", "BILLING_GCP_PUSH_SERVICE_ACCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    # When a Pub/Sub push sample is invoked
+    result = run("invoke", "Subscriptions", "--event", EVENTS / "gcp-pubsub-account-active.json")
+    # Then the function failed at its settings, and one line names them and the way out
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["errorType"] == "ValidationError"
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("the function's Google/Azure push")]
+    assert "BILLING_GCP_PUSH_*" in line and "without a database configured" in line

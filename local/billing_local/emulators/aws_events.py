@@ -209,6 +209,7 @@ def registration_request(
             "accountId": SELLER_ACCOUNT,
             "apiId": "local",
             "domainName": "subscriptions.example.com",
+            "domainPrefix": "subscriptions",
             "http": {
                 "method": "POST",
                 "path": "/aws/register",

@@ -141,9 +141,12 @@ class MeteringState:
         *,
         license_arn: str | None = None,
         customer_identifier: str | None = None,
+        token: str | None = None,
     ) -> str:
-        """A registration token as AWS posts it to the fulfillment URL; ResolveCustomer redeems it once."""
-        token = uuid.uuid4().hex + uuid.uuid4().hex
+        """A registration token as AWS posts it to the fulfillment URL; ResolveCustomer redeems it once.
+
+        ``token``: this text instead of a random one (`billing invoke` accepts a sample event's token)."""
+        token = token or uuid.uuid4().hex + uuid.uuid4().hex
         answer: dict[str, Any] = {"CustomerAWSAccountId": account_id, "ProductCode": product_code}
         if license_arn is not None:
             held = self.licenses.get(license_arn) or self.add_license(product_code, account_id, license_arn)

@@ -38,6 +38,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from billing_local.emulators.aws_events import SELLER_ACCOUNT  # the account the seller's API is in
+
 GOOGLE_ISSUER = "https://accounts.google.com"
 
 
@@ -417,9 +419,13 @@ def _http_api_event(
         "rawPath": path,
         "rawQueryString": "",
         "headers": {"content-type": content_type, "host": "subscriptions.example.com", **headers},
+        # every field API Gateway always sends (API Gateway Developer Guide, "HTTP API Lambda
+        # integrations", payload format 2.0); the APM agent's capture_serverless reads accountId
         "requestContext": {
+            "accountId": SELLER_ACCOUNT,
             "apiId": "local",
             "domainName": "subscriptions.example.com",
+            "domainPrefix": "subscriptions",
             "http": {
                 "method": "POST",
                 "path": path,

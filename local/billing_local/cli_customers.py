@@ -164,18 +164,29 @@ def list_command(
         Marketplace | None, typer.Option(help="Only this marketplace's.", case_sensitive=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    limit: Annotated[
+        int, typer.Option(min=1, help="At most this many subjects, and as many customers without one.")
+    ] = 1000,
 ) -> None:
     """Every subject (marketplace, subject id, the tenant it bills as, status, billable span), and every
     customer written without one (`billing seed`), marked "no subject"."""
     market = marketplace.value if marketplace is not None else None
 
-    async def read() -> list[dict[str, Any]]:
-        subjects = [asdict(r) for r in await _repo_call("subjects", market)]
-        return subjects + await _direct_customers(market)
+    async def read() -> tuple[list[dict[str, Any]], bool]:
+        # one more than shown of each: whether the listing was cut is said, never silently
+        subjects = [asdict(r) for r in await _repo_call("subjects", market, limit + 1)]
+        direct = await _direct_customers(market, limit + 1)
+        cut = len(subjects) > limit or len(direct) > limit
+        return subjects[:limit] + direct[:limit], cut
 
-    rows = sorted(
-        asyncio.run(read()), key=lambda r: (r["marketplace"], r["customer_id"] or "", r["subject_id"] or "")
-    )
+    found, cut = asyncio.run(read())
+    rows = sorted(found, key=lambda r: (r["marketplace"], r["customer_id"] or "", r["subject_id"] or ""))
+    if cut:
+        typer.echo(
+            f"more than {limit} subjects or customers without one: the first {limit} of each are listed"
+            " (--limit N to list more)",
+            err=True,
+        )
     if as_json:
         print(json.dumps([_jsonable(r) for r in rows], indent=2))
         return

@@ -181,6 +181,26 @@ async def test_list_show_and_history_cover_the_customers_billing_seed_writes(
     ]
 
 
+async def test_a_list_cut_at_its_limit_says_so(env: Any, pool: asyncpg.Pool) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from billing.domain.model import Period
+    from billing_local.seed import seed
+
+    # Given three customers `billing seed` wrote
+    hour = Period.last_complete_before(datetime(2026, 11, 26, 14, tzinfo=UTC), timedelta(0))
+    await seed(pool, 3, 1, 7, hour)
+    # When at most two are listed, Then two are, and the listing says it was cut (nothing hidden)
+    cut = await cli("customers", "list", "--limit", "2")
+    assert cut.exit_code == 0, cut.output
+    assert sum(f"cust-00000{i}" in cut.output for i in range(3)) == 2
+    assert "more than 2 subjects or customers without one" in cut.output
+    # and a limit that holds them all says nothing of the kind
+    whole = await cli("customers", "list", "--limit", "3")
+    assert sum(f"cust-00000{i}" in whole.output for i in range(3)) == 3
+    assert "more than" not in whole.output
+
+
 async def test_an_empty_list_says_so_in_one_line(env: Any) -> None:
     listed = await cli("customers", "list")
     assert listed.exit_code == 0

@@ -83,13 +83,9 @@ def _invocation(client: Any, *, error: bool = False) -> dict[str, str]:
     return {"transaction": transaction.id, "trace": transaction.trace_parent.trace_id}
 
 
-def test_the_flush_posts_every_event_from_the_calling_thread_ending_the_invocation(
-    extension: tuple[str, ApmExtension], agent: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    url, double = extension
-    threads_before = {t.ident for t in threading.enumerate()}
-    client = agent(url)
-    # requests are made by whichever thread calls send: record it
+def record_senders(client: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that make the transport's requests (whichever thread calls send), in
+    the order they make them."""
     senders: list[str] = []
     send = client._transport.send
 
@@ -98,6 +94,16 @@ def test_the_flush_posts_every_event_from_the_calling_thread_ending_the_invocati
         return send(*args, **kwargs)
 
     monkeypatch.setattr(client._transport, "send", recording_send)
+    return senders
+
+
+def test_the_flush_posts_every_event_from_the_calling_thread_ending_the_invocation(
+    extension: tuple[str, ApmExtension], agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, double = extension
+    threads_before = {t.ident for t in threading.enumerate()}
+    client = agent(url)
+    senders = record_senders(client, monkeypatch)
     # Given an invocation's transaction with its spans and an error, ended
     ids = _invocation(client, error=True)
     # Then nothing was sent while it ran, and the agent started no thread of its own
@@ -130,14 +136,7 @@ def test_the_agents_own_transport_posts_from_its_sender_thread(
     # the check above can fail: the agent's default transport posts the same flush from its thread
     url, double = extension
     client = agent(url, "elasticapm.transport.http.Transport")
-    senders: list[str] = []
-    send = client._transport.send
-
-    def recording_send(*args: Any, **kwargs: Any) -> Any:
-        senders.append(threading.current_thread().name)
-        return send(*args, **kwargs)
-
-    monkeypatch.setattr(client._transport, "send", recording_send)
+    senders = record_senders(client, monkeypatch)
     _invocation(client)
     client._transport.flush()
     assert senders == ["eapm event processor thread"]

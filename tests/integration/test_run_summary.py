@@ -139,14 +139,19 @@ async def customers_past_the_window(pool: Any, stack: Any, with_usage: tuple[str
         await add_usage(pool, customer, HOUR.start, "capacity_gb_hours", "3")
 
 
+async def run_late() -> Any:
+    """`billing run` of HOUR by a clock past its marketplace windows (BILLING_LOCAL_NOW=LATE)."""
+    return await asyncio.to_thread(
+        CliRunner().invoke, app, ["run", "--period", HOUR.isoformat()], env={"BILLING_LOCAL_NOW": LATE}
+    )
+
+
 async def test_records_expired_with_no_unit_to_bill_are_not_money_lost(pool: Any, stack: Any) -> None:
     # Given a customer without usage in an hour billed after the marketplace's window: its records
     # expire with quantity 0 and nothing carried (in the window they would have been sent as zeros)
     await customers_past_the_window(pool, stack, with_usage=())
     # When the hour is run
-    result = await asyncio.to_thread(
-        CliRunner().invoke, app, ["run", "--period", HOUR.isoformat()], env={"BILLING_LOCAL_NOW": LATE}
-    )
+    result = await run_late()
     # Then nothing is lost: the customer is billed (nothing owed) and the run exits 0
     assert result.exit_code == 0, result.output
     assert "customers: 1 billable, 1 billed, 0 finished not billed" in result.stdout
@@ -161,9 +166,7 @@ async def test_records_expired_with_units_still_fail_the_run(pool: Any, stack: A
     # Given the same hour with a second customer whose usage expired with it
     await customers_past_the_window(pool, stack, with_usage=("used",))
     # When the hour is run
-    result = await asyncio.to_thread(
-        CliRunner().invoke, app, ["run", "--period", HOUR.isoformat()], env={"BILLING_LOCAL_NOW": LATE}
-    )
+    result = await run_late()
     # Then its record with units is money not collected this hour: exit 1, counting only that record
     # (its DataTransferGb record, with no usage, has no unit to bill, like the idle customer's two)
     assert result.exit_code == 1, result.output

@@ -59,7 +59,7 @@ class LaneCapacity:
                 f"this hour {self.customers_this_hour:,} customer(s)"
             )
         return (
-            f"{self.marketplace} lane: {per_hour:,} customers/hour at {self.quota_per_second:g}/s "
+            f"{self.marketplace} lane: {per_hour:,} customers/hour at {self.quota_per_second:,g}/s "
             f"({self.units_per_customer} unit(s) each), this hour {self.customers_this_hour:,} "
             f"({(self.used or 0) * 100:.1f} %), margin {self.margin:,}"
         )

@@ -28,3 +28,9 @@ def test_an_hour_past_the_quota_shows_a_negative_margin() -> None:
     (aws, *_rest) = lane_capacities({"aws": 10.0}, {"aws": 2}, {"aws": 40_000})
     assert aws.margin == -4_000
     assert "margin -4,000" in aws.line()
+
+
+def test_a_lane_line_formats_its_quota_like_its_counts() -> None:
+    # the Google lane's quota beside its customers: "100,000/s", not "100000/s" next to "36,000"
+    (_aws, gcp, _azure) = lane_capacities({"gcp": 100_000.0, "aws": 10.0}, {"gcp": 2}, {"gcp": 5})
+    assert "customers/hour at 100,000/s " in gcp.line()

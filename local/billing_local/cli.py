@@ -51,11 +51,6 @@ def main() -> None:
     run(app)
 
 
-def _period(text: str, option: str = "--period") -> Period:
-    period: Period = cli_ops.parse_period(text, option)  # a usage error naming the option, with an example
-    return period
-
-
 def _dsn() -> str:
     from billing.bootstrap import database_dsn
     from billing.config import load_settings
@@ -85,7 +80,7 @@ def seed_command(
 ) -> None:
     """Write deterministic synthetic customers, rate card and usage to DATABASE_URL."""
     chosen = _marketplaces(marketplaces)
-    last = _period(end, "--end") if end else _last_complete_hour()
+    last = cli_ops.parse_period(end, "--end") if end else _last_complete_hour()
     if end:
         cli_ops.require_ended(last, "--end", "usage of a future hour is not billable")
     from billing_local.local_run import seed_database
@@ -165,7 +160,7 @@ def run_command(
     # the file takes every line, the terminal none; --verbose shows them here, as before
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "INFO")
     _quiet_by_default(verbose)
-    hour = _period(period)
+    hour = cli_ops.parse_period(period)
     cli_ops.require_ended(hour)  # by BILLING_LOCAL_NOW when pinned, as `billing status` checks it
     _writable(report, "--report")
     _writable(apm_events, "--apm-events")

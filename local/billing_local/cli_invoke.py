@@ -167,10 +167,11 @@ def invoke_command(
     if _apm_captured_locally():
         # the template's transport posts to the APM extension, which is not here: captured in memory
         declared.pop(APM_TRANSPORT, None)
-    if _apm_captured_locally() and not {APM_ENABLED} & (set(os.environ) | set(overrides)):
-        # the template turns the agent off without the extension layer; then no transaction exists and
-        # every log line's elasticapm_labels carry trace.id null. Captured in memory, it costs nothing.
-        declared[APM_ENABLED] = "true"
+        if not {APM_ENABLED} & (set(os.environ) | set(overrides)):
+            # the template turns the agent off without the extension layer; then no transaction exists
+            # and every log line's elasticapm_labels carry trace.id null. Captured in memory, it costs
+            # nothing.
+            declared[APM_ENABLED] = "true"
     lambda_env = lambda_runtime_environment(config, template)
     embedded = not _database_configured({**os.environ, **declared, **overrides})
     if not embedded:

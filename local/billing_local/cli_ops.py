@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from rich.markup import escape
 
 from billing_local import clock as local_clock
 from billing_local import errors
+
+if TYPE_CHECKING:
+    from billing.domain.model import Period
 
 console = Console(stderr=True, soft_wrap=True)  # a message is one line, never broken mid-sentence
 
@@ -390,7 +393,7 @@ def redrive_command(
 EXAMPLE_HOUR = "2026-11-26T13:00:00Z"
 
 
-def parse_period(text: str, option: str = "--period") -> Any:
+def parse_period(text: str, option: str = "--period") -> Period:
     """An hour given on the command line, or a usage error naming ``option`` with an example."""
     from datetime import UTC, datetime
 
@@ -426,10 +429,6 @@ def require_ended(hour: Any, option: str = "--period", what: str = "bill an hour
             f"{hour} has not ended yet (now {now.strftime('%Y-%m-%dT%H:%M:%SZ')}{pinned}): {what}",
             param_hint=f"'{option}'",
         )
-
-
-def _period(text: str, option: str = "--period") -> Any:
-    return parse_period(text, option)
 
 
 def _settings(pool_max: int = 2) -> Any:
@@ -473,7 +472,7 @@ def status_command(
     Exits 1 when a billable customer has no complete ledger or a record was rejected, failed or
     expired with a submission the marketplace may have received; 2 for an hour that has not ended.
     """
-    hour = _period(period)
+    hour = parse_period(period)
     require_ended(hour, what="check an hour that has ended")
     status, lanes = asyncio.run(_status(hour))
     if as_json:
@@ -579,7 +578,7 @@ def reconcile_command(
     Exits 1 when a difference is unexplained (a rejected or unsettled quantity, a changed ledger row,
     a broken carry chain, late usage that will never be billed).
     """
-    first, last = _period(start, "--from"), _period(end, "--to")
+    first, last = parse_period(start, "--from"), parse_period(end, "--to")
     if last < first:
         raise typer.BadParameter(f"--to {last} is before --from {first}")
     result = asyncio.run(_reconcile(first, last, customer, show_progress=not as_json and sys.stderr.isatty()))

@@ -23,6 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from typer._click.exceptions import UsageError
+
 USAGE = 2
 RUNTIME = 1
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
@@ -256,17 +258,14 @@ def debugging(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("BILLING_DEBUG", "").lower() in {"1", "true", "yes"}
 
 
-def usage_message(exc: Exception) -> str:
+def usage_message(exc: UsageError) -> str:
     """Click's message for a usage error, without the prefix pydantic puts on a validator's ValueError.
 
     typer (0.29 here) converts parameters with pydantic, whose message for a ValueError raised while
     validating (an enum value not among the choices) begins "Value error, ": it names the exception
     class, not the problem.
     """
-    from typer._click import exceptions as click_errors
-
-    text = exc.format_message() if isinstance(exc, click_errors.ClickException) else str(exc)
-    return _PYDANTIC_PREFIX.sub("", text)
+    return _PYDANTIC_PREFIX.sub("", exc.format_message())
 
 
 _PYDANTIC_PREFIX = re.compile(r"(?<=: )Value error, |^Value error, ")

@@ -276,6 +276,11 @@ class Runtime:
 
         return PostgresUsageSource(await self.pool())
 
+    @property
+    def built_biller(self) -> Biller | None:
+        """The environment's Biller once built (a warm invocation), else None."""
+        return self._biller
+
     async def biller(self) -> Biller:
         if self._biller is None:
             await self._build_biller()

@@ -74,7 +74,7 @@ def _remember_sql_signatures() -> None:
 _remember_sql_signatures()
 
 
-def lambda_agent(*, register_transactions: bool = False) -> elasticapm.Client:
+def lambda_agent(*, register_transactions: bool) -> elasticapm.Client:
     """The process's agent, built as ``capture_serverless`` builds it (which then uses this one).
 
     ``register_transactions`` (Settings.apm_register_transactions): whether ``capture_serverless``

@@ -18,11 +18,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+from bench.lambda_warm import template_agent_env
 
 from billing.entrypoints.loop import LOOP
 from billing_local.emulators.apm_extension import apm_extension
 from billing_local.lambda_shapes import LambdaContext
-from billing_local.template import function_config
 from testkit import HOUR, PRODUCT, RATES, lambda_records, within_window
 
 pytestmark = pytest.mark.e2e
@@ -71,16 +71,6 @@ async def _seed(dsn: str) -> None:
         await conn.close()
 
 
-def _template_agent_env() -> dict[str, str]:
-    """The biller's agent settings as template.yaml deploys them (values only a deploy knows left out)."""
-    environment = function_config(ROOT / "template.yaml", "Biller").environment
-    return {
-        k: str(v)
-        for k, v in environment.items()
-        if v is not None and k.startswith(("ELASTIC_APM_", "SKIP_INSTRUMENT_", "BILLING_APM_"))
-    }
-
-
 def _records(stack: Any, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """The hour dispatched by the dispatcher Lambda (in this process): one message per customer."""
     import dispatcher
@@ -109,7 +99,7 @@ def test_each_invocation_posts_its_transaction_and_spans_to_the_extension_as_dep
     env = {k: v for k, v in os.environ.items() if k != "ELASTIC_APM_TRANSPORT_CLASS"}  # the tests' own
     with apm_extension() as (url, extension):
         env |= {
-            **_template_agent_env(),
+            **template_agent_env(),
             "ELASTIC_APM_ENABLED": "true",  # as with the extension layer
             "ELASTIC_APM_SERVER_URL": url,  # the extension's localhost:8200
             "ELASTIC_APM_LAMBDA_APM_SERVER": "https://apm.invalid",  # where the extension would forward

@@ -149,7 +149,8 @@ def moto_server_process(module: str = "billing_local.moto_fixes") -> Iterator[st
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = _time.monotonic() + 30
+        # a deadline, not a wait: a loaded machine (two test runs on two cores) took over 30 s to import moto
+        deadline = _time.monotonic() + 120
         while True:
             try:
                 urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 APM_SETTINGS: dict[str, Any] = {
     "environment": "local",
     "transport_class": "billing_local.apm_capture.CaptureTransport",
+    "transport_json_serializer": "billing.apm_json.dumps",  # as template.yaml (billing.apm_json)
     "metrics_interval": "0ms",
     "metrics_sets": [],
     "breakdown_metrics": False,

@@ -182,3 +182,27 @@ def test_template_selects_the_serverless_transport(function: str, monkeypatch: p
         client.close()
         if previous is not None:
             elasticapm.base.set_client(previous)
+
+
+@pytest.mark.parametrize("function", ["Biller", "Dispatcher", "Auditor", "Subscriptions"])
+def test_template_and_runner_serialize_events_with_orjson(
+    function: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing import apm_json
+
+    # Given the function's serializer setting as the template deploys it (and the runner's own)
+    environment = function_config(ROOT / "template.yaml", function).environment
+    monkeypatch.setenv(
+        "ELASTIC_APM_TRANSPORT_JSON_SERIALIZER", str(environment["ELASTIC_APM_TRANSPORT_JSON_SERIALIZER"])
+    )
+    assert APM_SETTINGS["transport_json_serializer"] == environment["ELASTIC_APM_TRANSPORT_JSON_SERIALIZER"]
+    previous = elasticapm.get_client()
+    # When the agent is built
+    client = LeanClient(service_name="apm-settings-test", metrics_interval="0ms", central_config=False)
+    try:
+        # Then its transport writes every event with billing.apm_json, not the agent's encoder
+        assert client._transport._json_serializer is apm_json.dumps
+    finally:
+        client.close()
+        if previous is not None:
+            elasticapm.base.set_client(previous)

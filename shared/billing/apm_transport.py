@@ -33,10 +33,15 @@ channel without blocking, marks the flush and answers 202; ``handleTransactionRe
 once ``OnAgentInit`` has updated its batch). The registration is there so that the extension can
 report a transaction whose function timed out, and ``flushed=true`` is its "agent done" signal: both
 need the request delivered, not its answer read in the handler's time. What an answer read later
-means is unchanged, one request later (see ``_settle``). The extension's server (Go's net/http,
-apmproxy/client.go) keeps the connection alive, and closes it once idle for its ReadTimeout (the
-data receiver timeout, 15 s in template.yaml): a connection found closed is opened again before the
-next request is written.
+means is unchanged, one request later (see ``_settle``). The function may now return before the
+extension's server has read the flush; the extension still waits for it: its invocation loop
+(app/run.go ``processEvent``) ends on the first of the flush signal, the platform's runtimeDone
+event (from the Logs API, buffered up to 100 ms: logsapi/subscribe.go) or the deadline, and the
+environment is frozen only once it has asked for the next event; a flush read after a runtimeDone
+that came first would only end the next invocation's wait early. The extension's server (Go's
+net/http, apmproxy/client.go) keeps the connection alive, and closes it once idle for its
+ReadTimeout (the data receiver timeout, 15 s in template.yaml): a connection found closed is opened
+again before the next request is written.
 
 Failures are the agent's: logged ("Failed to submit message"), counted for its back-off, never
 raised into the handler; a request waits at most the agent's ``server_timeout`` per socket

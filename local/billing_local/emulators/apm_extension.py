@@ -13,13 +13,19 @@ It serves what elastic/apm-aws-lambda serves the agent (apmproxy/receiver.go):
 
 With ``keep=True`` it keeps every request, its body decoded and parsed (tests); with ``keep=False``
 it only counts them (benchmarks: decoding would take the CPU being measured). ``intake_status``
-makes the intake answer with another status (a failing extension).
+makes the intake answer with another status (a failing extension), ``register_status`` every
+registration (an extension that does not take them; ``counts["refused"]`` counts the registrations
+answered 400 or more). Tests' controls: ``hold["intake"]`` or ``hold["register"]`` (an event) keeps
+those answers until it is set, the request already counted and kept; ``close_connections`` answers
+with ``Connection: close``; ``wait_for`` waits until the double has handled so many requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,9 +55,20 @@ class IntakeRequest:
 class ApmExtension:
     keep: bool = True
     intake_status: int = 202
-    counts: dict[str, int] = field(default_factory=lambda: {"intake": 0, "register": 0, "flushed": 0})
+    register_status: int | None = None
+    hold: dict[str, threading.Event] = field(default_factory=dict)
+    close_connections: bool = False
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"intake": 0, "register": 0, "flushed": 0, "refused": 0}
+    )
     intake: list[IntakeRequest] = field(default_factory=list)
     registrations: list[IntakeRequest] = field(default_factory=list)
+    _handled: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    def wait_for(self, kind: str, count: int, timeout: float = 30.0) -> bool:
+        """Wait until ``counts[kind]`` reaches ``count`` (requests are handled in the server's thread)."""
+        with self._handled:
+            return self._handled.wait_for(lambda: self.counts[kind] >= count, timeout)
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [e for request in self.intake for e in request.of_type(kind)]
@@ -69,22 +86,41 @@ class ApmExtension:
     async def _intake(self, request: web.Request) -> web.Response:
         raw = await request.read()
         flushed = request.query.get("flushed") == "true"
-        self.counts["intake"] += 1
-        self.counts["flushed"] += flushed
-        if self.keep:
-            self.intake.append(self._recorded(request, raw, flushed))
-        return web.Response(status=self.intake_status, text="ok")
+        with self._handled:
+            if self.keep:
+                self.intake.append(self._recorded(request, raw, flushed))
+            self.counts["intake"] += 1
+            self.counts["flushed"] += flushed
+            self._handled.notify_all()
+        return await self._answer("intake", web.Response(status=self.intake_status, text="ok"))
 
     async def _register(self, request: web.Request) -> web.Response:
-        if request.headers.get("Content-Type") != REGISTRATION_CONTENT_TYPE:
-            return web.Response(status=415)
-        if not request.headers.get("x-elastic-aws-request-id"):
-            return web.Response(status=400)
+        if self.register_status is not None:
+            status = self.register_status
+        elif request.headers.get("Content-Type") != REGISTRATION_CONTENT_TYPE:
+            status = 415
+        elif not request.headers.get("x-elastic-aws-request-id"):
+            status = 400
+        else:
+            status = 200
         raw = await request.read()
-        self.counts["register"] += 1
-        if self.keep:
-            self.registrations.append(self._recorded(request, raw, False))
-        return web.Response(status=200)
+        with self._handled:
+            if status >= 400:
+                self.counts["refused"] += 1
+            else:
+                if self.keep:
+                    self.registrations.append(self._recorded(request, raw, False))
+                self.counts["register"] += 1
+            self._handled.notify_all()
+        return await self._answer("register", web.Response(status=status))
+
+    async def _answer(self, kind: str, response: web.Response) -> web.Response:
+        hold = self.hold.get(kind)
+        if hold is not None:
+            await asyncio.to_thread(hold.wait)  # the server's loop keeps serving meanwhile
+        if self.close_connections:
+            response.force_close()
+        return response
 
     @staticmethod
     def _recorded(request: web.Request, raw: bytes, flushed: bool) -> IntakeRequest:

@@ -528,6 +528,20 @@ def run(bench: BenchStack, p: Params, apm_client: Any, log: Any, diagnose: bool 
             "loop_busy": median([r.cpu_main / r.makespan for r in rs]),
             "cpu_loop_s": median([r.cpu_main for r in rs]),
             "runqueue_wait_s": median([r.runqueue_wait for r in rs if r.runqueue_wait is not None]),
+            # per run, then the median: the loop neither running nor waiting for a core
+            "idle_s": median(
+                [r.makespan - r.cpu_main - r.runqueue_wait for r in rs if r.runqueue_wait is not None]
+            ),
+            "runqueue_share": median(
+                [r.runqueue_wait / r.makespan for r in rs if r.runqueue_wait is not None]
+            ),
+            "idle_share": median(
+                [
+                    (r.makespan - r.cpu_main - r.runqueue_wait) / r.makespan
+                    for r in rs
+                    if r.runqueue_wait is not None
+                ]
+            ),
             # event loops (cores) needed to bill N customers within 1.10 × ideal at this CPU per customer
             "cores_needed": median([r.cpu_main / (1.10 * p.ideal) for r in rs]),
             "failed": sum(r.failed for r in rs),
@@ -601,9 +615,8 @@ def run(bench: BenchStack, p: Params, apm_client: Any, log: Any, diagnose: bool 
             None,
             f"loop busy {f['loop_busy'] * 100:.0f}% of the makespan"
             + (
-                f", waiting for a core {f['runqueue_wait_s'] / f['makespan_s'] * 100:.0f}%, idle "
-                f"{(f['makespan_s'] - f['cpu_loop_s'] - f['runqueue_wait_s']) / f['makespan_s'] * 100:.0f}%"
-                if f["runqueue_wait_s"] is not None and f["makespan_s"]
+                f", waiting for a core {f['runqueue_share'] * 100:.0f}%, idle {f['idle_share'] * 100:.0f}%"
+                if f["runqueue_share"] is not None
                 else ""
             )
             + f"; {f['cores_needed']:.1f} cores' worth of loops would reach 1.10 × ideal",
@@ -698,11 +711,10 @@ def _makespan_reason(
         f"its loop is busy {f['loop_busy'] * 100:.0f}% of the makespan",
     ]
     if f["runqueue_wait_s"] is not None:
-        idle = f["makespan_s"] - f["cpu_loop_s"] - f["runqueue_wait_s"]
         parts.append(
-            f"of the makespan's {f['makespan_s']:.2f} s the loop ran {f['cpu_loop_s']:.2f} s, waited for a "
+            f"of the makespan ({f['makespan_s']:.2f} s) the loop ran {f['cpu_loop_s']:.2f} s, waited for a "
             f"core {f['runqueue_wait_s']:.2f} s (schedstat: the machine's cores are shared with PostgreSQL, "
-            f"moto, the emulators and whatever else runs) and was idle {idle:.2f} s (medians)"
+            f"moto, the emulators, whatever else runs) and was idle {f['idle_s']:.2f} s (medians of the runs)"
         )
     tail = f["makespan_s"] - f["last_done_s"]
     if tail > 0.05:

@@ -266,11 +266,12 @@ class BenchStack:
         state.jitter_s = jitter_s
 
     @contextlib.contextmanager
-    def linear_moto(self) -> Iterator[str]:
-        """SQS calls go to a moto server with bench.moto_linear's fixes for the block; its URL."""
+    def linear_moto(self, module: str = "bench.moto_linear") -> Iterator[str]:
+        """SQS calls go to a moto server of their own for the block; its URL. ``module`` serves it: by
+        default with billing_local.moto_fixes' fixes; ``moto.server`` is moto as shipped."""
         from billing_local.stack import environment
 
-        with moto_process() as url, environment({"AWS_ENDPOINT_URL_SQS": url}):
+        with moto_process(module) as url, environment({"AWS_ENDPOINT_URL_SQS": url}):
             old, self.local.moto_url = self.local.moto_url, url
             try:
                 yield url

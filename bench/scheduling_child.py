@@ -25,7 +25,9 @@ def main(argv: list[str]) -> None:
         from billing_local.local_run import local_apm_client
 
         client = local_apm_client()
-    run = asyncio.run(measure(job["strategy"], p, job["dsn"], job["queue_url"], job["latency"], client))
+    run = asyncio.run(
+        measure(job["strategy"], p, job["dsn"], job["queue_url"], job["latency"], client, servers=True)
+    )
     print(json.dumps(asdict(run)), flush=True)
 
 
